@@ -1,0 +1,128 @@
+"""AttnDreamBooth's cross-attention regulariser (Pang et al. 2024, Eq. 2).
+
+One idea in one file: a processor that records the softmax cross-attention
+probabilities of chosen text tokens, a context manager that installs it on the
+U-Net's `attn2` layers (self-attention stays on the stock SDPA processor), and a
+pure loss function over the recorded maps.
+"""
+from contextlib import AbstractContextManager
+
+import torch
+
+SD_CROSS_ATTENTION_LAYERS = 16  # SD 1.x / 2.x: 6 down + 1 mid + 9 up
+REDUCTIONS = ("per_layer", "pooled")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class CaptureProcessor:
+    """Cross-attention with explicit softmax probabilities; hands chosen columns to `record`."""
+
+    def __init__(self, record, token_indices=None):
+        self.record = record
+        self.token_indices = None if token_indices is None else list(token_indices)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        batch, n_keys = encoder_hidden_states.shape[:2]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        scores = query @ key.transpose(-1, -2) * attn.scale  # (B, heads, HW, 77)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
+            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+        probs = scores.float().softmax(dim=-1)  # fp32 softmax, also under autocast
+        if not _in_backward():  # a checkpoint recomputation must not add maps to the step's list
+            self.record(probs if self.token_indices is None else probs[..., self.token_indices])
+        hidden_states = probs.to(value.dtype) @ value  # (B, heads, HW, head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class CrossAttentionCapture(AbstractContextManager):
+    """Record cross-attention probabilities of `token_indices` in every `attn2` layer of a U-Net.
+
+    While active, each U-Net forward appends to `.maps` one tensor per hooked layer, in
+    forward order, of shape (batch, heads, query_pixels, len(token_indices)), or all key
+    columns when `token_indices` is None. The graph is kept, so a loss on `.maps`
+    trains the layers. Call `clear()` between steps. On exit the original processors
+    come back, also after an exception.
+    """
+
+    def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS):
+        self.unet, self.token_indices, self.expected_layers = unet, token_indices, expected_layers
+        self.maps, self._original = [], None
+
+    def __enter__(self):
+        self._original = dict(self.unet.attn_processors)
+        cross = [name for name in self._original if ".attn2." in name]
+        if self.expected_layers is not None and len(cross) != self.expected_layers:
+            raise ValueError(
+                f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
+                "(the SD 1.x/2.x layout); pass expected_layers=None or the right count for another layout")
+        processor = CaptureProcessor(self.maps.append, self.token_indices)
+        self.unet.set_attn_processor({n: processor if n in cross else p for n, p in self._original.items()})
+        self.layer_count = len(cross)
+        return self
+
+    def __exit__(self, *exc):
+        self.unet.set_attn_processor(dict(self._original))
+        self._original = None
+        return False
+
+    def clear(self):
+        """Forget the maps of the previous forward passes."""
+        self.maps.clear()
+
+
+def attention_reg_terms(maps, reduction="per_layer"):
+    """Unweighted (mean term, variance term) of Eq. 2; column 0 = [V], column 1 = category."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not maps:
+        raise ValueError("no attention maps were captured: run the U-Net inside CrossAttentionCapture")
+    # Each map: (B, heads, HW, 2) -> [V] and category values per sample, (B, heads*HW).
+    v = [m[..., 0].float().flatten(1) for m in maps]
+    c = [m[..., 1].float().flatten(1) for m in maps]
+    if reduction == "per_layer":  # released code: stats per layer and sample, sum over batch, mean over layers
+        mean_term = torch.stack([((vi.mean(1) - ci.mean(1)) ** 2).sum() for vi, ci in zip(v, c)]).mean()
+        var_term = torch.stack([((vi.var(1) - ci.var(1)) ** 2).sum() for vi, ci in zip(v, c)]).mean()
+        return mean_term, var_term
+    v, c = torch.cat(v, dim=1), torch.cat(c, dim=1)  # paper: all values of all layers pooled per sample
+    return ((v.mean(1) - c.mean(1)) ** 2).mean(), ((v.var(1) - c.var(1)) ** 2).mean()
+
+
+def attention_reg_loss(maps, mean_weight, var_weight, reduction="per_layer"):
+    """Eq. 2: mean_weight * (mu(M_V) - mu(M_cat))^2 + var_weight * (var(M_V) - var(M_cat))^2."""
+    mean_term, var_term = attention_reg_terms(maps, reduction)
+    return mean_weight * mean_term + var_weight * var_term

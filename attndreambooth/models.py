@@ -1,0 +1,223 @@
+"""Loading Stable Diffusion (hub id, diffusers folder, single file, or the built-in tiny model),
+the [V] token, and what each stage trains."""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# SD 2.1-base, from its published configs: used to count parameters and to build the
+# layout on the meta device (no weights, no download).
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+
+# The tiny model: SD 2.x layout (4 levels, 16 attn2 layers, linear projections), tiny widths.
+TINY_VERSION = 1
+TINY_UNET = dict(SD21_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+                 cross_attention_dim=32, norm_num_groups=8)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+TINY_VAE = dict(SD21_VAE, sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+TINY_WORDS = ("a an the of in on with photo picture painting oil drawing sketch watercolor style toy dog cat "
+              "bear backpack bowl boot can candle clock sneaker glasses teapot vase stuffed animal cartoon robot "
+              "surfing wave beach snow jungle city mountain forest box inside top wooden floor red blue green "
+              "purple pink fabric rug street background wheat field house sitting wearing hat").split()
+
+
+def _bytes_to_unicode():
+    """CLIP's byte -> printable character table (the BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(folder):
+    """A CLIP BPE tokenizer made in code: byte alphabet + merges for a small word list; pads with "!" like SD 2.x."""
+    alphabet = _bytes_to_unicode()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in TINY_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merges.append(f"{symbols[0]} {symbols[1]}")
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    merges = list(dict.fromkeys(merges))
+    vocab += [m.replace(" ", "") for m in merges]
+    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="!")))
+    return len(vocab)
+
+
+def build_tiny_pipeline(folder, seed=0):
+    """Build the tiny SD 2.x-layout pipeline with random weights from `seed` and save it as a diffusers folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, pad_token_id=0,
+                                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, **TINY_TEXT))
+    vae = AutoencoderKL(**TINY_VAE)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def tiny_model_dir():
+    """Folder of the tiny model, built once per machine (atomic rename, so concurrent builds are safe)."""
+    cache = Path(os.environ.get("ATTNDB_CACHE", Path.home() / ".cache" / "attndreambooth"))
+    folder = cache / f"tiny-v{TINY_VERSION}"
+    if not (folder / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny-"))
+        build_tiny_pipeline(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_source(model_cfg):
+    """Classify `model.pretrained` as ("folder" | "single_file" | "hub", location); fail early on bad paths."""
+    name = model_cfg.pretrained
+    if name == "tiny":
+        return "folder", str(tiny_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: {path} has no model_index.json; give a diffusers pipeline "
+                                    "folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        return "folder", str(path)
+    if path.suffix in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: checkpoint file {path} does not exist")
+        return "single_file", str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"model.pretrained: {name!r} is neither a diffusers folder, a .safetensors/.ckpt "
+                                "file, nor a hub id of the form owner/name")
+    return "hub", name
+
+
+def load_pipeline(model_cfg, torch_dtype=torch.float32):
+    """Load a StableDiffusionPipeline from a hub id, a diffusers folder or a single-file checkpoint."""
+    from diffusers import StableDiffusionPipeline
+
+    kind, where = model_source(model_cfg)
+    kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if kind == "single_file":
+        if model_cfg.single_file_config:
+            kwargs["config"] = model_cfg.single_file_config
+        return StableDiffusionPipeline.from_single_file(where, **kwargs)
+    return StableDiffusionPipeline.from_pretrained(where, revision=model_cfg.revision, **kwargs)
+
+
+class ConceptEmbedding(nn.Module):
+    """Token embedding whose [V] row is a trainable parameter; every other row stays frozen.
+
+    Stage 1 trains only this row (METHOD.md); weight decay then touches [V] alone, as in
+    the released code, and DDP all-reduces its gradient since it lives in the model.
+    """
+
+    def __init__(self, base: nn.Embedding, token_id: int, init: torch.Tensor):
+        super().__init__()
+        self.base, self.token_id = base, token_id
+        self.row = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def weight(self):  # the matrix as a plain embedding would hold it, [V] row included
+        return merged_embedding_matrix(self)
+
+    def forward(self, input_ids):
+        emb = self.base(input_ids.clamp(max=self.base.num_embeddings - 1))  # (B, 77, dim)
+        is_concept = (input_ids == self.token_id).unsqueeze(-1)
+        return torch.where(is_concept, self.row.to(emb.dtype), emb)
+
+
+def merged_embedding_matrix(concept: ConceptEmbedding):
+    """The base embedding matrix with the [V] row written in (grown by one row if needed)."""
+    w = concept.base.weight.detach()
+    if concept.token_id >= w.shape[0]:
+        w = torch.cat([w, w.new_zeros(concept.token_id + 1 - w.shape[0], w.shape[1])])
+    w = w.clone()
+    w[concept.token_id] = concept.row.detach().to(w.dtype)
+    return w
+
+
+def add_concept_token(tokenizer, text_encoder, placeholder, category):
+    """Add [V] to the tokenizer and wrap the text encoder's token embedding; [V] starts as the category's
+    first sub-token (the released code's choice). Returns (token id, category sub-token ids)."""
+    if placeholder in tokenizer.get_vocab() or tokenizer.add_tokens(placeholder) != 1:
+        raise ValueError(f"data.placeholder {placeholder!r} already exists in the tokenizer's vocabulary; "
+                         "choose a new word, e.g. <v> or sks_token")
+    token_id = tokenizer.convert_tokens_to_ids(placeholder)
+    category_ids = tokenizer(category, add_special_tokens=False).input_ids
+    if len(category_ids) > 1:
+        log.info("category %r is %d tokens %s; [V] is initialised from the first, %r, and the regulariser uses it",
+                 category, len(category_ids), tokenizer.convert_ids_to_tokens(category_ids),
+                 tokenizer.convert_ids_to_tokens(category_ids[0]))
+    base = text_encoder.get_input_embeddings()
+    base.requires_grad_(False)
+    text_encoder.set_input_embeddings(ConceptEmbedding(base, token_id, base.weight[category_ids[0]]))
+    return token_id, category_ids
+
+
+def bake_concept(text_encoder):
+    """Replace the ConceptEmbedding by a plain nn.Embedding holding the learned row (for saving)."""
+    concept = text_encoder.get_input_embeddings()
+    if isinstance(concept, ConceptEmbedding):
+        weight = merged_embedding_matrix(concept)
+        text_encoder.set_input_embeddings(nn.Embedding.from_pretrained(weight, freeze=True))
+        text_encoder.config.vocab_size = weight.shape[0]
+    return text_encoder
+
+
+def trainable_parameters(part, unet, text_encoder):
+    """The parameters a stage's `train` entry names: embedding ([V] row), cross_attention (attn2), unet."""
+    if part == "embedding":
+        return [text_encoder.get_input_embeddings().row]
+    if part == "cross_attention":
+        return [p for n, p in unet.named_parameters() if ".attn2." in n]
+    if part == "unet":
+        return list(unet.parameters())
+    raise ValueError(f"unknown trainable part {part!r}")
+
+
+def sd21_layout(device="meta"):
+    """SD 2.1-base U-Net and text encoder built from config (meta device: shapes only, no memory)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SD21_UNET), CLIPTextModel(CLIPTextConfig(**SD21_TEXT))

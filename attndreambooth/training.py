@@ -1,0 +1,119 @@
+"""The training objective and one stage of training: a stage is data plus `run_stage`."""
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attention_reg import attention_reg_terms
+from attndreambooth.models import trainable_parameters
+
+log = logging.getLogger(__name__)
+
+
+class AttnDreamBoothLoss(nn.Module):
+    """The diffusion loss and Eq. 2's two terms for one batch; holds every model that a stage may train,
+    so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row included."""
+
+    def __init__(self, unet, text_encoder, noise_scheduler, capture, reduction):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.noise_scheduler, self.capture, self.reduction = noise_scheduler, capture, reduction
+
+    def forward(self, latents, noise, timesteps, input_ids=None, cond=None):
+        """Returns (mse, reg mean term, reg var term); `cond` (1, 77, D) is the cached conditioning,
+        else the text encoder runs once on `input_ids` (1, 77) and is broadcast over the batch."""
+        if cond is None:
+            cond = self.text_encoder(input_ids)[0]
+        cond = cond.expand(latents.shape[0], -1, -1)  # (B, 77, D)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        if self.capture is not None:
+            self.capture.clear()
+        pred = self.unet(noisy, timesteps, cond).sample
+        mse = F.mse_loss(pred.float(), target.float())
+        if self.capture is None:  # regulariser off
+            return mse, mse.new_zeros(()), mse.new_zeros(())
+        return (mse, *attention_reg_terms(self.capture.maps, self.reduction))
+
+
+@dataclass
+class Models:
+    """Everything a stage needs that stays across stages."""
+    unet: nn.Module
+    text_encoder: nn.Module
+    noise_scheduler: object
+    capture: object
+    input_ids: torch.Tensor  # (1, 77) the training prompt
+    cond: torch.Tensor = None  # (1, 77, D) cached text conditioning once [V] is frozen
+
+
+def set_trainable(stage, models):
+    """Freeze everything, then unfreeze the parts the stage names; returns the trainable parameters."""
+    models.unet.requires_grad_(False)
+    models.text_encoder.requires_grad_(False)
+    params = {id(p): p for part in stage.train for p in trainable_parameters(part, models.unet, models.text_encoder)}
+    for p in params.values():
+        p.requires_grad_(True)
+    return list(params.values())
+
+
+def run_stage(name, stage, models, sampler, accelerator, cfg, metrics_file=None):
+    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps)."""
+    params = set_trainable(stage, models)
+    per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
+    if rest:
+        raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
+                         f"{accelerator.num_processes} processes")
+    train_text = "embedding" in stage.train
+    if not train_text and models.cond is None:
+        with torch.no_grad(), accelerator.autocast():
+            models.cond = models.text_encoder(models.input_ids)[0].float()
+    objective = AttnDreamBoothLoss(models.unet, models.text_encoder, models.noise_scheduler, models.capture,
+                                   cfg.reg.reduction)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    models.unet.train()
+    # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
+    batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
+    device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
+    bar = tqdm(range(stage.steps), desc=f"{name} ({'+'.join(stage.train)})", disable=not accelerator.is_main_process)
+    start = time.perf_counter()
+    for step in bar:
+        latents = sampler.sample(per_process)
+        noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
+        timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
+        with accelerator.autocast():
+            mse, mean_term, var_term = objective(latents, noise, timesteps, input_ids=models.input_ids,
+                                                 cond=None if train_text else models.cond)
+        reg = batch_sum * (stage.reg_mean_weight * mean_term + stage.reg_var_weight * var_term)
+        loss = mse + reg
+        accelerator.backward(loss)
+        if cfg.runtime.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = dict(stage=name, step=step + 1, loss=loss.item(), mse=mse.item(), reg=reg.item(),
+                      reg_mean=mean_term.item(), reg_var=var_term.item(), lr=stage.lr,
+                      seconds=round(time.perf_counter() - start, 3))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if (step + 1) % cfg.runtime.log_every_steps == 0 or step + 1 == stage.steps:
+            log.info("%s step %d/%d loss %.5f mse %.5f reg %.3e (mean %.3e var %.3e)", name, step + 1,
+                     stage.steps, record["loss"], record["mse"], record["reg"], record["reg_mean"], record["reg_var"])
+    if models.capture is not None:
+        models.capture.clear()
+    accelerator.free_memory()  # drop the stage's wrappers and optimizer state
+    for p in params:
+        p.requires_grad_(False)
+    return time.perf_counter() - start
