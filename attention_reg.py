@@ -56,8 +56,9 @@ class CaptureProcessor:
             mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
         probs = scores.float().softmax(dim=-1)  # fp32 softmax, also under autocast
-        if not _in_backward():  # a checkpoint recomputation must not add maps to the step's list
-            self.record(probs if self.token_indices is None else probs[..., self.token_indices])
+        picked = probs if self.token_indices is None else probs[..., self.token_indices]  # (B, heads, HW, k)
+        if not _in_backward():  # a checkpoint recomputation runs the same ops but adds no maps
+            self.record(picked)
         hidden_states = probs.to(value.dtype) @ value  # (B, heads, HW, head_dim)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 

@@ -1,0 +1,43 @@
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The tiny model is built once per test session, in a private cache.
+os.environ.setdefault("ATTNDB_CACHE", tempfile.mkdtemp(prefix="attndb-test-cache-"))
+SAMPLE = ROOT / "data" / "sample_toy"
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from attndreambooth.models import tiny_model_dir
+    return tiny_model_dir()
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator (precision may differ between tests)."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_overrides(out, **kw):
+    """Config overrides for a short tiny run."""
+    base = dict(output_dir=str(out), **{"stages.stage1.steps": 3, "stages.stage2.steps": 3,
+                                        "stages.stage3.steps": 3, "data.views_per_image": 2})
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
