@@ -11,6 +11,7 @@ and pipeline/ (a diffusers folder that stock StableDiffusionPipeline loads).
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,13 @@ def train(cfg):
     from attndreambooth.training import Models, run_stage
 
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
+    accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision,
+                              cpu=world > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched {world} processes but accelerate set up {accelerator.num_processes}; "
+                           "each would train alone: check the launcher (accelerate launch / torchrun)")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))

@@ -92,7 +92,7 @@ def encode_view_pool(vae, paths, data_cfg, seed, device, chunk=8):
         dist = vae.encode(pixels).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
 class LatentSampler:

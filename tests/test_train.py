@@ -1,0 +1,135 @@
+"""The trainer on the tiny model: each stage trains exactly its parameters, the run folder reloads
+with stock diffusers, the objective's target, and the [V] gradient under two processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import train_attndreambooth as T
+from attndreambooth.config import load_config
+from attndreambooth.training import AttnDreamBoothLoss
+from conftest import ROOT, tiny_overrides
+
+TINY = ["--config", str(ROOT / "configs/tiny.yaml")]
+
+
+def load(folder):
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def te_state(pipe):
+    """Text encoder state dict with the key names of transformers 5 (4.x prefixes "text_model.")."""
+    return {n.removeprefix("text_model."): t for n, t in pipe.text_encoder.state_dict().items()}
+
+
+def changed(a, b):
+    """Names of the tensors that differ between two state dicts."""
+    return {n for n in a if not torch.equal(a[n], b[n])}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    pipe = load(tiny_dir)
+    return dict(unet=pipe.unet.state_dict(), te=te_state(pipe), vae=pipe.vae.state_dict(),
+                cat_id=pipe.tokenizer("toy", add_special_tokens=False).input_ids[0], vocab=len(pipe.tokenizer))
+
+
+def run_only(stage, tmp_path, **extra):
+    others = {f"stages.{s}.enabled": "false" for s in ("stage1", "stage2", "stage3") if s != stage}
+    T.main(TINY + tiny_overrides(tmp_path / stage, **others, **{f"stages.{stage}.steps": 2}, **extra))
+    return tmp_path / stage, load(tmp_path / stage / "pipeline")
+
+
+EMB = "embeddings.token_embedding.weight"
+
+
+def test_stage1_trains_only_the_placeholder_row(base, tmp_path):
+    out, pipe = run_only("stage1", tmp_path)
+    te = te_state(pipe)
+    assert changed(pipe.unet.state_dict(), base["unet"]) == set()
+    assert changed(pipe.vae.state_dict(), base["vae"]) == set()
+    assert {n for n in te if n != EMB and not torch.equal(te[n], base["te"][n])} == set()
+    rows = te[EMB]
+    assert rows.shape[0] == base["vocab"] + 1 and torch.equal(rows[:-1], base["te"][EMB])  # old rows untouched
+    learned = load_file(out / "learned_embeds.safetensors")["<v>"]
+    assert torch.equal(rows[-1], learned)
+    assert not torch.equal(learned, base["te"][EMB][base["cat_id"]])  # moved from its init, the category row
+    assert pipe.tokenizer.convert_tokens_to_ids("<v>") == base["vocab"]
+
+
+def test_stage2_trains_only_cross_attention(base, tmp_path):
+    out, pipe = run_only("stage2", tmp_path)
+    unet = pipe.unet.state_dict()
+    assert changed(unet, base["unet"]) == {n for n in unet if ".attn2." in n}
+    assert changed(pipe.vae.state_dict(), base["vae"]) == set()
+    # [V] stays at its init, the category's embedding, when stage 1 is off
+    assert torch.equal(te_state(pipe)[EMB][-1], base["te"][EMB][base["cat_id"]])
+    saved = load_file(out / "attn2_stage2.safetensors")
+    assert set(saved) == {n for n in unet if ".attn2." in n}
+    assert all(torch.equal(saved[n], unet[n]) for n in saved)
+
+
+def test_stage3_trains_the_whole_unet(base, tmp_path):
+    _, pipe = run_only("stage3", tmp_path, **{"stages.stage3.lr": 1e-4})
+    unet = pipe.unet.state_dict()
+    assert changed(unet, base["unet"]) == set(unet)
+    assert changed(pipe.vae.state_dict(), base["vae"]) == set()
+    te = te_state(pipe)
+    assert {n for n in te if n != EMB and not torch.equal(te[n], base["te"][n])} == set()
+
+
+def test_end_to_end_run_folder_reloads_with_stock_diffusers(tmp_path):
+    out = tmp_path / "run"
+    T.main(TINY + tiny_overrides(out))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "train.log", "metrics.jsonl", "learned_embeds.safetensors", "attn2_stage2.safetensors",
+            "pipeline"} <= names
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m["step"]) for m in metrics] == [(s, i) for s in ("stage1", "stage2", "stage3") for i in (1, 2, 3)]
+    assert all(m["loss"] == pytest.approx(m["mse"] + m["reg"]) for m in metrics)
+    assert load_config(out / "config.yaml").stages["stage3"].steps == 3  # the resolved config reloads
+
+    pipe = load(out / "pipeline")  # stock diffusers, nothing of this project
+    ids = pipe.tokenizer("a photo of a <v> toy").input_ids
+    vid = pipe.tokenizer.convert_tokens_to_ids("<v>")
+    assert ids.count(vid) == 1
+    row = pipe.text_encoder.get_input_embeddings().weight[vid]
+    torch.testing.assert_close(row, load_file(out / "learned_embeds.safetensors")["<v>"], rtol=0, atol=0)
+    image = pipe("a photo of a <v> toy", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
+    sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type=prediction_type)
+    unet = tiny_pipe.unet
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
+    objective = AttnDreamBoothLoss(unet, tiny_pipe.text_encoder, sched, capture=None, reduction="per_layer")
+    with torch.no_grad():
+        mse, _, _ = objective(x0, noise, t, cond=cond)
+        abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        want = F.mse_loss(unet(noisy, t, cond.expand(2, -1, -1)).sample, target)
+    assert mse.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_two_processes_share_the_placeholder_gradient(tmp_path):
+    """torchrun, 2 CPU processes (gloo), stage 1: different data per rank, identical [V] row on both."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tests" / "ddp_stage1.py"), str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
+    r0, r1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert not torch.equal(r0["first_latents"], r1["first_latents"])  # the ranks saw different batches
+    assert not torch.equal(r0["row"], r0["init"])  # and trained
+    torch.testing.assert_close(r0["row"], r1["row"], rtol=0, atol=0)
