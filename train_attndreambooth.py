@@ -82,7 +82,7 @@ def train(cfg):
 
     from attention_reg import CrossAttentionCapture
     from attndreambooth.data import LatentSampler, encode_view_pool
-    from attndreambooth.models import add_concept_token, bake_concept, load_pipeline
+    from attndreambooth.models import add_concept_token, bake_concept, encode_prompt, load_pipeline
     from attndreambooth.training import Models, run_stage
 
     out = Path(cfg.output_dir)
@@ -106,14 +106,7 @@ def train(cfg):
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category)
     prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
-    input_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    ids = input_ids[0].tolist()
-    v_pos = ids.index(token_id)  # tokens found by id: SD 2.x pads with "!", not the end token
-    cat_pos = next((i for i in range(v_pos + 1, len(ids)) if ids[i] == category_ids[0]), None)
-    if cat_pos is None:
-        raise ValueError(f"data.prompt_template: the category {cfg.data.category!r} must follow the placeholder "
-                         f"in the training prompt {prompt!r} (the regulariser compares their attention)")
+    input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
     log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
 
     device = accelerator.device

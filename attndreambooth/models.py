@@ -178,7 +178,8 @@ def merged_embedding_matrix(concept: ConceptEmbedding):
 def add_concept_token(tokenizer, text_encoder, placeholder, category):
     """Add [V] to the tokenizer and wrap the text encoder's token embedding; [V] starts as the category's
     first sub-token (the released code's choice). Returns (token id, category sub-token ids)."""
-    if placeholder in tokenizer.get_vocab() or tokenizer.add_tokens(placeholder) != 1:
+    existing = placeholder in tokenizer.get_vocab() or len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
+    if existing or tokenizer.add_tokens(placeholder) != 1:
         raise ValueError(f"data.placeholder {placeholder!r} already exists in the tokenizer's vocabulary; "
                          "choose a new word, e.g. <v> or sks_token")
     token_id = tokenizer.convert_tokens_to_ids(placeholder)
@@ -191,6 +192,23 @@ def add_concept_token(tokenizer, text_encoder, placeholder, category):
     base.requires_grad_(False)
     text_encoder.set_input_embeddings(ConceptEmbedding(base, token_id, base.weight[category_ids[0]]))
     return token_id, category_ids
+
+
+def encode_prompt(tokenizer, prompt, token_id, category_ids):
+    """Token ids (1, 77) of the training prompt and the positions of [V] and of the category's first
+    sub-token after it. Found by id: SD 2.x pads with "!", not with the end token."""
+    input_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    ids = input_ids[0].tolist()
+    if ids.count(token_id) != 1:
+        raise ValueError(f"data.prompt_template: the training prompt {prompt!r} must hold the placeholder "
+                         "exactly once within the tokenizer's 77 tokens")
+    v_pos = ids.index(token_id)
+    cat_pos = next((i for i in range(v_pos + 1, len(ids)) if ids[i] == category_ids[0]), None)
+    if cat_pos is None:
+        raise ValueError(f"data.prompt_template: the category must follow the placeholder in the training "
+                         f"prompt {prompt!r} (the regulariser compares their attention)")
+    return input_ids, v_pos, cat_pos
 
 
 def bake_concept(text_encoder):

@@ -84,7 +84,7 @@ def test_stage3_trains_the_whole_unet(base, tmp_path):
     assert {n for n in te if n != EMB and not torch.equal(te[n], base["te"][n])} == set()
 
 
-def test_end_to_end_run_folder_reloads_with_stock_diffusers(tmp_path):
+def test_end_to_end_run_folder_reloads_with_stock_diffusers(tiny_dir, tmp_path):
     out = tmp_path / "run"
     T.main(TINY + tiny_overrides(out))
     names = {p.name for p in out.iterdir()}
@@ -101,6 +101,11 @@ def test_end_to_end_run_folder_reloads_with_stock_diffusers(tmp_path):
     assert ids.count(vid) == 1
     row = pipe.text_encoder.get_input_embeddings().weight[vid]
     torch.testing.assert_close(row, load_file(out / "learned_embeds.safetensors")["<v>"], rtol=0, atol=0)
+    ti = load(tiny_dir)  # the base model + learned_embeds.safetensors through diffusers' own loader
+    ti.load_textual_inversion(out / "learned_embeds.safetensors")
+    prompt_ids = pipe.tokenizer("a photo of a <v> toy", padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ti.text_encoder(prompt_ids.input_ids)[0], pipe.text_encoder(prompt_ids.input_ids)[0])
     image = pipe("a photo of a <v> toy", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
@@ -126,7 +131,7 @@ def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
 def test_two_processes_share_the_placeholder_gradient(tmp_path):
     """torchrun, 2 CPU processes (gloo), stage 1: different data per rank, identical [V] row on both."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "ddp_stage1.py"), str(tmp_path)]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
     r0, r1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
