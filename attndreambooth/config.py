@@ -146,6 +146,9 @@ def validate(cfg: Config):
          f"{d.placeholder!r} must be one word without spaces, e.g. <v>")
     need(d.prompt_template.count("{placeholder}") == 1, "data.prompt_template",
          f"{d.prompt_template!r} must contain {{placeholder}} exactly once")
+    t = d.prompt_template
+    need(not cfg.reg.enabled or t.find("{category}") > t.find("{placeholder}"), "data.prompt_template",
+         f"{t!r} needs {{category}} after {{placeholder}}: the regulariser compares their attention maps")
     need(os.path.isdir(d.instance_dir), "data.instance_dir", f"folder {d.instance_dir} does not exist")
     need(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", f"{d.resolution} must be a positive multiple of 8")
     need(d.views_per_image >= 1, "data.views_per_image", f"{d.views_per_image} must be >= 1")

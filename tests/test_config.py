@@ -27,6 +27,7 @@ def no_model_loading(monkeypatch):
     ("data.instance_dir=/no/such/folder", "config key 'data.instance_dir': folder /no/such/folder does not exist"),
     ("data.category=", "config key 'data.category': is empty"),
     ("data.prompt_template=a photo of a dog", "config key 'data.prompt_template'.*exactly once"),
+    ("data.prompt_template='{category} photo of {placeholder}'", "needs {category} after {placeholder}"),
     ("reg.reduction=mean", "config key 'reg.reduction'"),
     ("stages.stage1.train=[text_encoder]", "config key 'stages.stage1.train'"),
     ("runtime.mixed_precision=fp8", "config key 'runtime.mixed_precision'"),

@@ -84,6 +84,14 @@ def test_stage3_trains_the_whole_unet(base, tmp_path):
     assert {n for n in te if n != EMB and not torch.equal(te[n], base["te"][n])} == set()
 
 
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    rows = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out, _ = run_only("stage1", tmp_path / name, **{"runtime.seed": seed})
+        rows.append(load_file(out / "learned_embeds.safetensors")["<v>"])
+    assert torch.equal(rows[0], rows[1]) and not torch.equal(rows[0], rows[2])
+
+
 def test_end_to_end_run_folder_reloads_with_stock_diffusers(tiny_dir, tmp_path):
     out = tmp_path / "run"
     T.main(TINY + tiny_overrides(out))
