@@ -10,11 +10,13 @@ and pipeline/ (a diffusers folder that stock StableDiffusionPipeline loads).
 """
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attndreambooth.config import ConfigError, load_config, to_yaml
@@ -83,13 +85,16 @@ def train(cfg):
     from attention_reg import CrossAttentionCapture
     from attndreambooth.data import LatentSampler, encode_view_pool
     from attndreambooth.models import add_concept_token, bake_concept, encode_prompt, load_pipeline
-    from attndreambooth.training import Models, run_stage
+    from attndreambooth.sampling import validation_grid
+    from attndreambooth.training import Models, Reporter, run_stage
 
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    tensorboard = cfg.runtime.tensorboard and importlib.util.find_spec("tensorboard") is not None
     # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
     accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision,
-                              cpu=world > 1 and not torch.cuda.is_available())
+                              cpu=world > 1 and not torch.cuda.is_available(),
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched {world} processes but accelerate set up {accelerator.num_processes}; "
                            "each would train alone: check the launcher (accelerate launch / torchrun)")
@@ -98,6 +103,10 @@ def train(cfg):
         (out / "config.yaml").write_text(to_yaml(cfg))
     accelerator.wait_for_everyone()
     setup_logging(out, accelerator.is_main_process)
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
+    elif cfg.runtime.tensorboard:
+        log.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
@@ -126,27 +135,44 @@ def train(cfg):
     if cfg.reg.enabled:
         capture = CrossAttentionCapture(unet, [v_pos, cat_pos], expected_layers=cfg.model.cross_attention_layers)
     models = Models(unet, text_encoder, noise_scheduler, capture, input_ids.to(device))
-    metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
     concept = text_encoder.get_input_embeddings()
+    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pipe.scheduler)
+
+    def validate(name, step, global_step):
+        if accelerator.is_main_process:
+            grid = validation_grid(components, f"{cfg.data.placeholder} {cfg.data.category}", cfg.validation,
+                                   device, accelerator.autocast())
+            (out / "validation").mkdir(exist_ok=True)
+            grid.save(out / "validation" / f"{name}_{step:05d}.png")
+            if tensorboard:
+                accelerator.get_tracker("tensorboard").log_images(
+                    {f"validation/{name}": np.asarray(grid)[None]}, step=global_step, dataformats="NHWC")
+        if capture is not None:
+            capture.clear()
+        accelerator.wait_for_everyone()
+
+    reporter = Reporter(out, accelerator, cfg, validate)
     with capture or contextlib.nullcontext():
         for name, stage in cfg.stages.items():
             if not stage.enabled or stage.steps == 0:
                 log.info("%s: skipped", name)
                 continue
-            seconds = run_stage(name, stage, models, sampler, accelerator, cfg, metrics)
+            seconds = run_stage(name, stage, models, sampler, accelerator, cfg, reporter)
             log.info("%s done: %d steps in %.1f s", name, stage.steps, seconds)
             if accelerator.is_main_process and "cross_attention" in stage.train:
                 attn2 = {n: p.detach().cpu().contiguous() for n, p in unet.state_dict().items() if ".attn2." in n}
                 save_file(attn2, out / f"attn2_{name}.safetensors")
             if accelerator.is_main_process and "embedding" in stage.train:
                 save_file({cfg.data.placeholder: concept.row.detach().cpu().clone()}, out / "learned_embeds.safetensors")
-    if metrics is not None:
-        metrics.close()
+    reporter.close()
 
     if accelerator.is_main_process:
-        save_file({cfg.data.placeholder: concept.row.detach().cpu().clone()}, out / "learned_embeds.safetensors")
+        row = concept.row.detach().cpu().clone()
+        save_file({cfg.data.placeholder: row}, out / "learned_embeds.safetensors")  # diffusers' format
+        save_file({"emb_params": row[None]}, out / "embedding_a1111.safetensors")  # AUTOMATIC1111 / ComfyUI
         pipe.text_encoder = bake_concept(text_encoder)
-        pipe.to("cpu").save_pretrained(out / "pipeline", safe_serialization=True)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.pipeline_dtype]
+        pipe.to("cpu", dtype).save_pretrained(out / "pipeline", safe_serialization=True)
         log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
     accelerator.wait_for_everyone()
     accelerator.end_training()

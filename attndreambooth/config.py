@@ -17,6 +17,7 @@ from attention_reg import REDUCTIONS
 
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,16 @@ def paper_stages() -> Dict[str, StageConfig]:
 
 
 @dataclass
+class ValidationConfig:
+    every_steps: int = 0  # sample a grid every N steps of each stage (and at its end); 0 = off
+    prompts: List[str] = field(default_factory=lambda: ["a photo of {}", "a {} on the beach, oil painting"])  # {} = "[V] category"
+    num_images: int = 2  # images per prompt
+    steps: int = 25  # sampler steps (DPM-Solver++)
+    guidance_scale: float = 7.5  # classifier-free guidance
+    seed: int = 0  # image i of each prompt uses seed + i
+
+
+@dataclass
 class RuntimeConfig:
     seed: int = 0  # seeds data order, augmentation, noise and timesteps
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
@@ -86,6 +97,8 @@ class RuntimeConfig:
     gradient_checkpointing: bool = False  # recompute U-Net blocks in backward to save memory
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
+    tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
+    pipeline_dtype: str = "fp32"  # dtype of the saved pipeline/: fp32, or fp16/bf16 to halve the disk
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     stages: Dict[str, StageConfig] = field(default_factory=paper_stages)  # run in this order
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -107,8 +121,9 @@ def _parse_value(text):
         return text
 
 
-def load_config(config_file=None, overrides=()):
-    """Merge defaults, a YAML file and `key=value` overrides; validate; return a typed config."""
+def load_config(config_file=None, overrides=(), check=True):
+    """Merge defaults, a YAML file and `key=value` overrides; validate (unless `check` is False,
+    e.g. to read a finished run's config elsewhere); return a typed config."""
     cfg = OmegaConf.structured(Config)
     try:
         if config_file is not None:
@@ -130,7 +145,8 @@ def load_config(config_file=None, overrides=()):
         raise ConfigError(f"missing required config key(s): {', '.join(missing)} "
                           f"(set them in the YAML or as key=value, e.g. data.category=dog)")
     cfg = OmegaConf.to_object(cfg)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -160,6 +176,10 @@ def validate(cfg: Config):
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
     need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
+    need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype", f"{cfg.runtime.pipeline_dtype!r} is not one of {DTYPES}")
+    v = cfg.validation
+    need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",
+         "every_steps must be >= 0, num_images and steps >= 1")
     need(cfg.runtime.log_every_steps >= 1, "runtime.log_every_steps", "must be >= 1")
     need(any(s.enabled and s.steps > 0 for s in cfg.stages.values()), "stages", "no stage is enabled with steps > 0")
     for name, s in cfg.stages.items():

@@ -65,7 +65,34 @@ def set_trainable(stage, models):
     return list(params.values())
 
 
-def run_stage(name, stage, models, sampler, accelerator, cfg, metrics_file=None):
+class Reporter:
+    """Where a step's numbers go (metrics.jsonl, the log, TensorBoard) and when validation grids are made."""
+
+    def __init__(self, out, accelerator, cfg, validate=None):
+        self.accelerator, self.cfg, self.validate, self.global_step = accelerator, cfg, validate, 0
+        self.metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+
+    def step(self, record, steps):
+        self.global_step += 1
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        name, step = record["stage"], record["step"]
+        if step % self.cfg.runtime.log_every_steps == 0 or step == steps:
+            log.info("%s step %d/%d loss %.5f mse %.5f reg %.3e (mean %.3e var %.3e)", name, step, steps,
+                     record["loss"], record["mse"], record["reg"], record["reg_mean"], record["reg_var"])
+        self.accelerator.log({f"{name}/{k}": record[k] for k in ("loss", "mse", "reg", "reg_mean", "reg_var", "lr")},
+                             step=self.global_step)
+        every = self.cfg.validation.every_steps
+        if self.validate is not None and every > 0 and (step % every == 0 or step == steps):
+            self.validate(name, step, self.global_step)
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
     """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps)."""
     params = set_trainable(stage, models)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
@@ -81,13 +108,13 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, metrics_file=None)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
                                   fused=accelerator.device.type == "cuda")
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    models.unet.train()
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
     device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
     bar = tqdm(range(stage.steps), desc=f"{name} ({'+'.join(stage.train)})", disable=not accelerator.is_main_process)
     start = time.perf_counter()
     for step in bar:
+        models.unet.train()
         latents = sampler.sample(per_process)
         noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
         timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
@@ -105,12 +132,7 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, metrics_file=None)
                       reg_mean=mean_term.item(), reg_var=var_term.item(), lr=stage.lr,
                       seconds=round(time.perf_counter() - start, 3))
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if (step + 1) % cfg.runtime.log_every_steps == 0 or step + 1 == stage.steps:
-            log.info("%s step %d/%d loss %.5f mse %.5f reg %.3e (mean %.3e var %.3e)", name, step + 1,
-                     stage.steps, record["loss"], record["mse"], record["reg"], record["reg_mean"], record["reg_var"])
+        reporter.step(record, stage.steps)
     if models.capture is not None:
         models.capture.clear()
     accelerator.free_memory()  # drop the stage's wrappers and optimizer state

