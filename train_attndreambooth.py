@@ -124,6 +124,8 @@ def train(cfg):
     unet.to(device)
     if cfg.runtime.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.runtime.channels_last:
+        unet.to(memory_format=torch.channels_last)
     paths = list_images(cfg.data)
     mean, std = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
     log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
@@ -153,12 +155,17 @@ def train(cfg):
 
     reporter = Reporter(out, accelerator, cfg, validate)
     with capture or contextlib.nullcontext():
+        if cfg.runtime.compile and device.type == "cpu":
+            log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
+        elif cfg.runtime.compile:
+            unet.compile()  # in place: the module, its processors and state-dict keys stay the same
         for name, stage in cfg.stages.items():
             if not stage.enabled or stage.steps == 0:
                 log.info("%s: skipped", name)
                 continue
-            seconds = run_stage(name, stage, models, sampler, accelerator, cfg, reporter)
-            log.info("%s done: %d steps in %.1f s", name, stage.steps, seconds)
+            seconds, peak = run_stage(name, stage, models, sampler, accelerator, cfg, reporter)
+            log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
+                     "GPU" if device.type == "cuda" else "process", peak)
             if accelerator.is_main_process and "cross_attention" in stage.train:
                 attn2 = {n: p.detach().cpu().contiguous() for n, p in unet.state_dict().items() if ".attn2." in n}
                 save_file(attn2, out / f"attn2_{name}.safetensors")

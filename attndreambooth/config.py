@@ -4,6 +4,7 @@ The YAML holds *what* (the method's hyper-parameters per stage); `runtime` holds
 (precision, memory savers, logging). Unknown keys, wrong types and impossible values
 fail here, before any model loads.
 """
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from attention_reg import REDUCTIONS
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("fp32", "fp16", "bf16")
+MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False),
+                  "low": dict(gradient_checkpointing=True, optimizer_8bit=True)}
 
 
 class ConfigError(ValueError):
@@ -94,7 +97,12 @@ class RuntimeConfig:
     seed: int = 0  # seeds data order, augmentation, noise and timesteps
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    gradient_checkpointing: bool = False  # recompute U-Net blocks in backward to save memory
+    memory: str = "default"  # preset: "default", or "low" (gradient checkpointing + 8-bit AdamW) for 16 GB cards
+    gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
+    optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
+    fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
+    channels_last: bool = False  # U-Net in channels_last memory format (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the U-Net (GPU; the first steps pay the compilation)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
     tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
@@ -145,6 +153,10 @@ def load_config(config_file=None, overrides=(), check=True):
         raise ConfigError(f"missing required config key(s): {', '.join(missing)} "
                           f"(set them in the YAML or as key=value, e.g. data.category=dog)")
     cfg = OmegaConf.to_object(cfg)
+    if cfg.runtime.memory in MEMORY_PRESETS:  # a switch set explicitly wins over its preset
+        for key, value in MEMORY_PRESETS[cfg.runtime.memory].items():
+            if getattr(cfg.runtime, key) is None:
+                setattr(cfg.runtime, key, value)
     if check:
         validate(cfg)
     return cfg
@@ -176,6 +188,10 @@ def validate(cfg: Config):
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
     need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
+    need(cfg.runtime.memory in MEMORY_PRESETS, "runtime.memory", f"{cfg.runtime.memory!r} is not one of {tuple(MEMORY_PRESETS)}")
+    need(not cfg.runtime.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
+         "runtime.optimizer_8bit", "8-bit AdamW needs bitsandbytes: pip install bitsandbytes, "
+         "or set runtime.optimizer_8bit=false (the low preset then only checkpoints gradients)")
     need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype", f"{cfg.runtime.pipeline_dtype!r} is not one of {DTYPES}")
     v = cfg.validation
     need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",

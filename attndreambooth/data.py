@@ -4,6 +4,7 @@ Images and the prompt are fixed, so each augmented view is encoded once (posteri
 and std kept) and every step samples fresh latents from the pool: the VAE does not run
 in the training loop.
 """
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -74,22 +75,24 @@ def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-@torch.no_grad()
-def encode_view_pool(vae, paths, data_cfg, seed, device, chunk=8):
+def encode_view_pool(vae, paths, data_cfg, seed, device):
     """Encode `views_per_image` augmented views of every image once.
 
     Returns (mean, std), each (images * views, 4, h, w), ordered image-major: view v of
     image i sits at i * views + v."""
     rng = random.Random(seed)
     images = [load_rgb(p) for p in paths]
-    views = []
-    for image in images:
-        for _ in range(data_cfg.views_per_image):
-            views.append(to_tensor(augment(image, data_cfg.resolution, data_cfg.augment, rng)))
-    means, stds = [], []
-    for i in range(0, len(views), chunk):
-        pixels = torch.stack(views[i:i + chunk]).to(device=device, dtype=vae.dtype)
-        dist = vae.encode(pixels).latent_dist
+    views = (to_tensor(augment(image, data_cfg.resolution, data_cfg.augment, rng))
+             for image in images for _ in range(data_cfg.views_per_image))
+    return encode_pixels(vae, views, device)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels, device, chunk=8):
+    """VAE posterior (mean, std) of an iterable of (3, H, W) images in [-1, 1], `chunk` at a time."""
+    means, stds, views = [], [], iter(pixels)
+    while batch := list(itertools.islice(views, chunk)):
+        dist = vae.encode(torch.stack(batch).to(device=device, dtype=vae.dtype)).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()

@@ -53,6 +53,7 @@ class Models:
     capture: object
     input_ids: torch.Tensor  # (1, 77) the training prompt
     cond: torch.Tensor = None  # (1, 77, D) cached text conditioning once [V] is frozen
+    cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
 
 
 def set_trainable(stage, models):
@@ -92,6 +93,15 @@ class Reporter:
             self.metrics.close()
 
 
+def make_optimizer(params, stage, runtime, device):
+    """AdamW at the stage's constant lr: fused kernel, or 8-bit (bitsandbytes) in the low-memory preset."""
+    if runtime.optimizer_8bit:
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    fused = runtime.fused_adamw and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=fused or None)
+
+
 def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
     """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps)."""
     params = set_trainable(stage, models)
@@ -99,18 +109,19 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
     if rest:
         raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
                          f"{accelerator.num_processes} processes")
-    train_text = "embedding" in stage.train
-    if not train_text and models.cond is None:
+    run_text = "embedding" in stage.train or not models.cache_text
+    if not run_text and models.cond is None:
         with torch.no_grad(), accelerator.autocast():
             models.cond = models.text_encoder(models.input_ids)[0].float()
     objective = AttnDreamBoothLoss(models.unet, models.text_encoder, models.noise_scheduler, models.capture,
                                    cfg.reg.reduction)
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
-                                  fused=accelerator.device.type == "cuda")
+    optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
     device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(range(stage.steps), desc=f"{name} ({'+'.join(stage.train)})", disable=not accelerator.is_main_process)
     start = time.perf_counter()
     for step in bar:
@@ -120,7 +131,7 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
         timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
         with accelerator.autocast():
             mse, mean_term, var_term = objective(latents, noise, timesteps, input_ids=models.input_ids,
-                                                 cond=None if train_text else models.cond)
+                                                 cond=None if run_text else models.cond)
         reg = batch_sum * (stage.reg_mean_weight * mean_term + stage.reg_var_weight * var_term)
         loss = mse + reg
         accelerator.backward(loss)
@@ -130,7 +141,7 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
         optimizer.zero_grad(set_to_none=True)
         record = dict(stage=name, step=step + 1, loss=loss.item(), mse=mse.item(), reg=reg.item(),
                       reg_mean=mean_term.item(), reg_var=var_term.item(), lr=stage.lr,
-                      seconds=round(time.perf_counter() - start, 3))
+                      seconds=round(time.perf_counter() - start, 5))
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
         reporter.step(record, stage.steps)
     if models.capture is not None:
@@ -138,4 +149,12 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
     accelerator.free_memory()  # drop the stage's wrappers and optimizer state
     for p in params:
         p.requires_grad_(False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, peak_memory_gib(device)
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory since the last reset, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -8,6 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 # The tiny model is built once per test session, in a private cache.
 os.environ.setdefault("ATTNDB_CACHE", tempfile.mkdtemp(prefix="attndb-test-cache-"))
 SAMPLE = ROOT / "data" / "sample_toy"

@@ -1,0 +1,243 @@
+"""Time the three stages of this implementation against the released code's approach, side by side.
+
+    python scripts/benchmark.py                                    # CPU: small SD-shaped layout
+    python scripts/benchmark.py --layout sd21 --device cuda --precision bf16 --batch_size 8 \
+        --variants reference,fast --presets default,low
+
+Models are built from config with random weights (same cost as real ones; no download). Each
+variant runs the trainer's own `run_stage` for every stage: `--warmup` steps, then `--steps`
+timed steps (each ends in a device sync, the loss's .item()); the per-step median is projected
+onto the paper's schedule (60/100/500 steps) plus the one-time VAE encoding of the view pool.
+Variants add one optimisation at a time, so each row says what it contributed:
+
+    reference       eager attention in every layer, full 77-column maps, VAE and text encoder every step
+    +sdpa           self-attention on SDPA, explicit probabilities only in attn2, 2 columns kept
+    +latent_cache   each view VAE-encoded once (posterior mean/std), latents sampled per step
+    +text_cache     cached text conditioning in stages 2-3, the text encoder at batch 1 in stage 1
+    fast            + fused AdamW; this is what train_attndreambooth.py does
+    fast+cl         + channels_last U-Net;  fast+compile: + torch.compile
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attndreambooth.models import SD21_TEXT, SD21_UNET, SD21_VAE  # noqa: E402
+
+# SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
+# U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:
+# 804 GF, 1117 GF (1.39x), 45 GF (5.6 %). All 16 cross-attention layers are there.
+LAYOUTS = {
+    "sd21": dict(unet=SD21_UNET, vae=SD21_VAE, text=SD21_TEXT, resolution=512),
+    "small": dict(unet=dict(SD21_UNET, block_out_channels=(80, 160, 320, 320), cross_attention_dim=256,
+                            sample_size=16, norm_num_groups=16),
+                  vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
+                  text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, projection_dim=256),
+                  resolution=128),
+}
+VARIANTS = {
+    "reference": dict(capture="reference", latents="every_step", cache_text=False, fused_adamw=False),
+    "+sdpa": dict(capture="fast", latents="every_step", cache_text=False, fused_adamw=False),
+    "+latent_cache": dict(capture="fast", latents="pool", cache_text=False, fused_adamw=False),
+    "+text_cache": dict(capture="fast", latents="pool", cache_text=True, fused_adamw=False),
+    "fast": dict(capture="fast", latents="pool", cache_text=True),
+    "fast+cl": dict(capture="fast", latents="pool", cache_text=True, channels_last=True),
+    "fast+compile": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile=True),
+}
+PAPER_STEPS = {"stage1": 60, "stage2": 100, "stage3": 500}
+PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 494}, "H200": {"bf16": 989, "fp16": 989, "fp32": 494},
+               "A100": {"bf16": 312, "fp16": 312, "fp32": 156}, "L40S": {"bf16": 362, "fp16": 362, "fp32": 183},
+               "4090": {"bf16": 165, "fp16": 165, "fp32": 83}}  # dense tensor-core peaks; fp32 = TF32
+
+
+def build(layout, device, seed=0):
+    """Tokenizer, text encoder, VAE, U-Net and noise scheduler of a layout, random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from attndreambooth.models import write_tiny_tokenizer
+    spec = LAYOUTS[layout]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text"]))
+        vae, unet = AutoencoderKL(**spec["vae"]), UNet2DConditionModel(**spec["unet"])
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), unet, scheduler
+
+
+def model_flops(layout, batch_size):
+    """FLOPs of one training step per stage (U-Net forward + backward, text encoder in stage 1),
+    counted on the meta device with eager attention, so every matrix product is seen."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attndreambooth.config import paper_stages
+    from attndreambooth.models import add_concept_token
+    from attndreambooth.training import Models, set_trainable
+    tokenizer, te, _, unet, _ = build(layout, "meta")
+    unet.set_attn_processor(AttnProcessor())
+    add_concept_token(tokenizer, te, "<v>", "toy")
+    size, flops = unet.config.sample_size, {}
+    for name, stage in paper_stages().items():
+        set_trainable(stage, Models(unet, te, None, None, None))
+        ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            cond = te(ids)[0] if "embedding" in stage.train else torch.randn(1, 77, te.config.hidden_size, device="meta")
+            x = torch.randn(batch_size, 4, size, size, device="meta")
+            out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1)).sample
+            out.float().square().mean().backward()
+        flops[name] = counter.get_total_flops()
+    return flops
+
+
+class Recorder:
+    """A Reporter stand-in that keeps each step's record."""
+
+    def __init__(self):
+        self.records = []
+
+    def step(self, record, steps):
+        self.records.append(record)
+
+
+def run_variant(variant, preset, args):
+    """Time every stage of one variant; returns a result row."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from attention_reg import CrossAttentionCapture
+    from attndreambooth.config import MEMORY_PRESETS, load_config
+    from attndreambooth.data import LatentSampler, encode_pixels
+    from attndreambooth.models import add_concept_token, encode_prompt
+    from attndreambooth.reference import EncodeEveryStep, ReferenceCapture
+    from attndreambooth.training import Models, run_stage
+    flags = VARIANTS[variant]
+    memory = dict(MEMORY_PRESETS[preset])
+    if args.no_8bit:
+        memory["optimizer_8bit"] = False
+    cfg = load_config(None, ["output_dir=unused", "data.instance_dir=.", "data.category=toy",
+                             f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
+                             f"runtime.fused_adamw={flags.get('fused_adamw', True)}"], check=False)
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
+                              cpu=args.device == "cpu")
+    device, B, res = accelerator.device, args.batch_size, LAYOUTS[args.layout]["resolution"]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tokenizer, te, vae, unet, scheduler = build(args.layout, device)
+    token_id, cat_ids = add_concept_token(tokenizer, te, "<v>", "toy")
+    input_ids, v_pos, cat_pos = encode_prompt(tokenizer, "a photo of a <v> toy", token_id, cat_ids)
+    if memory["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    if flags.get("channels_last"):
+        unet.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(args.images * args.views, 3, res, res, generator=gen).mul(2).sub(1).to(device)
+    setup = 0.0
+    if flags["latents"] == "pool":  # one-time cost of the fast path, counted in the projection
+        t0 = _sync_time(device)
+        with accelerator.autocast():
+            mean, std = encode_pixels(vae, pixels, device)
+        setup = _sync_time(device) - t0
+        vae.to("cpu")  # leaves the training device, as in the trainer
+        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen)
+    else:
+        sampler = EncodeEveryStep(vae, pixels, vae.config.scaling_factor, gen, accelerator.autocast)
+    capture_cls = ReferenceCapture if flags["capture"] == "reference" else CrossAttentionCapture
+    capture = capture_cls(unet, [v_pos, cat_pos])
+    ids = input_ids.to(device) if flags["cache_text"] else input_ids.repeat(B, 1).to(device)
+    models = Models(unet, te, scheduler, capture, ids, cache_text=flags["cache_text"])
+    row = dict(variant=variant, preset=preset, precision=args.precision, batch_size=B, setup_s=setup)
+    with capture:
+        if flags.get("compile"):
+            unet.compile()
+        for name, stage in cfg.stages.items():
+            stage = replace(stage, steps=args.warmup + args.steps, batch_size=B)
+            rec = Recorder()
+            _, peak = run_stage(name, stage, models, sampler, accelerator, cfg, rec)
+            seconds = [r["seconds"] for r in rec.records]
+            durations = [seconds[0]] + [b - a for a, b in zip(seconds, seconds[1:])]
+            row[f"{name}_s_per_step"] = statistics.median(durations[args.warmup:])
+            row[f"{name}_peak_gib"] = peak if device.type == "cuda" else None
+    row["schedule_s"] = setup + sum(n * row[f"{k}_s_per_step"] for k, n in PAPER_STEPS.items())
+    return row
+
+
+def _sync_time(device):
+    import time
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def markdown(rows, flops, peak):
+    head = ("| variant | preset | precision | s/step stage 1 / 2 / 3 | schedule s | vs reference | TFLOP/s (stage 3) "
+            "| MFU | peak GiB stage 1 / 2 / 3 |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        tflops = flops["stage3"] / r["stage3_s_per_step"] / 1e12
+        mfu = f"{tflops / peak:.0%}" if peak else "n/a"
+        mem = " / ".join("n/a" if r[f"{s}_peak_gib"] is None else f"{r[f'{s}_peak_gib']:.1f}" for s in PAPER_STEPS)
+        steps = " / ".join(f"{r[f'{s}_s_per_step']:.3f}" for s in PAPER_STEPS)
+        speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
+        lines.append(f"| {r['variant']} | {r['preset']} | {r['precision']} | {steps} | {r['schedule_s']:.1f} "
+                     f"| {speedup} | {tflops:.2f} | {mfu} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", default="small", choices=sorted(LAYOUTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--variants", default="reference,+sdpa,+latent_cache,+text_cache,fast")
+    p.add_argument("--presets", default="default", help="memory presets for the non-reference variants")
+    p.add_argument("--no_8bit", action="store_true", help="low preset without 8-bit AdamW (no bitsandbytes)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per stage")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant; the median schedule is kept")
+    p.add_argument("--images", type=int, default=5)
+    p.add_argument("--views", type=int, default=8, help="augmented views per image in the pool")
+    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known table by GPU name)")
+    p.add_argument("--out", default="benchmark.json")
+    args = p.parse_args(argv)
+
+    flops = model_flops(args.layout, args.batch_size)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    peak = args.peak_tflops or next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    cells = [(v, p) for v in args.variants.split(",") for p in (["default"] if v == "reference" else args.presets.split(","))]
+    runs = {cell: [] for cell in cells}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
+        for cell in cells:
+            runs[cell].append(run_variant(*cell, args))
+            print(json.dumps(runs[cell][-1]), flush=True)
+    rows = []
+    for cell in cells:
+        row = dict(sorted(runs[cell], key=lambda r: r["schedule_s"])[len(runs[cell]) // 2])  # the median run
+        row["schedule_s_all"] = [r["schedule_s"] for r in runs[cell]]
+        rows.append(row)
+    ref = next((r for r in rows if r["variant"] == "reference"), None)
+    for r in rows:
+        r["speedup"] = ref["schedule_s"] / r["schedule_s"] if ref else None
+    table = markdown(rows, flops, peak)
+    result = dict(device=device_name, torch=torch.__version__, layout=args.layout, args=vars(args),
+                  model_flops_per_step=flops, peak_tflops=peak, rows=rows, table=table)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).with_suffix(".md").write_text(f"device: {device_name}, layout {args.layout}\n\n{table}\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
