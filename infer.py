@@ -82,7 +82,10 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
         pipe = load_pipeline(base, DTYPES[dtype])
-        pipe.load_textual_inversion(str(embeds))
+        if Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
+            pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
+        else:
+            pipe.load_textual_inversion(str(embeds))
         for path in unet_weights:
             load_unet_weights(pipe.unet, path)
     placeholder = next(t for t in pipe.tokenizer.get_added_vocab() if t not in pipe.tokenizer.all_special_tokens)

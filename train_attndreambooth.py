@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from attndreambooth.config import ConfigError, load_config, to_yaml
 from attndreambooth.data import list_images
-from attndreambooth.models import model_source
+from attndreambooth.training import NonFiniteLoss
 
 log = logging.getLogger("attndreambooth")
 
@@ -34,39 +35,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def count_plan(cfg):
-    """Trainable parameter count of each enabled stage, from the model's config on the meta device."""
-    import json
-
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
-    from attndreambooth import models as M
-
-    kind, where = M.model_source(cfg.model)
-    if kind == "folder":
-        unet_cfg = json.loads((Path(where) / "unet" / "config.json").read_text())
-        hidden = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder").hidden_size
-        source = where
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_cfg)
-    else:  # hub id or single file: no download for a dry run; the SD 2.1-base layout
-        unet, text = M.sd21_layout()
-        hidden, source = text.config.hidden_size, "the built-in SD 2.1-base layout"
-    sizes = dict(embedding=hidden,
-                 cross_attention=sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n),
-                 unet=sum(p.numel() for p in unet.parameters()))
-    lines = [f"plan (parameter counts from {source}):"]
-    for name, s in cfg.stages.items():
-        if s.enabled and s.steps > 0:
-            n = sum(sizes[p] for p in s.train)
-            lines.append(f"  {name}: train {'+'.join(s.train)} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
-                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}")
-        else:
-            lines.append(f"  {name}: skipped")
-    return "\n".join(lines)
-
-
 def setup_logging(output_dir, is_main):
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
@@ -75,18 +43,27 @@ def setup_logging(output_dir, is_main):
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def train(cfg):
-    """Run every enabled stage in order and write the run folder; returns the run folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
+def save_atomic(tensors, path):
+    """safetensors written under a temporary name, then renamed: a kill leaves the old file or the new."""
     from safetensors.torch import save_file
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
 
+
+def train(cfg, state="new"):
+    """Run every enabled stage in order (continuing from the last checkpoint when `state` is 'resume')
+    and write the run folder; returns the run folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from diffusers import DDPMScheduler
     from attention_reg import CrossAttentionCapture
+    from attndreambooth.checkpoint import Checkpointer, fault_point
     from attndreambooth.data import LatentSampler, encode_view_pool
     from attndreambooth.models import add_concept_token, bake_concept, encode_prompt, load_pipeline
     from attndreambooth.sampling import validation_grid
-    from attndreambooth.training import Models, Reporter, run_stage
+    from attndreambooth.preflight import mark_finished
+    from attndreambooth.training import Models, Reporter, restore_weights, run_stage, trained_weights
 
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -98,6 +75,9 @@ def train(cfg):
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched {world} processes but accelerate set up {accelerator.num_processes}; "
                            "each would train alone: check the launcher (accelerate launch / torchrun)")
+    if cfg.runtime.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ConfigError("config key 'runtime.mixed_precision': fp16 needs a gradient scaler, which accelerate "
+                          "gives on CUDA only (fp32 weights with unscaled fp16 gradients underflow); use bf16")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -153,56 +133,98 @@ def train(cfg):
             capture.clear()
         accelerator.wait_for_everyone()
 
+    checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints)
+    names = [n for n, s in cfg.stages.items() if s.enabled and s.steps > 0]
+    parts_until = {n: {p for m in names[:i + 1] for p in cfg.stages[m].train} for i, n in enumerate(names)}
+    latest = checkpointer.latest() if state == "resume" else None
+    meta = optimizer_state = None
+    if latest is not None:
+        meta, weights, optimizer_state, rng = Checkpointer.load(latest)
+        restore_weights(weights, models)
+        sampler.gen.set_state(rng[f"rng.sampler.{accelerator.process_index}"])
+        sampler.order = list(meta["orders"][accelerator.process_index])
+        torch.set_rng_state(rng["rng.torch"])
+        log.info("resuming from %s: %s step %d", latest, meta["stage"], meta["step"])
+    if accelerator.is_main_process:
+        checkpointer.clean_partial()
+        keep_lines = meta["global_step"] if meta else 0  # metrics after the checkpoint are redone
+        lines = (out / "metrics.jsonl").read_text().splitlines(True) if (out / "metrics.jsonl").exists() else []
+        (out / "metrics.jsonl").write_text("".join(lines[:keep_lines]))
     reporter = Reporter(out, accelerator, cfg, validate)
+    reporter.global_step = meta["global_step"] if meta else 0
+
+    def save_checkpoint(name, step, optimizer, done=False):
+        samplers = gather_object([(sampler.gen.get_state(), list(sampler.order))])  # every rank's data stream
+        if accelerator.is_main_process:
+            checkpointer.save(dict(stage=name, step=step, done=done, global_step=reporter.global_step),
+                              trained_weights(parts_until[name], models), optimizer, samplers)
+        accelerator.wait_for_everyone()
+
     with capture or contextlib.nullcontext():
         if cfg.runtime.compile and device.type == "cpu":
             log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
         elif cfg.runtime.compile:
             unet.compile()  # in place: the module, its processors and state-dict keys stay the same
-        for name, stage in cfg.stages.items():
-            if not stage.enabled or stage.steps == 0:
-                log.info("%s: skipped", name)
+        for name in names:
+            stage = cfg.stages[name]
+            if meta and (names.index(name) < names.index(meta["stage"]) or (name == meta["stage"] and meta["done"])):
+                log.info("%s: already done", name)
                 continue
-            seconds, peak = run_stage(name, stage, models, sampler, accelerator, cfg, reporter)
+            resuming = meta is not None and name == meta["stage"]
+            seconds, peak = run_stage(name, stage, models, sampler, accelerator, cfg, reporter,
+                                      start_step=meta["step"] if resuming else 0,
+                                      optimizer_state=optimizer_state if resuming else None,
+                                      checkpoint=save_checkpoint)
             log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
                      "GPU" if device.type == "cuda" else "process", peak)
             if accelerator.is_main_process and "cross_attention" in stage.train:
-                attn2 = {n: p.detach().cpu().contiguous() for n, p in unet.state_dict().items() if ".attn2." in n}
-                save_file(attn2, out / f"attn2_{name}.safetensors")
+                save_atomic({n: p for n, p in unet.state_dict().items() if ".attn2." in n},
+                            out / f"attn2_{name}.safetensors")
             if accelerator.is_main_process and "embedding" in stage.train:
-                save_file({cfg.data.placeholder: concept.row.detach().cpu().clone()}, out / "learned_embeds.safetensors")
+                save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")
+            save_checkpoint(name, stage.steps, None, done=True)
+            fault_point(f"{name}:end")
     reporter.close()
 
     if accelerator.is_main_process:
-        row = concept.row.detach().cpu().clone()
-        save_file({cfg.data.placeholder: row}, out / "learned_embeds.safetensors")  # diffusers' format
-        save_file({"emb_params": row[None]}, out / "embedding_a1111.safetensors")  # AUTOMATIC1111 / ComfyUI
+        save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
+        save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
         pipe.text_encoder = bake_concept(text_encoder)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.pipeline_dtype]
-        pipe.to("cpu", dtype).save_pretrained(out / "pipeline", safe_serialization=True)
+        shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
+        pipe.to("cpu", dtype).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
+        shutil.rmtree(out / "pipeline", ignore_errors=True)
+        os.replace(out / ".tmp-pipeline", out / "pipeline")
         log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
+        if not cfg.runtime.keep_resume_state:
+            shutil.rmtree(checkpointer.dir, ignore_errors=True)
+        mark_finished(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
 def main(argv=None):
+    from attndreambooth.preflight import plan_text, preflight
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
-        list_images(cfg.data)  # fail on bad data before any weights load
-        model_source(cfg.model)
-        out = Path(cfg.output_dir)
-        if not args.dry_run and out.is_dir() and any(out.iterdir()):
-            raise ConfigError(f"output_dir {out} already holds files; choose a new output_dir "
-                              "(an earlier run is never overwritten)")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if args.dry_run:
+            list_images(cfg.data)
+            print(to_yaml(cfg))
+            print(plan_text(cfg))
+            return None
+        state = preflight(cfg)  # data, tokens, run folder, disk: before any weights load
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
-    if args.dry_run:
-        print(to_yaml(cfg))
-        print(count_plan(cfg))
-        return None
-    return train(cfg)
+    if state == "finished":
+        log.info("%s is a finished run: nothing to do (resume=false starts it over)", cfg.output_dir)
+        return Path(cfg.output_dir)
+    try:
+        return train(cfg, state)
+    except (NonFiniteLoss, ConfigError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

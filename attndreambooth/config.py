@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
+from PIL import ImageColor
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -52,6 +53,8 @@ class DataConfig:
     resolution: int = 512  # training image size in pixels
     views_per_image: int = 64  # augmented views per image encoded once by the VAE and sampled per step
     skip_invalid_files: bool = False  # skip non-image files with a warning instead of failing
+    min_image_size: int = 128  # refuse images whose shorter side is below this (pixels)
+    alpha_background: str = "white"  # colour transparent images are composited on (a PIL colour name or #rrggbb)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -105,6 +108,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the U-Net (GPU; the first steps pay the compilation)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
+    checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only
+    keep_checkpoints: int = 2  # resume checkpoints kept (oldest deleted first)
+    keep_resume_state: bool = False  # keep output_dir/resume/ after the run finishes (to extend it later)
     tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
     pipeline_dtype: str = "fp32"  # dtype of the saved pipeline/: fp32, or fp16/bf16 to halve the disk
 
@@ -112,6 +118,7 @@ class RuntimeConfig:
 @dataclass
 class Config:
     output_dir: str = MISSING  # run folder: config, logs, learned embedding, weights, pipeline/
+    resume: bool = True  # rerunning into the same output_dir continues it; false moves the old run aside
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reg: RegConfig = field(default_factory=RegConfig)
@@ -196,6 +203,13 @@ def validate(cfg: Config):
     v = cfg.validation
     need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",
          "every_steps must be >= 0, num_images and steps >= 1")
+    need(cfg.runtime.checkpoint_every_steps >= 0, "runtime.checkpoint_every_steps", "must be >= 0")
+    need(cfg.runtime.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be >= 1")
+    need(d.min_image_size >= 1, "data.min_image_size", "must be >= 1")
+    try:
+        ImageColor.getrgb(d.alpha_background)
+    except ValueError:
+        need(False, "data.alpha_background", f"{d.alpha_background!r} is not a colour (e.g. white or #808080)")
     need(cfg.runtime.log_every_steps >= 1, "runtime.log_every_steps", "must be >= 1")
     need(any(s.enabled and s.steps > 0 for s in cfg.stages.values()), "stages", "no stage is enabled with steps > 0")
     for name, s in cfg.stages.items():

@@ -4,6 +4,7 @@ Images and the prompt are fixed, so each augmented view is encoded once (posteri
 and std kept) and every step samples fresh latents from the pool: the VAE does not run
 in the training loop.
 """
+import hashlib
 import itertools
 import logging
 import random
@@ -17,10 +18,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def list_images(data_cfg):
-    """The instance images, checked to open; non-image files fail (or are skipped if the config says so)."""
+def list_images(data_cfg, report=None):
+    """The instance images, each fully decoded once to check it. Non-image files, unreadable,
+    truncated or tiny images fail with the file named (or are skipped if the config says so);
+    conversions, small and duplicate images are reported through `report` (default: the log)."""
+    report = report or log.warning
     folder = Path(data_cfg.instance_dir)
-    images = []
+    images, seen = [], {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):  # .DS_Store, editor swap files
             continue
@@ -28,17 +32,17 @@ def list_images(data_cfg):
         if path.is_dir():
             problem = "is a folder"
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            problem = f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})"
+            problem = f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); HEIC/TIFF photos: convert to JPEG"
         else:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                problem = f"cannot be read as an image ({e})"
+            problem = _check_image(path, data_cfg, report)
         if problem is None:
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            if digest in seen:
+                report(f"{path} is a duplicate of {seen[digest]}: it will weigh twice in training")
+            seen.setdefault(digest, path)
             images.append(path)
         elif data_cfg.skip_invalid_files:
-            log.warning("skipping %s: it %s", path, problem)
+            report(f"skipping {path}: it {problem}")
         else:
             raise ValueError(f"data.instance_dir: {path} {problem}; remove it, or set "
                              "data.skip_invalid_files=true to skip such files")
@@ -47,10 +51,46 @@ def list_images(data_cfg):
     return images
 
 
-def load_rgb(path):
-    """Open an image with its EXIF orientation applied, as RGB."""
+def _check_image(path, data_cfg, report):
+    """None if the image is usable, else what is wrong with it."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+            im.load()  # a full decode: truncated files fail here, not in the middle of a run
+    except Image.DecompressionBombError as e:
+        return f"is too large to decode safely ({e}); downscale it (a few megapixels are plenty)"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"cannot be read as an image ({e})"
+    if min(size) < data_cfg.min_image_size:
+        return (f"is {size[0]}x{size[1]} px, under data.min_image_size={data_cfg.min_image_size}; "
+                "use a larger photo")
+    if min(size) < data_cfg.resolution:
+        report(f"{path} is {size[0]}x{size[1]} px, smaller than data.resolution={data_cfg.resolution}: "
+               "it will be upscaled (blurry training images)")
+    if mode not in ("RGB",):
+        how = "alpha composited on " + data_cfg.alpha_background if mode in ("RGBA", "LA", "PA", "P") else "converted"
+        report(f"{path} is in mode {mode}: {how} to RGB")
+    return None
+
+
+def load_rgb(path, background="white", max_side=None):
+    """Open an image with its EXIF orientation applied, as 8-bit RGB: grayscale, CMYK, palette and
+    16-bit images converted, transparency composited on `background`; large JPEGs decoded at
+    reduced size when `max_side` allows."""
     with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        if max_side:
+            im.draft("RGB", (max_side, max_side))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale, don't clip at 255
+            a = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((a / max(a.max(), 1) * 255).round().astype(np.uint8), "L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            flat = Image.new("RGB", im.size, background)
+            flat.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+            return flat
+        return im.convert("RGB")
 
 
 def augment(image, resolution, aug, rng: random.Random):
@@ -81,7 +121,7 @@ def encode_view_pool(vae, paths, data_cfg, seed, device):
     Returns (mean, std), each (images * views, 4, h, w), ordered image-major: view v of
     image i sits at i * views + v."""
     rng = random.Random(seed)
-    images = [load_rgb(p) for p in paths]
+    images = [load_rgb(p, data_cfg.alpha_background, 2 * data_cfg.resolution) for p in paths]
     views = (to_tensor(augment(image, data_cfg.resolution, data_cfg.augment, rng))
              for image in images for _ in range(data_cfg.views_per_image))
     return encode_pixels(vae, views, device)

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attention_reg import attention_reg_terms
+from attndreambooth.checkpoint import fault_point, inject_nan
 from attndreambooth.models import trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,35 @@ def make_optimizer(params, stage, runtime, device):
     return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=fused or None)
 
 
-def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
-    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps)."""
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops, its last checkpoint stays."""
+
+
+def trained_weights(parts, models):
+    """What training has changed so far, by name: the [V] row and the trained U-Net parameters."""
+    weights = {"concept.row": models.text_encoder.get_input_embeddings().row}
+    unet = models.unet.named_parameters()
+    if "unet" in parts:
+        weights.update({f"unet.{n}": p for n, p in unet})
+    elif "cross_attention" in parts:
+        weights.update({f"unet.{n}": p for n, p in unet if ".attn2." in n})
+    return weights
+
+
+@torch.no_grad()
+def restore_weights(weights, models):
+    """Copy checkpointed tensors back into the models (names as in `trained_weights`)."""
+    params = {f"unet.{n}": p for n, p in models.unet.named_parameters()}
+    params["concept.row"] = models.text_encoder.get_input_embeddings().row
+    for name, value in weights.items():
+        params[name].copy_(value)
+
+
+def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_step=0, optimizer_state=None,
+              checkpoint=None):
+    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps),
+    from `start_step` with `optimizer_state` when resuming; `checkpoint(name, step, optimizer)` is
+    called every `runtime.checkpoint_every_steps` steps."""
     params = set_trainable(stage, models)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
     if rest:
@@ -117,12 +145,16 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
                                    cfg.reg.reduction)
     optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
     device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(range(stage.steps), desc=f"{name} ({'+'.join(stage.train)})", disable=not accelerator.is_main_process)
+    bar = tqdm(range(start_step, stage.steps), desc=f"{name} ({'+'.join(stage.train)})", initial=start_step,
+               total=stage.steps, disable=not accelerator.is_main_process)
+    every = cfg.runtime.checkpoint_every_steps
     start = time.perf_counter()
     for step in bar:
         models.unet.train()
@@ -134,6 +166,13 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
                                                  cond=None if run_text else models.cond)
         reg = batch_sum * (stage.reg_mean_weight * mean_term + stage.reg_var_weight * var_term)
         loss = mse + reg
+        if inject_nan(f"{name}:{step + 1}"):
+            loss = loss * float("nan")
+        if not accelerator.gather(torch.isfinite(loss.detach()).view(1)).all():  # every rank stops together
+            raise NonFiniteLoss(
+                f"{name} step {step + 1}: the loss is not finite (mse {mse.item():.4g}, reg {reg.item():.4g}). "
+                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, "
+                f"e.g. with a lower learning rate (stages.{name}.lr={stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
         accelerator.backward(loss)
         if cfg.runtime.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
@@ -144,6 +183,9 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter):
                       seconds=round(time.perf_counter() - start, 5))
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
         reporter.step(record, stage.steps)
+        if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
+            checkpoint(name, step + 1, optimizer)
+        fault_point(f"{name}:{step + 1}")
     if models.capture is not None:
         models.capture.clear()
     accelerator.free_memory()  # drop the stage's wrappers and optimizer state

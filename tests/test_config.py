@@ -104,7 +104,7 @@ def test_empty_folder_bad_model_and_existing_run_refused(tmp_path, capsys):
     assert "model_index.json" in run_main(base + [f"model.pretrained={tmp_path}"], capsys)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "mine.txt").write_text("keep me")
-    assert "already holds files" in run_main(base, capsys)
+    assert "holds files that are not a run of this trainer" in run_main(base, capsys)
     assert (tmp_path / "run" / "mine.txt").read_text() == "keep me"
 
 

@@ -159,3 +159,17 @@ def test_fp16_pipeline_save(tmp_path):
                                                     "stages.stage3.enabled": "false"}))
     unet = load_file(next((tmp_path / "r" / "pipeline" / "unet").glob("*.safetensors")))
     assert all(t.dtype == torch.float16 for t in unet.values())
+
+
+def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_path):
+    row = load_file(runs[1] / "learned_embeds.safetensors")["<v>"]
+    torch.save({"<v>": row}, tmp_path / "learned_embeds.bin")
+    pipe = infer.load_pipe(base=tiny_dir, embeds=tmp_path / "learned_embeds.bin", category="toy")[0]
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], row, rtol=0, atol=0)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    torch.save({"<v>": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+        infer.load_pipe(base=tiny_dir, embeds=tmp_path / "evil.bin", category="toy")

@@ -131,13 +131,30 @@ def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
     assert mse.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_two_processes_share_the_placeholder_gradient(tmp_path):
-    """torchrun, 2 CPU processes (gloo), stage 1: different data per rank, identical [V] row on both."""
+def torchrun(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_stage1.py"), str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
-    r0, r1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
-    assert not torch.equal(r0["first_latents"], r1["first_latents"])  # the ranks saw different batches
-    assert not torch.equal(r0["row"], r0["init"])  # and trained
-    torch.testing.assert_close(r0["row"], r1["row"], rtol=0, atol=0)
+           str(ROOT / "tests" / "ddp_ranks.py"), *map(str, args)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
+
+
+def test_two_processes_end_every_stage_with_identical_weights(tmp_path):
+    """torchrun, 2 CPU processes (gloo): different data per rank, the same weights on both after each
+    stage (the [V] row's gradient is all-reduced too), and only rank 0 writes the run folder."""
+    done = torchrun(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("stage1", "stage2", "stage3"):
+        r0, r1 = (load_file(tmp_path / f"rank{r}_{stage}.safetensors") for r in (0, 1))
+        assert not torch.equal(r0["first_latents"], r1["first_latents"])  # the ranks saw different batches
+        torch.testing.assert_close(r0["row"], r1["row"], rtol=0, atol=0)
+        torch.testing.assert_close(r0["unet"], r1["unet"], rtol=0, atol=0)
+    first = load_file(tmp_path / "rank0_stage1.safetensors")
+    assert not torch.equal(first["row"], first["init"])  # and trained
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 9  # one writer, 9 steps
+
+
+def test_a_fault_on_one_rank_stops_both_with_the_message(tmp_path):
+    failed = torchrun(tmp_path, "nan")
+    assert failed.returncode != 0
+    assert failed.stderr.count("stage1 step 2: the loss is not finite") + failed.stdout.count(
+        "stage1 step 2: the loss is not finite") >= 2  # both ranks stop, neither hangs

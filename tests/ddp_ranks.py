@@ -1,8 +1,10 @@
-"""Helper for test_train.py, run under torchrun: stage 1 on the tiny model, each rank saves its [V] row."""
+"""Helper for test_train.py, run under torchrun: the tiny run, each rank saving what it trained after
+every stage; with a second argument "nan", rank 1 alone meets a NaN loss in stage 1."""
 import os
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -12,6 +14,8 @@ import train_attndreambooth as T  # noqa: E402
 from conftest import ROOT, tiny_overrides  # noqa: E402
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+if sys.argv[2:] == ["nan"] and rank == 1:
+    os.environ["ATTNDB_NAN_AT"] = "stage1:2"
 seen, original_sample, original_run_stage = {}, D.LatentSampler.sample, TR.run_stage
 
 
@@ -25,10 +29,10 @@ def run_stage(name, stage, models, *args, **kwargs):
     init = models.text_encoder.get_input_embeddings().row.detach().clone()
     result = original_run_stage(name, stage, models, *args, **kwargs)
     row = models.text_encoder.get_input_embeddings().row.detach().clone()
-    save_file({"row": row, "init": init, **seen}, out / f"rank{rank}.safetensors")
+    unet = torch.cat([p.detach().flatten() for p in models.unet.parameters()])
+    save_file({"row": row, "init": init, "unet": unet, **seen}, out / f"rank{rank}_{name}.safetensors")
     return result
 
 
 D.LatentSampler.sample, TR.run_stage = sample, run_stage
-T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(
-    out / "run", **{"stages.stage1.steps": 4, "stages.stage2.enabled": "false", "stages.stage3.enabled": "false"}))
+T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(out / "run", **{"runtime.tensorboard": "false"}))

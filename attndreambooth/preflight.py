@@ -1,0 +1,156 @@
+"""Everything checked before any weights load: data, tokens, the run folder, the disk, the plan."""
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from attndreambooth.config import ConfigError, to_yaml
+from attndreambooth.data import list_images
+from attndreambooth.models import model_source
+
+log = logging.getLogger(__name__)
+# Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
+# way out of a numerical fault (a lower lr, clipping); everything else must match the run's config.yaml.
+RESUMABLE_CHANGES = ("resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
+                     "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
+                     "runtime.max_grad_norm", "runtime.pipeline_dtype")
+
+
+def parameter_sizes(cfg):
+    """Parameter counts (embedding row, attn2, U-Net, whole pipeline) from the model's config on the meta
+    device: the model's own configs for a folder, the SD 2.1-base layout for a hub id or single file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from attndreambooth import models as M
+    kind, where = model_source(cfg.model)
+    with torch.device("meta"):
+        if kind == "folder":
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
+            text = CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder="text_encoder"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
+            source = where
+        else:  # no download for a plan
+            (unet, text), vae = M.sd21_layout(), AutoencoderKL(**M.SD21_VAE)
+            source = "the built-in SD 2.1-base layout"
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return source, dict(embedding=text.config.hidden_size, unet=count(unet),
+                        cross_attention=sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n),
+                        pipeline=count(unet) + count(text) + count(vae))
+
+
+def plan_text(cfg):
+    """The stages with their trainable parameter counts, for --dry-run."""
+    source, sizes = parameter_sizes(cfg)
+    lines = [f"plan (parameter counts from {source}):"]
+    for name, s in cfg.stages.items():
+        if s.enabled and s.steps > 0:
+            n = sum(sizes[p] for p in s.train)
+            lines.append(f"  {name}: train {'+'.join(s.train)} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
+                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}")
+        else:
+            lines.append(f"  {name}: skipped")
+    return "\n".join(lines)
+
+
+def check_tokens(cfg):
+    """Placeholder, category and prompt against the model's tokenizer (a few KB, loaded alone)."""
+    from transformers import CLIPTokenizer
+    kind, where = model_source(cfg.model)
+    if kind == "single_file" and not cfg.model.single_file_config:
+        return  # the tokenizer comes with the checkpoint's pipeline; checked when it loads
+    tokenizer = CLIPTokenizer.from_pretrained(cfg.model.single_file_config or where, subfolder="tokenizer",
+                                              revision=cfg.model.revision)
+    d = cfg.data
+    if d.placeholder in tokenizer.get_vocab() or len(tokenizer(d.placeholder, add_special_tokens=False).input_ids) == 1:
+        raise ConfigError(f"config key 'data.placeholder': {d.placeholder!r} is already a word of the tokenizer's "
+                          "vocabulary; choose a new one, e.g. <v> or <my-dog>")
+    cat = tokenizer.tokenize(d.category)
+    if len(cat) > 1:
+        log.warning("data.category %r is %d tokens %s: [V] starts from the first, %r, and the regulariser compares "
+                    "[V] with it (as the released code)", d.category, len(cat), cat, cat[0])
+    prompt = d.prompt_template.format(placeholder=d.placeholder, category=d.category)
+    n = len(tokenizer(prompt).input_ids) + len(tokenizer.tokenize(d.placeholder)) - 1  # [V] becomes one token
+    if n > tokenizer.model_max_length:
+        raise ConfigError(f"config key 'data.prompt_template': the training prompt {prompt!r} is {n} tokens, over "
+                          f"the text encoder's {tokenizer.model_max_length}; shorten it")
+
+
+def check_run_folder(cfg):
+    """'new', 'resume' or 'finished' for cfg.output_dir; refuses a folder that is not this run's."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config key 'output_dir': {out} is a file; give a folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"config key 'output_dir': cannot write in {parent}; choose a folder you can write to")
+    if not out.is_dir() or not any(out.iterdir()):
+        return "new"
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
+                          "output_dir (nothing in it is touched)")
+    if not cfg.resume:
+        aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        log.warning("resume=false: the earlier run in %s was moved to %s", out, aside)
+        return "new"
+    changed = config_changes(yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(to_yaml(cfg)))
+    refused = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES) and not c[0].endswith(".lr")]
+    if refused:
+        lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
+        raise ConfigError(f"output_dir {out} holds a run with another config:\n{lines}\n"
+                          "Use a new output_dir, or resume=false to move the earlier run aside and start over.")
+    for key, old, new in changed:
+        log.warning("resuming with %s changed: %r -> %r", key, old, new)
+    return "finished" if (out / "finished.json").is_file() else "resume"
+
+
+def config_changes(old, new, prefix=""):
+    """(dotted key, old, new) for every leaf that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append((name, a, b))
+    return changes
+
+
+def check_disk(cfg):
+    """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
+    _, sizes = parameter_sizes(cfg)
+    parts = {p for s in cfg.stages.values() if s.enabled and s.steps > 0 for p in s.train}
+    trained = sizes["unet"] if "unet" in parts else sizes["cross_attention"] if "cross_attention" in parts else 0
+    largest_stage = max((sum(sizes[p] for p in s.train) for s in cfg.stages.values() if s.enabled), default=0)
+    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.runtime.pipeline_dtype]
+    checkpoint = 4 * (trained + sizes["embedding"]) + 8 * largest_stage  # weights + AdamW moments, fp32
+    need = sizes["pipeline"] * bytes_per + 4 * sizes["cross_attention"] + (cfg.runtime.keep_checkpoints + 1) * checkpoint
+    parent = next(p for p in [Path(cfg.output_dir), *Path(cfg.output_dir).parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise ConfigError(f"output_dir: the run needs about {need / 1e9:.1f} GB ({cfg.runtime.keep_checkpoints} "
+                          f"resume checkpoints of {checkpoint / 1e9:.1f} GB and the final pipeline) but "
+                          f"{parent} has {free / 1e9:.1f} GB free; free space, use another disk, or lower "
+                          "runtime.keep_checkpoints")
+    return need
+
+
+def preflight(cfg):
+    """All checks that need no weights; returns the state of the run folder ('new', 'resume', 'finished')."""
+    list_images(cfg.data)
+    model_source(cfg.model)
+    check_tokens(cfg)
+    state = check_run_folder(cfg)
+    if state != "finished":
+        check_disk(cfg)
+    return state
+
+
+def mark_finished(out):
+    (Path(out) / "finished.json").write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -1,0 +1,110 @@
+"""Bad input is named, with what to do, before any weights load; the user's files stay as they were."""
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_attndreambooth as T
+from attndreambooth import models
+from attndreambooth.config import load_config
+from attndreambooth.data import list_images, load_rgb
+from conftest import ROOT, SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the input error")
+    monkeypatch.setattr(models, "load_pipeline", refuse)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(SAMPLE, folder)
+    return folder
+
+
+def snapshot(folder):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def fail(data, tmp_path, *overrides):
+    """Run the trainer; return its error message, checking nothing was touched or created."""
+    before = snapshot(data)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}",
+                f"output_dir={tmp_path}/run", *overrides])
+    assert snapshot(data) == before and not (tmp_path / "run").exists()
+    return str(e.value.code)
+
+
+def test_heic_and_truncated_files_are_named(data, tmp_path):
+    (data / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    msg = fail(data, tmp_path)
+    assert "IMG_0001.HEIC is not an image" in msg and "convert to JPEG" in msg
+    (data / "IMG_0001.HEIC").unlink()
+    jpeg = (data / "toy_0.jpg").read_bytes()
+    (data / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    assert "cut.jpg cannot be read as an image" in fail(data, tmp_path)
+
+
+def test_tiny_and_huge_images_refused(data, tmp_path, monkeypatch):
+    Image.new("RGB", (40, 30)).save(data / "thumb.png")
+    assert "thumb.png is 40x30 px, under data.min_image_size=128" in fail(data, tmp_path)
+    (data / "thumb.png").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 128x128 = 16384 px is now a decompression bomb
+    assert "too large to decode safely" in fail(data, tmp_path)
+
+
+def test_modes_are_converted_and_reported(data, tmp_path):
+    rgba = Image.new("RGBA", (130, 130), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 65, 130))
+    rgba.save(data / "alpha.png")
+    Image.new("CMYK", (130, 130), (0, 255, 255, 0)).save(data / "print.jpg")
+    Image.new("L", (130, 130), 128).save(data / "gray.png")
+    Image.new("P", (130, 130), 3).save(data / "palette.png")
+    Image.fromarray(np.full((130, 130), 65535 // 2, dtype=np.uint16)).save(data / "deep.png")
+    Image.new("RGB", (300, 200)).save(data / "small.jpg")  # under the 512 px a real run trains at
+    shutil.copy(data / "toy_1.jpg", data / "toy_1 copy.jpg")
+    notes = []
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={data}", "data.resolution=512"])
+    paths = list_images(cfg.data, notes.append)
+    assert len(paths) == 12
+    text = "\n".join(notes)
+    for name, what in [("alpha.png", "mode RGBA: alpha composited on white"), ("print.jpg", "mode CMYK: converted"),
+                       ("gray.png", "mode L: converted"), ("palette.png", "mode P"), ("deep.png", "mode I;16"),
+                       ("small.jpg", "smaller than data.resolution=512"), ("toy_1 copy.jpg", "duplicate of")]:
+        assert any(name in n and what in n for n in notes), (name, text)
+    flat = np.asarray(load_rgb(data / "alpha.png"))
+    assert flat[0, 0].tolist() == [0, 0, 255] and flat[0, -1].tolist() == [255, 255, 255]  # on white
+    assert np.asarray(load_rgb(data / "alpha.png", "#000000"))[0, -1].tolist() == [0, 0, 0]
+    assert np.asarray(load_rgb(data / "deep.png"))[0, 0].tolist() == [255, 255, 255]  # 16-bit scaled, not clipped
+    assert np.asarray(load_rgb(data / "gray.png"))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_tokens_checked_with_the_tokenizer_alone(data, tmp_path, caplog):
+    assert "'data.placeholder': 'toy' is already a word" in fail(data, tmp_path, "data.placeholder=toy")
+    long = "a photo of " + "a very " * 40 + "{placeholder} {category}"
+    assert "tokens, over the text encoder's 77; shorten it" in fail(data, tmp_path, f"data.prompt_template='{long}'")
+    from attndreambooth.preflight import check_tokens
+    with caplog.at_level("WARNING"):
+        check_tokens(load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={data}", "data.category=stuffed animal"]))
+    assert "'stuffed animal' is 2 tokens" in caplog.text and "starts from the first, 'stuffed</w>'" in caplog.text
+
+
+def test_output_folder_problems(data, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path}/afile"])
+    assert "is a file" in str(e.value.code)
+    import attndreambooth.preflight as P
+    monkeypatch.setattr(P.os, "access", lambda *a: False)
+    assert "cannot write in" in fail(data, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    msg = fail(data, tmp_path)
+    assert "the run needs about" in msg and "0.0 GB free" in msg and "runtime.keep_checkpoints" in msg
