@@ -109,7 +109,8 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
         folder = out_dir / f"{k:02d}_{slug(template.replace('{}', 'V'))}"
         folder.mkdir(parents=True, exist_ok=True)
         images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
-        record = dict(prompt=prompt, template=template, seed=seed, num_images=num_images, **settings)
+        record = dict(prompt=prompt, template=template, placeholder=concept.split(" ")[0], seed=seed,
+                      num_images=num_images, **settings)
         for i, image in enumerate(images):
             info = PngInfo()
             info.add_text("parameters", json.dumps(dict(record, seed=seed + i, index=i)))

@@ -93,7 +93,8 @@ def train(cfg, state="new"):
     pipe = load_pipeline(cfg.model)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category)
+    token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category,
+                                               cfg.data.init_token)
     prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
     input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
     log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)

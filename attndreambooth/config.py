@@ -49,6 +49,7 @@ class DataConfig:
     instance_dir: str = MISSING  # folder with the concept's photos (jpg, jpeg, png, webp)
     category: str = MISSING  # class word, e.g. "dog"; initialises [V] and is the regulariser's reference
     placeholder: str = "<v>"  # the new token [V]; must not already be in the vocabulary
+    init_token: Optional[str] = None  # word [V] starts from; None = the category (e.g. "sks" for the DreamBooth baseline)
     prompt_template: str = "a photo of a {placeholder} {category}"  # training prompt (METHOD: one prompt for all images)
     resolution: int = 512  # training image size in pixels
     views_per_image: int = 64  # augmented views per image encoded once by the VAE and sampled per step
@@ -136,16 +137,27 @@ def _parse_value(text):
         return text
 
 
+def _config_chain(path, seen=()):
+    """The YAML layers of a config file, its `base:` (a path relative to it) first."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: its `base:` chain loops")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return [layer]
+    return _config_chain(path.parent / base, (*seen, path.resolve())) + [layer]
+
+
 def load_config(config_file=None, overrides=(), check=True):
     """Merge defaults, a YAML file and `key=value` overrides; validate (unless `check` is False,
     e.g. to read a finished run's config elsewhere); return a typed config."""
     cfg = OmegaConf.structured(Config)
     try:
         if config_file is not None:
-            path = Path(config_file)
-            if not path.is_file():
-                raise ConfigError(f"config file {config_file} does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            for layer in _config_chain(Path(config_file)):
+                cfg = OmegaConf.merge(cfg, layer)
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key:

@@ -94,19 +94,26 @@ def build_tiny_pipeline(folder, seed=0):
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def tiny_model_dir():
-    """Folder of the tiny model, built once per machine (atomic rename, so concurrent builds are safe)."""
+def cached_build(name, build):
+    """A folder in the cache (ATTNDB_CACHE or ~/.cache/attndreambooth), made once by `build(folder)`;
+    built under a temporary name and renamed, so concurrent builds are safe."""
     cache = Path(os.environ.get("ATTNDB_CACHE", Path.home() / ".cache" / "attndreambooth"))
-    folder = cache / f"tiny-v{TINY_VERSION}"
-    if not (folder / "model_index.json").is_file():
+    folder = cache / name
+    if not (folder / ".complete").is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny-"))
-        build_tiny_pipeline(tmp)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+        build(tmp)
+        (tmp / ".complete").touch()
         try:
             tmp.rename(folder)
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def tiny_model_dir():
+    """Folder of the tiny model, built once per machine."""
+    return cached_build(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
 
 
 def model_source(model_cfg):
@@ -175,9 +182,10 @@ def merged_embedding_matrix(concept: ConceptEmbedding):
     return w
 
 
-def add_concept_token(tokenizer, text_encoder, placeholder, category):
+def add_concept_token(tokenizer, text_encoder, placeholder, category, init_token=None):
     """Add [V] to the tokenizer and wrap the text encoder's token embedding; [V] starts as the category's
-    first sub-token (the released code's choice). Returns (token id, category sub-token ids)."""
+    first sub-token (the released code's choice), or as `init_token`'s. Returns (token id, category
+    sub-token ids)."""
     existing = placeholder in tokenizer.get_vocab() or len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
     if existing or tokenizer.add_tokens(placeholder) != 1:
         raise ValueError(f"data.placeholder {placeholder!r} already exists in the tokenizer's vocabulary; "
@@ -188,9 +196,10 @@ def add_concept_token(tokenizer, text_encoder, placeholder, category):
         log.info("category %r is %d tokens %s; [V] is initialised from the first, %r, and the regulariser uses it",
                  category, len(category_ids), tokenizer.convert_ids_to_tokens(category_ids),
                  tokenizer.convert_ids_to_tokens(category_ids[0]))
+    init_id = category_ids[0] if init_token is None else tokenizer(init_token, add_special_tokens=False).input_ids[0]
     base = text_encoder.get_input_embeddings()
     base.requires_grad_(False)
-    text_encoder.set_input_embeddings(ConceptEmbedding(base, token_id, base.weight[category_ids[0]]))
+    text_encoder.set_input_embeddings(ConceptEmbedding(base, token_id, base.weight[init_id]))
     return token_id, category_ids
 
 

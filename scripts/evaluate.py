@@ -1,0 +1,174 @@
+"""CLIP-I, CLIP-T and DINO of generated images (the Textual Inversion / DreamBooth protocol).
+
+    python scripts/evaluate.py --samples runs/my_dog/samples --real path/to/my_dog --out runs/my_dog/eval
+
+`--samples` is a folder with one folder per prompt, as infer.py writes them (images + prompt.json).
+- CLIP-I: mean cosine similarity of CLIP image embeddings, each generated image against each real one;
+- CLIP-T: cosine similarity of the image and its prompt with the placeholder removed ("a <v> dog" -> "a dog");
+- DINO: as CLIP-I with the [CLS] embedding of DINO ViT-S/16.
+Per prompt the mean over its images; overall the mean over prompts. Models by hub id or local
+folder (`--clip openai/clip-vit-large-patch14` for ViT-L/14); "tiny" builds random tiny ones (tests).
+Writes metrics.json, metrics.md and scatter.png (identity vs text alignment).
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attndreambooth.data import IMAGE_SUFFIXES, load_rgb  # noqa: E402
+from attndreambooth.models import cached_build  # noqa: E402
+
+CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
+
+
+def build_tiny_evaluators(folder):
+    """Random tiny CLIP and DINO (ViT) saved as model folders: for tests and CPU demos, not for numbers."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    from attndreambooth.models import write_tiny_tokenizer
+    folder = Path(folder)
+    torch.manual_seed(0)
+    write_tiny_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tok")
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=2),
+                                vision_config=vision, projection_dim=16))
+    clip.save_pretrained(folder / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=tokenizer).save_pretrained(folder / "clip")
+    ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(folder / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
+    return folder / "clip", folder / "dino"
+
+
+class Encoders:
+    """Unit-norm CLIP image/text and DINO [CLS] embeddings."""
+
+    def __init__(self, clip=CLIP_DEFAULT, dino=DINO_DEFAULT, device="cpu"):
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+        if "tiny" in (clip, dino):
+            tiny = cached_build("tiny-eval-v1", build_tiny_evaluators)
+            clip = tiny / "clip" if clip == "tiny" else clip
+            dino = tiny / "dino" if dino == "tiny" else dino
+        self.device = device
+        self.clip, self.clip_proc = CLIPModel.from_pretrained(clip).to(device).eval(), CLIPProcessor.from_pretrained(clip)
+        self.dino, self.dino_proc = AutoModel.from_pretrained(dino).to(device).eval(), AutoImageProcessor.from_pretrained(dino)
+
+    @torch.no_grad()
+    def clip_images(self, images):
+        pixels = self.clip_proc(images=images, return_tensors="pt").pixel_values.to(self.device)
+        return F.normalize(_tensor(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
+
+    @torch.no_grad()
+    def clip_texts(self, texts):
+        batch = self.clip_proc(text=texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return F.normalize(_tensor(self.clip.get_text_features(**batch)), dim=-1)
+
+    @torch.no_grad()
+    def dino_images(self, images):
+        pixels = self.dino_proc(images=images, return_tensors="pt").pixel_values.to(self.device)
+        return F.normalize(self.dino(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)  # [CLS]
+
+
+def _tensor(features):
+    """transformers 5 may return an output object where 4.x returned the tensor."""
+    return features if torch.is_tensor(features) else features.pooler_output
+
+
+def read_images(folder):
+    return [load_rgb(p) for p in sorted(Path(folder).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.stem != "grid" and not p.name.startswith(".")]
+
+
+def text_prompt(record, placeholder="<v>"):
+    """The prompt as CLIP-T reads it: without the placeholder ("a <v> dog" -> "a dog")."""
+    token = record.get("placeholder", placeholder)
+    return " ".join(w for w in record["prompt"].split() if w != token)
+
+
+def evaluate(samples, real, encoders, placeholder="<v>"):
+    """Per-prompt and overall CLIP-I, CLIP-T and DINO of a samples folder against real photos."""
+    real_images = read_images(real)
+    if not real_images:
+        raise ValueError(f"--real: {real} holds no images")
+    real_clip, real_dino = encoders.clip_images(real_images), encoders.dino_images(real_images)
+    prompts = []
+    for folder in sorted(p for p in Path(samples).iterdir() if (p / "prompt.json").is_file()):
+        record = json.loads((folder / "prompt.json").read_text())
+        images = read_images(folder)
+        clip, dino = encoders.clip_images(images), encoders.dino_images(images)
+        text = text_prompt(record, placeholder)
+        prompts.append(dict(prompt=record["prompt"], text=text, images=len(images),
+                            clip_i=(clip @ real_clip.T).mean().item(), dino=(dino @ real_dino.T).mean().item(),
+                            clip_t=(clip @ encoders.clip_texts([text]).T).mean().item()))
+    if not prompts:
+        raise ValueError(f"--samples: {samples} holds no prompt folders (with prompt.json), as infer.py writes them")
+    overall = {k: statistics.mean(p[k] for p in prompts) for k in ("clip_i", "clip_t", "dino")}
+    return dict(overall=overall, prompts=prompts, real_images=len(real_images))
+
+
+def markdown(result):
+    lines = ["| prompt (as CLIP-T reads it) | images | CLIP-I | CLIP-T | DINO |", "|---|---|---|---|---|"]
+    for p in result["prompts"]:
+        lines.append(f"| {p['text']} | {p['images']} | {p['clip_i']:.3f} | {p['clip_t']:.3f} | {p['dino']:.3f} |")
+    o = result["overall"]
+    lines.append(f"| **overall (mean over prompts)** | | **{o['clip_i']:.3f}** | **{o['clip_t']:.3f}** | **{o['dino']:.3f}** |")
+    return "\n".join(lines)
+
+
+def scatter(points, path, size=420):
+    """Identity (DINO) against text alignment (CLIP-T), one labelled point per run, as the field plots it."""
+    font, pad = ImageFont.load_default(), 50
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    span = lambda v: (min(v) - 0.05 * (max(v) - min(v) or 1), max(v) + 0.05 * (max(v) - min(v) or 1))  # noqa: E731
+    (x0, x1), (y0, y1) = span(xs), span(ys)
+    px = lambda x: pad + (x - x0) / (x1 - x0) * (size - 2 * pad)  # noqa: E731
+    py = lambda y: size - pad - (y - y0) / (y1 - y0) * (size - 2 * pad)  # noqa: E731
+    draw.rectangle([pad, pad, size - pad, size - pad], outline="black")
+    draw.text((size // 2 - 50, size - pad + 18), "text alignment (CLIP-T)", fill="black", font=font)
+    draw.text((4, 8), "identity (DINO)", fill="black", font=font)
+    for v, pos in ((x0, pad), (x1, size - pad)):
+        draw.text((pos - 12, size - pad + 4), f"{v:.3f}", fill="black", font=font)
+    for v, pos in ((y0, size - pad), (y1, pad)):
+        draw.text((2, pos - 6), f"{v:.3f}", fill="black", font=font)
+    for label, x, y in points:
+        draw.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill="red")
+        draw.text((px(x) + 6, py(y) - 6), label, fill="black", font=font)
+    image.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
+    p.add_argument("--real", required=True, help="the concept's real photos")
+    p.add_argument("--clip", default=CLIP_DEFAULT, help="CLIP model id or folder (ViT-B/32: the TI protocol)")
+    p.add_argument("--dino", default=DINO_DEFAULT, help="DINO model id or folder")
+    p.add_argument("--placeholder", default="<v>", help="used when prompt.json does not name it")
+    p.add_argument("--name", default="run", help="label of this run in the scatter plot")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="output folder (default: SAMPLES/../eval)")
+    args = p.parse_args(argv)
+    out = Path(args.out or Path(args.samples).parent / "eval")
+    result = evaluate(args.samples, args.real, Encoders(args.clip, args.dino, args.device), args.placeholder)
+    result.update(name=args.name, clip_model=str(args.clip), dino_model=str(args.dino))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "metrics.md").write_text(markdown(result) + "\n")
+    scatter([(args.name, result["overall"]["clip_t"], result["overall"]["dino"])], out / "scatter.png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

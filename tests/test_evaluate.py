@@ -1,0 +1,144 @@
+"""Evaluation (CLIP-I / CLIP-T / DINO on tiny random models), baselines and ablations, the sweep."""
+import json
+import re
+import shutil
+import statistics
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import evaluate
+import sweep
+import train_attndreambooth as T
+from conftest import ROOT, SAMPLE, SHARED, tiny_overrides
+
+DREAMBENCH = SHARED / "datasets" / "dreambooth"
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return evaluate.Encoders("tiny", "tiny")
+
+
+def write_samples(folder, prompts):
+    """An infer.py-style samples folder: {prompt: [images]}."""
+    for k, (prompt, images) in enumerate(prompts.items()):
+        sub = folder / f"{k:02d}"
+        sub.mkdir(parents=True)
+        for i, im in enumerate(images):
+            im.save(sub / f"{i:03d}.png")
+        (sub / "prompt.json").write_text(json.dumps({"prompt": prompt, "placeholder": "<v>"}))
+
+
+def test_identical_images_score_one(encoders, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    photo = Image.open(SAMPLE / "toy_2.jpg").convert("RGB")
+    photo.save(real / "a.png")
+    write_samples(tmp_path / "samples", {"a <v> toy": [photo, photo]})
+    result = evaluate.evaluate(tmp_path / "samples", real, encoders)
+    assert result["overall"]["clip_i"] == pytest.approx(1, abs=1e-5)
+    assert result["overall"]["dino"] == pytest.approx(1, abs=1e-5)
+
+
+def test_clip_t_reads_the_prompt_without_placeholder():
+    assert evaluate.text_prompt({"prompt": "a <v> dog on the beach", "placeholder": "<v>"}) == "a dog on the beach"
+    assert evaluate.text_prompt({"prompt": "a sks_dog in snow", "placeholder": "sks_dog"}) == "a in snow"
+    assert evaluate.text_prompt({"prompt": "a <v> dog"}, placeholder="<v>") == "a dog"
+
+
+def test_metrics_against_an_independent_computation(encoders, tmp_path):
+    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE.iterdir())]
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, im in enumerate(photos[:2]):
+        im.save(real / f"{i}.png")
+    prompts = {"a <v> toy on the beach": photos[2:4], "a red <v> toy": [photos[4], photos[0].rotate(90)]}
+    write_samples(tmp_path / "samples", prompts)
+    result = evaluate.evaluate(tmp_path / "samples", real, encoders)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).item()  # noqa: E731
+
+    def raw(encode, im):  # one image at a time, normalised here, not by the evaluator
+        return encode([im])[0]
+    want = {}
+    for prompt, images in prompts.items():
+        text = encoders.clip_texts([prompt.replace("<v> ", "")])[0]
+        want[prompt] = dict(
+            clip_i=statistics.mean(cos(raw(encoders.clip_images, g), raw(encoders.clip_images, r))
+                                   for g in images for r in photos[:2]),
+            dino=statistics.mean(cos(raw(encoders.dino_images, g), raw(encoders.dino_images, r))
+                                 for g in images for r in photos[:2]),
+            clip_t=statistics.mean(cos(raw(encoders.clip_images, g), text) for g in images))
+    for p in result["prompts"]:
+        assert {k: p[k] for k in want[p["prompt"]]} == pytest.approx(want[p["prompt"]], abs=1e-5)
+    for k in ("clip_i", "clip_t", "dino"):
+        assert result["overall"][k] == pytest.approx(statistics.mean(w[k] for w in want.values()), abs=1e-5)
+    out = tmp_path / "eval"
+    evaluate.main(["--samples", str(tmp_path / "samples"), "--real", str(real), "--clip", "tiny", "--dino", "tiny",
+                   "--out", str(out)])
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.md", "scatter.png"}
+    assert "| a toy on the beach | 2 |" in (out / "metrics.md").read_text()
+
+
+EMB = "embeddings.token_embedding.weight"
+# config -> what must change: the [V] row, the cross-attention weights, the rest of the U-Net
+CLAIMS = {"baselines/textual_inversion": (True, False, False), "baselines/dreambooth": (False, True, True),
+          "baselines/ti_db": (True, True, True), "ablations/no_stage1": (False, True, True),
+          "ablations/no_stage2": (True, True, True), "ablations/no_stage3": (True, True, False),
+          "ablations/no_reg": (True, True, True)}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_baselines_and_ablations_train_what_they_claim(name, tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    base = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    T.main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "model.pretrained=tiny", "data.resolution=64",
+            f"data.instance_dir={SAMPLE}", "data.category=toy",
+            *tiny_overrides(tmp_path / "run", **{"stages.stage3.lr": 1e-4, "runtime.tensorboard": "false"})])
+    run = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    te = {n.removeprefix("text_model."): t for n, t in run.text_encoder.state_dict().items()}
+    init_word = "sks" if name == "baselines/dreambooth" else "toy"
+    init = base.text_encoder.get_input_embeddings().weight[base.tokenizer(init_word, add_special_tokens=False).input_ids[0]]
+    row_changed = not torch.equal(te[EMB][-1], init)
+    a, b = base.unet.state_dict(), run.unet.state_dict()
+    attn2_changed = any(not torch.equal(a[k], b[k]) for k in a if ".attn2." in k)
+    rest_changed = any(not torch.equal(a[k], b[k]) for k in a if ".attn2." not in k)
+    assert (row_changed, attn2_changed, rest_changed) == CLAIMS[name]
+
+
+def test_sweep_two_concepts_two_methods_and_resume(tmp_path, capsys):
+    if (DREAMBENCH / "prompts_and_classes.txt").is_file():
+        where = ["--dreambench", str(DREAMBENCH), "--subjects", "dog,backpack"]
+        names = ["backpack", "dog"]
+    else:  # a clone without ../shared: the bundled sample, twice
+        for n in ("toy_a", "toy_b"):
+            shutil.copytree(SAMPLE, tmp_path / n)
+        where = ["--concepts", f"toy_a={tmp_path / 'toy_a'}:toy,toy_b={tmp_path / 'toy_b'}:toy"]
+        names = ["toy_a", "toy_b"]
+    small = [f"--set={k}={v}" for k, v in [("model.pretrained", "tiny"), ("data.resolution", 64),
+                                           ("data.views_per_image", 2), ("runtime.tensorboard", "false")]]
+    small += [f"--set=stages.stage{i}.{k}={v}" for i in (1, 2, 3) for k, v in (("steps", 2), ("batch_size", 2))]
+    args = [*where, "--methods", "attndreambooth,ablations/no_reg", "--num_images", "1", "--infer_args=--steps 2",
+            "--clip", "tiny", "--dino", "tiny", "--out", str(tmp_path / "sweep"), *small]
+    sweep.main(args)
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| ([\w/]+) \|", table, re.M)[1:]  # after the header
+    assert sorted(rows) == sorted((c, m) for c in names for m in ("attndreambooth", "ablations/no_reg"))
+    assert "**mean of 2** | **attndreambooth**" in table and (tmp_path / "sweep" / "scatter.png").is_file()
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("metrics.json")}
+    capsys.readouterr()
+    sweep.main(args)
+    assert capsys.readouterr().out.count("done before: skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("metrics.json")} == stamp
+
+
+@pytest.mark.skipif(not (DREAMBENCH / "prompts_and_classes.txt").is_file(), reason="DreamBench not beside the checkout")
+def test_prompt_files_match_dreambench():
+    text = (DREAMBENCH / "prompts_and_classes.txt").read_text()
+    for name, header in (("dreambench_object", "Object Prompts"), ("dreambench_live", "Live Subject Prompts")):
+        block = text[text.index(header):]
+        want = [p.replace("{0} {1}", "{}") for p in re.findall(r"'(a [^']*)'\.format", block)][:25]
+        got = [l for l in (ROOT / "data" / "prompts" / f"{name}.txt").read_text().splitlines() if not l.startswith("#")]
+        assert got == want
