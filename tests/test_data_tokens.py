@@ -1,6 +1,5 @@
 """The [V] token (init, positions, the real CLIP tokenizer's "!" padding) and the data pipeline."""
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

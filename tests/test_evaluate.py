@@ -7,7 +7,6 @@ import statistics
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import evaluate
 import sweep

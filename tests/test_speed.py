@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_attndreambooth as T
-from attention_reg import CrossAttentionCapture, attention_reg_terms
+from attention_reg import CrossAttentionCapture
 from attndreambooth.config import ConfigError, load_config
 from attndreambooth.data import encode_pixels
 from attndreambooth.models import add_concept_token, encode_prompt
