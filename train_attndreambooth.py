@@ -51,19 +51,86 @@ def save_atomic(tensors, path):
     os.replace(tmp, path)
 
 
+def prepare(cfg, accelerator):
+    """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
+    from diffusers import DDPMScheduler
+
+    from attention_reg import CrossAttentionCapture
+    from attndreambooth.data import LatentSampler, encode_view_pool
+    from attndreambooth.models import add_concept_token, encode_prompt, load_pipeline
+    from attndreambooth.training import Models
+
+    pipe = load_pipeline(cfg.model)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category,
+                                               cfg.data.init_token)
+    prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
+    input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
+    log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
+
+    device = accelerator.device
+    vae.to(device).requires_grad_(False)
+    text_encoder.to(device)
+    unet.to(device)
+    if cfg.runtime.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.runtime.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    paths = list_images(cfg.data)
+    mean, std = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
+    log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
+    vae.to("cpu")  # the VAE leaves the training device
+    gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + accelerator.process_index)
+    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen)
+    capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
+    if cfg.reg.enabled:
+        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], expected_layers=cfg.model.cross_attention_layers)
+    models = Models(unet, text_encoder, DDPMScheduler.from_config(pipe.scheduler.config), capture,
+                    input_ids.to(device))
+    return pipe, models, sampler
+
+
+def restore(checkpointer, models, sampler, accelerator):
+    """Load the latest checkpoint into the models and the sampler; returns (meta, optimizer state) or Nones."""
+    from attndreambooth.checkpoint import Checkpointer
+    from attndreambooth.training import restore_weights
+
+    latest = checkpointer.latest()
+    if latest is None:
+        return None, None
+    meta, weights, optimizer_state, rng = Checkpointer.load(latest)
+    restore_weights(weights, models)
+    sampler.gen.set_state(rng[f"rng.sampler.{accelerator.process_index}"])
+    sampler.order = list(meta["orders"][accelerator.process_index])
+    torch.set_rng_state(rng["rng.torch"])
+    log.info("resuming from %s: %s step %d", latest, meta["stage"], meta["step"])
+    return meta, optimizer_state
+
+
+def save_final(cfg, pipe, concept, out):
+    """The slim artefacts: the embedding in two formats and the complete pipeline, written atomically."""
+    from attndreambooth.models import bake_concept
+    save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
+    save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
+    pipe.text_encoder = bake_concept(pipe.text_encoder)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.pipeline_dtype]
+    shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
+    pipe.to("cpu", dtype).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
+    shutil.rmtree(out / "pipeline", ignore_errors=True)
+    os.replace(out / ".tmp-pipeline", out / "pipeline")
+    log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
+
+
 def train(cfg, state="new"):
     """Run every enabled stage in order (continuing from the last checkpoint when `state` is 'resume')
     and write the run folder; returns the run folder."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
-    from diffusers import DDPMScheduler
-    from attention_reg import CrossAttentionCapture
+
     from attndreambooth.checkpoint import Checkpointer, fault_point
-    from attndreambooth.data import LatentSampler, encode_view_pool
-    from attndreambooth.models import add_concept_token, bake_concept, encode_prompt, load_pipeline
-    from attndreambooth.sampling import validation_grid
     from attndreambooth.preflight import mark_finished
-    from attndreambooth.training import Models, Reporter, restore_weights, run_stage, trained_weights
+    from attndreambooth.sampling import validation_grid
+    from attndreambooth.training import Reporter, run_stage, trained_weights
 
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -90,36 +157,10 @@ def train(cfg, state="new"):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
-    pipe = load_pipeline(cfg.model)
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category,
-                                               cfg.data.init_token)
-    prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
-    input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
-    log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
-
-    device = accelerator.device
-    vae.to(device).requires_grad_(False)
-    text_encoder.to(device)
-    unet.to(device)
-    if cfg.runtime.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if cfg.runtime.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    paths = list_images(cfg.data)
-    mean, std = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
-    log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
-    vae.to("cpu")  # the VAE leaves the training device
-    gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + accelerator.process_index)
-    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen)
-
-    capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
-    if cfg.reg.enabled:
-        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], expected_layers=cfg.model.cross_attention_layers)
-    models = Models(unet, text_encoder, noise_scheduler, capture, input_ids.to(device))
-    concept = text_encoder.get_input_embeddings()
-    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pipe.scheduler)
+    pipe, models, sampler = prepare(cfg, accelerator)
+    device, capture, concept = accelerator.device, models.capture, models.text_encoder.get_input_embeddings()
+    components = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                      scheduler=pipe.scheduler)
 
     def validate(name, step, global_step):
         if accelerator.is_main_process:
@@ -135,17 +176,7 @@ def train(cfg, state="new"):
         accelerator.wait_for_everyone()
 
     checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints)
-    names = [n for n, s in cfg.stages.items() if s.enabled and s.steps > 0]
-    parts_until = {n: {p for m in names[:i + 1] for p in cfg.stages[m].train} for i, n in enumerate(names)}
-    latest = checkpointer.latest() if state == "resume" else None
-    meta = optimizer_state = None
-    if latest is not None:
-        meta, weights, optimizer_state, rng = Checkpointer.load(latest)
-        restore_weights(weights, models)
-        sampler.gen.set_state(rng[f"rng.sampler.{accelerator.process_index}"])
-        sampler.order = list(meta["orders"][accelerator.process_index])
-        torch.set_rng_state(rng["rng.torch"])
-        log.info("resuming from %s: %s step %d", latest, meta["stage"], meta["step"])
+    meta, optimizer_state = restore(checkpointer, models, sampler, accelerator) if state == "resume" else (None, None)
     if accelerator.is_main_process:
         checkpointer.clean_partial()
         keep_lines = meta["global_step"] if meta else 0  # metrics after the checkpoint are redone
@@ -153,6 +184,8 @@ def train(cfg, state="new"):
         (out / "metrics.jsonl").write_text("".join(lines[:keep_lines]))
     reporter = Reporter(out, accelerator, cfg, validate)
     reporter.global_step = meta["global_step"] if meta else 0
+    names = [n for n, s in cfg.stages.items() if s.enabled and s.steps > 0]
+    parts_until = {n: {p for m in names[:i + 1] for p in cfg.stages[m].train} for i, n in enumerate(names)}
 
     def save_checkpoint(name, step, optimizer, done=False):
         samplers = gather_object([(sampler.gen.get_state(), list(sampler.order))])  # every rank's data stream
@@ -165,7 +198,7 @@ def train(cfg, state="new"):
         if cfg.runtime.compile and device.type == "cpu":
             log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
         elif cfg.runtime.compile:
-            unet.compile()  # in place: the module, its processors and state-dict keys stay the same
+            models.unet.compile()  # in place: the module, its processors and state-dict keys stay the same
         for name in names:
             stage = cfg.stages[name]
             if meta and (names.index(name) < names.index(meta["stage"]) or (name == meta["stage"] and meta["done"])):
@@ -179,7 +212,7 @@ def train(cfg, state="new"):
             log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
                      "GPU" if device.type == "cuda" else "process", peak)
             if accelerator.is_main_process and "cross_attention" in stage.train:
-                save_atomic({n: p for n, p in unet.state_dict().items() if ".attn2." in n},
+                save_atomic({n: p for n, p in models.unet.state_dict().items() if ".attn2." in n},
                             out / f"attn2_{name}.safetensors")
             if accelerator.is_main_process and "embedding" in stage.train:
                 save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")
@@ -188,15 +221,7 @@ def train(cfg, state="new"):
     reporter.close()
 
     if accelerator.is_main_process:
-        save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
-        save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
-        pipe.text_encoder = bake_concept(text_encoder)
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.pipeline_dtype]
-        shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
-        pipe.to("cpu", dtype).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
-        shutil.rmtree(out / "pipeline", ignore_errors=True)
-        os.replace(out / ".tmp-pipeline", out / "pipeline")
-        log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
+        save_final(cfg, pipe, concept, out)
         if not cfg.runtime.keep_resume_state:
             shutil.rmtree(checkpointer.dir, ignore_errors=True)
         mark_finished(out)
