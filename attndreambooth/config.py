@@ -101,7 +101,7 @@ class RuntimeConfig:
     seed: int = 0  # seeds data order, augmentation, noise and timesteps
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    memory: str = "default"  # preset: "default", or "low" (gradient checkpointing + 8-bit AdamW) for 16 GB cards
+    memory: str = "default"  # preset: "default", or "low" (gradient checkpointing + 8-bit AdamW: less GPU memory)
     gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
     optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
     fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
