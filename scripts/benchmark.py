@@ -181,8 +181,8 @@ def _sync_time(device):
 
 
 def markdown(rows, flops, peak):
-    head = ("| variant | preset | precision | s/step stage 1 / 2 / 3 | schedule s | vs reference | TFLOP/s (stage 3) "
-            "| MFU | peak GiB stage 1 / 2 / 3 |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| variant | preset | precision | s/step stage 1 / 2 / 3 | samples/s (stage 3) | schedule s | vs reference "
+            "| TFLOP/s (stage 3) | MFU | peak GiB stage 1 / 2 / 3 |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         tflops = flops["stage3"] / r["stage3_s_per_step"] / 1e12
@@ -190,7 +190,8 @@ def markdown(rows, flops, peak):
         mem = " / ".join("n/a" if r[f"{s}_peak_gib"] is None else f"{r[f'{s}_peak_gib']:.1f}" for s in PAPER_STEPS)
         steps = " / ".join(f"{r[f'{s}_s_per_step']:.3f}" for s in PAPER_STEPS)
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
-        lines.append(f"| {r['variant']} | {r['preset']} | {r['precision']} | {steps} | {r['schedule_s']:.1f} "
+        lines.append(f"| {r['variant']} | {r['preset']} | {r['precision']} | {steps} "
+                     f"| {r['batch_size'] / r['stage3_s_per_step']:.1f} | {r['schedule_s']:.1f} "
                      f"| {speedup} | {tflops:.2f} | {mfu} | {mem} |")
     return "\n".join(lines)
 
