@@ -144,7 +144,9 @@ def scatter(points, path, size=420):
         draw.text((2, pos - 6), f"{v:.3f}", fill="black", font=font)
     for label, x, y in points:
         draw.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill="red")
-        draw.text((px(x) + 6, py(y) - 6), label, fill="black", font=font)
+        width = draw.textlength(label, font=font)
+        left = px(x) + 6 if px(x) + 6 + width < size else px(x) - 6 - width  # keep the label inside
+        draw.text((left, py(y) - 6), label, fill="black", font=font)
     image.save(path)
 
 
