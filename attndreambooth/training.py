@@ -156,8 +156,8 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_st
                total=stage.steps, disable=not accelerator.is_main_process)
     every = cfg.runtime.checkpoint_every_steps
     start = time.perf_counter()
+    models.unet.train()  # validation switches to eval and back
     for step in bar:
-        models.unet.train()
         latents = sampler.sample(per_process)
         noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
         timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
