@@ -168,18 +168,19 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_st
         loss = mse + reg
         if inject_nan(f"{name}:{step + 1}"):
             loss = loss * float("nan")
-        if not accelerator.gather(torch.isfinite(loss.detach()).view(1)).all():  # every rank stops together
-            raise NonFiniteLoss(
-                f"{name} step {step + 1}: the loss is not finite (mse {mse.item():.4g}, reg {reg.item():.4g}). "
-                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, "
-                f"e.g. with a lower learning rate (stages.{name}.lr={stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
         accelerator.backward(loss)
         if cfg.runtime.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = dict(stage=name, step=step + 1, loss=loss.item(), mse=mse.item(), reg=reg.item(),
-                      reg_mean=mean_term.item(), reg_var=var_term.item(), lr=stage.lr,
+        values = torch.stack([loss, mse, reg, mean_term, var_term]).detach().float()
+        if not accelerator.gather(torch.isfinite(values[:1])).all():  # the step's one host sync; all ranks stop
+            raise NonFiniteLoss(  # before any checkpoint or artefact holds the step's weights
+                f"{name} step {step + 1}: the loss is not finite (mse {values[1]:.4g}, reg {values[2]:.4g}). "
+                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, "
+                f"e.g. with a lower learning rate (stages.{name}.lr={stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
+        record = dict(stage=name, step=step + 1, **dict(zip(("loss", "mse", "reg", "reg_mean", "reg_var"),
+                                                            values.tolist())), lr=stage.lr,
                       seconds=round(time.perf_counter() - start, 5))
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
         reporter.step(record, stage.steps)
