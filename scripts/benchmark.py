@@ -18,6 +18,7 @@ Variants add one optimisation at a time, so each row says what it contributed:
     fast+cl         + channels_last U-Net;  fast+compile: + torch.compile
 """
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -130,6 +131,9 @@ def run_variant(variant, preset, args):
                              f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
                              f"runtime.fused_adamw={flags.get('fused_adamw', True)}"], check=False)
     AcceleratorState._reset_state(True)
+    gc.collect()  # the previous variant's models must not count in this one's peak memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
                               cpu=args.device == "cpu")
     device, B, res = accelerator.device, args.batch_size, LAYOUTS[args.layout]["resolution"]
