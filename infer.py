@@ -23,10 +23,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from attndreambooth.attention_maps import figure, token_labels
 from attndreambooth.config import ModelConfig, load_config
+from attndreambooth.models import TORCH_DTYPES
 from attndreambooth.sampling import SCHEDULERS, image_grid, sample, set_scheduler
 
 log = logging.getLogger("infer")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def stage_sources(run_dir, cfg, stage):
@@ -77,11 +77,11 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
     else:
         label = str(base)
     if base is None:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=DTYPES[dtype], safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=TORCH_DTYPES[dtype], safety_checker=None,
                                                        requires_safety_checker=False)
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
-        pipe = load_pipeline(base, DTYPES[dtype])
+        pipe = load_pipeline(base, TORCH_DTYPES[dtype])
         if Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
             pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
         else:
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--stage", type=int, help="state after this stage (1, 2, ...; default: the final one)")
     p.add_argument("--base", help="without a run folder: base model id, folder or file")

@@ -51,7 +51,7 @@ def save_atomic(tensors, path):
     os.replace(tmp, path)
 
 
-def prepare(cfg, accelerator):
+def prepare(cfg, accelerator, paths):
     """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
     from diffusers import DDPMScheduler
 
@@ -76,7 +76,6 @@ def prepare(cfg, accelerator):
         unet.enable_gradient_checkpointing()
     if cfg.runtime.channels_last:
         unet.to(memory_format=torch.channels_last)
-    paths = list_images(cfg.data)
     mean, std = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
     log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
     vae.to("cpu")  # the VAE leaves the training device
@@ -109,11 +108,11 @@ def restore(checkpointer, models, sampler, accelerator):
 
 def save_final(cfg, pipe, concept, out):
     """The slim artefacts: the embedding in two formats and the complete pipeline, written atomically."""
-    from attndreambooth.models import bake_concept
+    from attndreambooth.models import TORCH_DTYPES, bake_concept
     save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
     save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
     pipe.text_encoder = bake_concept(pipe.text_encoder)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.runtime.pipeline_dtype]
+    dtype = TORCH_DTYPES[cfg.runtime.pipeline_dtype]
     shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
     pipe.to("cpu", dtype).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
     shutil.rmtree(out / "pipeline", ignore_errors=True)
@@ -121,9 +120,9 @@ def save_final(cfg, pipe, concept, out):
     log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
 
 
-def train(cfg, state="new"):
-    """Run every enabled stage in order (continuing from the last checkpoint when `state` is 'resume')
-    and write the run folder; returns the run folder."""
+def train(cfg, state, paths):
+    """Run every enabled stage in order on the instance images `paths` (continuing from the last
+    checkpoint when `state` is 'resume') and write the run folder; returns the run folder."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
@@ -157,7 +156,7 @@ def train(cfg, state="new"):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
-    pipe, models, sampler = prepare(cfg, accelerator)
+    pipe, models, sampler = prepare(cfg, accelerator, paths)
     device, capture, concept = accelerator.device, models.capture, models.text_encoder.get_input_embeddings()
     components = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                       scheduler=pipe.scheduler)
@@ -185,7 +184,8 @@ def train(cfg, state="new"):
     reporter = Reporter(out, accelerator, cfg, validate)
     reporter.global_step = meta["global_step"] if meta else 0
     names = [n for n, s in cfg.stages.items() if s.enabled and s.steps > 0]
-    parts_until = {n: {p for m in names[:i + 1] for p in cfg.stages[m].train} for i, n in enumerate(names)}
+    # a checkpoint holds the [V] row and everything trained so far
+    parts_until = {n: {"embedding", *(p for m in names[:i + 1] for p in cfg.stages[m].train)} for i, n in enumerate(names)}
 
     def save_checkpoint(name, step, optimizer, done=False):
         samplers = gather_object([(sampler.gen.get_state(), list(sampler.order))])  # every rank's data stream
@@ -241,14 +241,14 @@ def main(argv=None):
             print(to_yaml(cfg))
             print(plan_text(cfg))
             return None
-        state = preflight(cfg)  # data, tokens, run folder, disk: before any weights load
+        state, paths = preflight(cfg)  # data, tokens, run folder, disk: before any weights load
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if state == "finished":
         log.info("%s is a finished run: nothing to do (resume=false starts it over)", cfg.output_dir)
         return Path(cfg.output_dir)
     try:
-        return train(cfg, state)
+        return train(cfg, state, paths)
     except (NonFiniteLoss, ConfigError) as e:
         sys.exit(f"error: {e}")
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # SD 2.1-base, from its published configs: used to count parameters and to build the
 # layout on the meta device (no weights, no download).
@@ -182,20 +183,20 @@ def merged_embedding_matrix(concept: ConceptEmbedding):
     return w
 
 
+def is_known_word(tokenizer, word):
+    """True if `word` is in the vocabulary or tokenizes to one existing token ("dog" is "dog</w>")."""
+    return word in tokenizer.get_vocab() or len(tokenizer(word, add_special_tokens=False).input_ids) == 1
+
+
 def add_concept_token(tokenizer, text_encoder, placeholder, category, init_token=None):
     """Add [V] to the tokenizer and wrap the text encoder's token embedding; [V] starts as the category's
     first sub-token (the released code's choice), or as `init_token`'s. Returns (token id, category
     sub-token ids)."""
-    existing = placeholder in tokenizer.get_vocab() or len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
-    if existing or tokenizer.add_tokens(placeholder) != 1:
+    if is_known_word(tokenizer, placeholder) or tokenizer.add_tokens(placeholder) != 1:
         raise ValueError(f"data.placeholder {placeholder!r} already exists in the tokenizer's vocabulary; "
                          "choose a new word, e.g. <v> or sks_token")
     token_id = tokenizer.convert_tokens_to_ids(placeholder)
     category_ids = tokenizer(category, add_special_tokens=False).input_ids
-    if len(category_ids) > 1:
-        log.info("category %r is %d tokens %s; [V] is initialised from the first, %r, and the regulariser uses it",
-                 category, len(category_ids), tokenizer.convert_ids_to_tokens(category_ids),
-                 tokenizer.convert_ids_to_tokens(category_ids[0]))
     init_id = category_ids[0] if init_token is None else tokenizer(init_token, add_special_tokens=False).input_ids[0]
     base = text_encoder.get_input_embeddings()
     base.requires_grad_(False)
@@ -231,13 +232,15 @@ def bake_concept(text_encoder):
 
 
 def trainable_parameters(part, unet, text_encoder):
-    """The parameters a stage's `train` entry names: embedding ([V] row), cross_attention (attn2), unet."""
+    """The parameters, by name, that a stage's `train` entry names: embedding ([V] row), cross_attention
+    (attn2), unet. The names also key checkpoints."""
     if part == "embedding":
-        return [text_encoder.get_input_embeddings().row]
+        return {"concept.row": text_encoder.get_input_embeddings().row}
+    named = {f"unet.{n}": p for n, p in unet.named_parameters()}
     if part == "cross_attention":
-        return [p for n, p in unet.named_parameters() if ".attn2." in n]
+        return {n: p for n, p in named.items() if ".attn2." in n}
     if part == "unet":
-        return list(unet.parameters())
+        return named
     raise ValueError(f"unknown trainable part {part!r}")
 
 

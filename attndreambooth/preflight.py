@@ -11,7 +11,7 @@ import yaml
 
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
-from attndreambooth.models import model_source
+from attndreambooth.models import is_known_word, model_source
 
 log = logging.getLogger(__name__)
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
@@ -67,7 +67,7 @@ def check_tokens(cfg):
     tokenizer = CLIPTokenizer.from_pretrained(cfg.model.single_file_config or where, subfolder="tokenizer",
                                               revision=cfg.model.revision)
     d = cfg.data
-    if d.placeholder in tokenizer.get_vocab() or len(tokenizer(d.placeholder, add_special_tokens=False).input_ids) == 1:
+    if is_known_word(tokenizer, d.placeholder):
         raise ConfigError(f"config key 'data.placeholder': {d.placeholder!r} is already a word of the tokenizer's "
                           "vocabulary; choose a new one, e.g. <v> or <my-dog>")
     cat = tokenizer.tokenize(d.category)
@@ -84,8 +84,6 @@ def check_tokens(cfg):
 def check_run_folder(cfg):
     """'new', 'resume' or 'finished' for cfg.output_dir; refuses a folder that is not this run's."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config key 'output_dir': {out} is a file; give a folder")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"config key 'output_dir': cannot write in {parent}; choose a folder you can write to")
@@ -142,14 +140,15 @@ def check_disk(cfg):
 
 
 def preflight(cfg):
-    """All checks that need no weights; returns the state of the run folder ('new', 'resume', 'finished')."""
-    list_images(cfg.data)
+    """All checks that need no weights; returns the run folder's state ('new', 'resume', 'finished') and
+    the checked instance images."""
+    paths = list_images(cfg.data)
     model_source(cfg.model)
     check_tokens(cfg)
     state = check_run_folder(cfg)
     if state != "finished":
         check_disk(cfg)
-    return state
+    return state, paths
 
 
 def mark_finished(out):

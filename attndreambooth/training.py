@@ -61,7 +61,7 @@ def set_trainable(stage, models):
     """Freeze everything, then unfreeze the parts the stage names; returns the trainable parameters."""
     models.unet.requires_grad_(False)
     models.text_encoder.requires_grad_(False)
-    params = {id(p): p for part in stage.train for p in trainable_parameters(part, models.unet, models.text_encoder)}
+    params = trained_weights(stage.train, models)
     for p in params.values():
         p.requires_grad_(True)
     return list(params.values())
@@ -108,21 +108,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def trained_weights(parts, models):
-    """What training has changed so far, by name: the [V] row and the trained U-Net parameters."""
-    weights = {"concept.row": models.text_encoder.get_input_embeddings().row}
-    unet = models.unet.named_parameters()
-    if "unet" in parts:
-        weights.update({f"unet.{n}": p for n, p in unet})
-    elif "cross_attention" in parts:
-        weights.update({f"unet.{n}": p for n, p in unet if ".attn2." in n})
-    return weights
+    """The parameters of `parts` by name (names as in `trainable_parameters`, also checkpoint keys)."""
+    return {n: p for part in parts for n, p in trainable_parameters(part, models.unet, models.text_encoder).items()}
 
 
 @torch.no_grad()
 def restore_weights(weights, models):
-    """Copy checkpointed tensors back into the models (names as in `trained_weights`)."""
-    params = {f"unet.{n}": p for n, p in models.unet.named_parameters()}
-    params["concept.row"] = models.text_encoder.get_input_embeddings().row
+    """Copy checkpointed tensors back into the models."""
+    params = trained_weights(("embedding", "unet"), models)
     for name, value in weights.items():
         params[name].copy_(value)
 

@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,7 +179,6 @@ def run_variant(variant, preset, args):
 
 
 def _sync_time(device):
-    import time
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
