@@ -5,7 +5,7 @@ probabilities of chosen text tokens, a context manager that installs it on the
 U-Net's `attn2` layers (self-attention stays on the stock SDPA processor), and a
 pure loss function over the recorded maps.
 """
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -14,7 +14,11 @@ REDUCTIONS = ("per_layer", "pooled")
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation). Never while
+    torch.compile traces: a compiled graph's recomputation does not run Python again, and asking autograd
+    here would split the U-Net's graph at every attn2 layer."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -104,6 +108,29 @@ class CrossAttentionCapture(AbstractContextManager):
     def clear(self):
         """Forget the maps of the previous forward passes."""
         self.maps.clear()
+
+    @contextmanager
+    def paused(self):
+        """The stock processors for a while (e.g. sampling a validation grid): nothing is recorded."""
+        capturing = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor(dict(self._original))
+        try:
+            yield self
+        finally:
+            self.unet.set_attn_processor(capturing)
+
+
+def compile_unet(unet, **compile_kwargs):
+    """torch.compile the U-Net in place (module, processors and state-dict keys stay the same) as one
+    graph with the capture inside. The capture's `record` is a side effect, which dynamo refuses inside
+    gradient checkpointing (eager checkpointing replays it in backward) and would split the graph at every
+    checkpointed block; the capture wants each map recorded once (see `_in_backward`), which is what this
+    dynamo switch does. Before torch has the switch, checkpointed blocks just run in smaller graphs."""
+    import torch._dynamo.config as dynamo_config
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    unet.compile(**compile_kwargs)
+    return unet
 
 
 def attention_reg_terms(maps, reduction="per_layer"):

@@ -126,6 +126,7 @@ def train(cfg, state, paths):
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
+    from attention_reg import compile_unet
     from attndreambooth.checkpoint import Checkpointer, fault_point
     from attndreambooth.preflight import mark_finished
     from attndreambooth.sampling import validation_grid
@@ -162,16 +163,15 @@ def train(cfg, state, paths):
                       scheduler=pipe.scheduler)
 
     def validate(name, step, global_step):
-        if accelerator.is_main_process:
-            grid = validation_grid(components, f"{cfg.data.placeholder} {cfg.data.category}", cfg.validation,
-                                   device, accelerator.autocast())
+        if accelerator.is_main_process:  # eager and with the stock processors: no maps, no recompilation
+            with capture.paused() if capture else contextlib.nullcontext(), torch.compiler.set_stance("force_eager"):
+                grid = validation_grid(components, f"{cfg.data.placeholder} {cfg.data.category}", cfg.validation,
+                                       device, accelerator.autocast())
             (out / "validation").mkdir(exist_ok=True)
             grid.save(out / "validation" / f"{name}_{step:05d}.png")
             if tensorboard:
                 accelerator.get_tracker("tensorboard").log_images(
                     {f"validation/{name}": np.asarray(grid)[None]}, step=global_step, dataformats="NHWC")
-        if capture is not None:
-            capture.clear()
         accelerator.wait_for_everyone()
 
     checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints)
@@ -198,7 +198,7 @@ def train(cfg, state, paths):
         if cfg.runtime.compile and device.type == "cpu":
             log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
         elif cfg.runtime.compile:
-            models.unet.compile()  # in place: the module, its processors and state-dict keys stay the same
+            compile_unet(models.unet)
         for name in names:
             stage = cfg.stages[name]
             if meta and (names.index(name) < names.index(meta["stage"]) or (name == meta["stage"] and meta["done"])):

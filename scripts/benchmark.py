@@ -118,7 +118,7 @@ def run_variant(variant, preset, args):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from attention_reg import CrossAttentionCapture
+    from attention_reg import CrossAttentionCapture, compile_unet
     from attndreambooth.config import MEMORY_PRESETS, load_config
     from attndreambooth.data import LatentSampler, encode_pixels
     from attndreambooth.models import add_concept_token, encode_prompt
@@ -165,7 +165,7 @@ def run_variant(variant, preset, args):
     row = dict(variant=variant, preset=preset, precision=args.precision, batch_size=B, setup_s=setup)
     with capture:
         if flags.get("compile"):
-            unet.compile()
+            compile_unet(unet)
         for name, stage in cfg.stages.items():
             stage = replace(stage, steps=args.warmup + args.steps, batch_size=B)
             rec = Recorder()
@@ -173,8 +173,11 @@ def run_variant(variant, preset, args):
             seconds = [r["seconds"] for r in rec.records]
             durations = [seconds[0]] + [b - a for a, b in zip(seconds, seconds[1:])]
             row[f"{name}_s_per_step"] = statistics.median(durations[args.warmup:])
+            # what the warm-up steps cost beyond steady state: compilation, autotuning, allocator growth
+            row[f"{name}_warmup_extra_s"] = sum(durations[:args.warmup]) - args.warmup * row[f"{name}_s_per_step"]
             row[f"{name}_peak_gib"] = peak if device.type == "cuda" else None
     row["schedule_s"] = setup + sum(n * row[f"{k}_s_per_step"] for k, n in PAPER_STEPS.items())
+    row["warmup_extra_s"] = sum(row[f"{k}_warmup_extra_s"] for k in PAPER_STEPS)
     return row
 
 
@@ -186,7 +189,7 @@ def _sync_time(device):
 
 def markdown(rows, flops, peak):
     head = ("| variant | preset | precision | s/step stage 1 / 2 / 3 | samples/s (stage 3) | schedule s | vs reference "
-            "| TFLOP/s (stage 3) | MFU | peak GiB stage 1 / 2 / 3 |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| TFLOP/s (stage 3) | MFU | peak GiB stage 1 / 2 / 3 | warm-up extra s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         tflops = flops["stage3"] / r["stage3_s_per_step"] / 1e12
@@ -196,7 +199,7 @@ def markdown(rows, flops, peak):
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
         lines.append(f"| {r['variant']} | {r['preset']} | {r['precision']} | {steps} "
                      f"| {r['batch_size'] / r['stage3_s_per_step']:.1f} | {r['schedule_s']:.1f} "
-                     f"| {speedup} | {tflops:.2f} | {mfu} | {mem} |")
+                     f"| {speedup} | {tflops:.2f} | {mfu} | {mem} | {r['warmup_extra_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -1,26 +1,83 @@
 #!/usr/bin/env bash
-# GPU check, one call on a fresh machine without network (about 5 minutes on an H100):
-# SD 2.1-base layout with random weights, 512 px, batch 8, all three stages;
-# `fast` with the default and low memory presets against `reference` (the released code's
-# approach) in bf16, and `reference` in fp32 (how the released code runs without an
-# accelerate config). Writes $OUT/bench_bf16.{json,md}, $OUT/bench_fp32_ref.{json,md}.
-#
+# GPU check, one call on a fresh machine without network (about 8 minutes on an H100).
+# SD 2.1-base layout with random weights, 512 px, batch 8, all three stages:
+#   bench_bf16      `fast` and `fast+cl` with the default and low memory presets against `reference`
+#                   (the released code's approach), bf16 autocast
+#   bench_fp32_ref  `reference` in fp32 (how the released code runs without an accelerate config)
+#   infer           infer.py, 4 images x 50 steps, fp16, with and without --attention_maps
+#   tiny_bf16       the trainer end to end on CUDA (tiny model): bf16, validation grids, fp16 pipeline,
+#                   then infer.py in fp16 with attention maps and --stage 2
+#   tiny_fp16_low   fp16 autocast with the gradient scaler, low preset (checkpointing + 8-bit AdamW),
+#                   channels_last
+#   bench_compile   `fast+compile` (channels_last + torch.compile), default then low preset
+#   tiny_compile    the trainer with torch.compile and validation grids (sampled eagerly)
+# Each step gets at most its cap and the time left of BUDGET_S (default 440), logs to
+# RESULTS/<step>.log and a line in RESULTS/summary.txt; a failing step does not stop the others.
+# RESULTS/gpu_results.md gathers the tables; with $OUT set, RESULTS is packed to
+# $OUT/gpu_results.tgz after every step.
 # Packages missing there travel as wheels in .whl/ (see scripts/download_wheels.sh).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-gpu_out}
+BUDGET_S=${BUDGET_S:-440}
+RUNS=$(mktemp -d)
+mkdir -p "$RESULTS"
+: > "$RESULTS/summary.txt"
 if [ -d .whl ] && ! python3 -c "import diffusers, omegaconf" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" \
+  | tee -a "$RESULTS/gpu.txt"
 low_flags=""
 python3 -c "import bitsandbytes" 2>/dev/null || low_flags="--no_8bit"  # low preset without 8-bit AdamW then
-export PYTHONUNBUFFERED=1
-python3 scripts/benchmark.py --layout sd21 --device cuda --precision bf16 --batch_size 8 \
-  --variants reference,fast,fast+cl --presets default,low $low_flags --warmup 2 --steps 5 --repeats 1 \
-  --views 8 --out "$OUT/bench_bf16.json" 2>&1 | grep -v "it/s" | tee "$OUT/bench_bf16.log"
-python3 scripts/benchmark.py --layout sd21 --device cuda --precision fp32 --batch_size 8 \
-  --variants reference --warmup 1 --steps 3 --repeats 1 --views 8 \
-  --out "$OUT/bench_fp32_ref.json" 2>&1 | grep -v "it/s" | tee "$OUT/bench_fp32_ref.log"
+start=$SECONDS
+
+step() {  # step NAME CAP_S COMMAND...: run with at most CAP_S and the time left, log, record the exit status
+  local name=$1 left=$((BUDGET_S - (SECONDS - start))) t0=$SECONDS rc
+  [ "$2" -lt "$left" ] && left=$2
+  shift 2
+  if [ "$left" -lt 30 ]; then
+    echo "$name: skipped, budget spent" | tee -a "$RESULTS/summary.txt"
+    return
+  fi
+  timeout "$left" "$@" > "$RESULTS/$name.log" 2>&1
+  rc=$?
+  echo "$name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo ', timed out')" | tee -a "$RESULTS/summary.txt"
+  [ $rc = 0 ] || tail -n 25 "$RESULTS/$name.log"
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .; fi
+}
+
+bench="python3 scripts/benchmark.py --layout sd21 --device cuda --batch_size 8 --views 8 --repeats 1"
+tiny="python3 train_attndreambooth.py --config configs/tiny.yaml stages.stage1.steps=20 stages.stage2.steps=20 \
+  stages.stage3.steps=40"
+step bench_bf16 200 $bench --precision bf16 --variants reference,fast,fast+cl --presets default,low $low_flags \
+  --warmup 2 --steps 5 --out "$RESULTS/bench_bf16.json"
+step bench_fp32_ref 90 $bench --precision fp32 --variants reference --warmup 1 --steps 3 \
+  --out "$RESULTS/bench_fp32_ref.json"
+step infer 100 python3 scripts/benchmark_infer.py --layout sd21 --device cuda --dtype fp16 --out "$RESULTS/infer.json"
+step tiny_bf16 90 bash -c "$tiny output_dir=$RUNS/bf16 runtime.mixed_precision=bf16 validation.every_steps=20 \
+  runtime.pipeline_dtype=fp16 && python3 infer.py $RUNS/bf16 --prompt 'a {} on the beach' --attention_maps \
+  --num_images 2 && python3 infer.py $RUNS/bf16 --stage 2 --prompt 'a {} in the snow' --num_images 2 \
+  --out $RUNS/bf16/samples_stage2 && cp $RUNS/bf16/validation/stage3_00040.png $RESULTS/tiny_validation.png \
+  && cp $RUNS/bf16/samples/00_*/attention.png $RESULTS/tiny_attention.png"
+step tiny_fp16_low 80 $tiny output_dir="$RUNS/fp16_low" runtime.mixed_precision=fp16 runtime.memory=low \
+  runtime.optimizer_8bit="$([ -z "$low_flags" ] && echo true || echo false)" runtime.channels_last=true
+step bench_compile 200 $bench --precision bf16 --variants fast+compile --presets default,low $low_flags \
+  --warmup 2 --steps 5 --out "$RESULTS/bench_compile.json"
+step tiny_compile 150 $tiny output_dir="$RUNS/compile" runtime.mixed_precision=bf16 runtime.compile=true \
+  validation.every_steps=40
+
+{
+  echo "# GPU check: $(head -n 2 "$RESULTS/gpu.txt" | tail -n 1)"
+  echo
+  echo '```'; cat "$RESULTS/gpu.txt" "$RESULTS/summary.txt"; echo '```'
+  for t in bench_bf16 bench_fp32_ref bench_compile infer; do
+    [ -f "$RESULTS/$t.md" ] && { echo; echo "## $t"; echo; cat "$RESULTS/$t.md"; }
+  done
+} > "$RESULTS/gpu_results.md"
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .; fi
+cat "$RESULTS/gpu_results.md"

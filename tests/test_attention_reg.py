@@ -182,3 +182,41 @@ def test_gradient_checkpointing_records_once_and_gives_same_gradients(tiny_pipe)
     assert all(g.abs().sum() > 0 for g in plain)  # the graph through the maps is kept
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_unet_is_one_graph_with_the_capture_inside(tiny_pipe):
+    """torch.compile with the capture and gradient checkpointing (the low-memory preset): one graph, no
+    graph break (a break per attn2 layer made dynamo hit its recompile limit and run the U-Net eagerly),
+    each map recorded once, and the eager step's loss and gradients. `aot_eager` traces exactly what
+    inductor would compile, without a C++ or CUDA compiler."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from attention_reg import compile_unet
+    unet = tiny_pipe.unet
+    unet.train()
+    unet.enable_gradient_checkpointing()
+    x, t, cond = unet_inputs(unet)
+    params = [p for n, p in unet.named_parameters() if ".attn2." in n]
+
+    def step(cap):
+        cap.clear()
+        unet.zero_grad(set_to_none=True)
+        out = unet(x, t, cond).sample
+        loss = attention_reg_loss(cap.maps, 2.0, 5.0) * 1e6 + out.square().mean()
+        loss.backward()
+        return loss.item(), len(cap.maps), [p.grad.clone() for p in params]
+
+    torch._dynamo.reset()
+    counters.clear()
+    with CrossAttentionCapture(unet, [5, 6]) as cap:
+        eager_loss, eager_maps, eager_grads = step(cap)
+        compile_unet(unet, backend="aot_eager")  # the default backend's tracing, without code generation
+        results = [step(cap) for _ in range(2)]  # the second call must reuse the graph
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    for loss, n_maps, grads in results:
+        assert n_maps == eager_maps == 16
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        for a, b in zip(grads, eager_grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
