@@ -95,7 +95,7 @@ class CrossAttentionCapture(AbstractContextManager):
             raise ValueError(
                 f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
                 "(the SD 1.x/2.x layout); pass expected_layers=None or the right count for another layout")
-        processor = CaptureProcessor(self.maps.append, self.token_indices)
+        processor = CaptureProcessor(self._record, self.token_indices)
         self.unet.set_attn_processor({n: processor if n in cross else p for n, p in self._original.items()})
         self.layer_count = len(cross)
         return self
@@ -104,6 +104,9 @@ class CrossAttentionCapture(AbstractContextManager):
         self.unet.set_attn_processor(dict(self._original))
         self._original = None
         return False
+
+    def _record(self, probs):  # a Python method, not the list's builtin append: older dynamo cannot trace that
+        self.maps.append(probs)
 
     def clear(self):
         """Forget the maps of the previous forward passes."""

@@ -167,6 +167,8 @@ def run_variant(variant, preset, args):
         if flags.get("compile"):
             compile_unet(unet)
         for name, stage in cfg.stages.items():
+            if name not in args.stages.split(","):
+                continue
             stage = replace(stage, steps=args.warmup + args.steps, batch_size=B)
             rec = Recorder()
             _, peak = run_stage(name, stage, models, sampler, accelerator, cfg, rec)
@@ -176,8 +178,8 @@ def run_variant(variant, preset, args):
             # what the warm-up steps cost beyond steady state: compilation, autotuning, allocator growth
             row[f"{name}_warmup_extra_s"] = sum(durations[:args.warmup]) - args.warmup * row[f"{name}_s_per_step"]
             row[f"{name}_peak_gib"] = peak if device.type == "cuda" else None
-    row["schedule_s"] = setup + sum(n * row[f"{k}_s_per_step"] for k, n in PAPER_STEPS.items())
-    row["warmup_extra_s"] = sum(row[f"{k}_warmup_extra_s"] for k in PAPER_STEPS)
+    row["schedule_s"] = setup + sum(n * row.get(f"{k}_s_per_step", 0) for k, n in PAPER_STEPS.items())
+    row["warmup_extra_s"] = sum(row.get(f"{k}_warmup_extra_s", 0) for k in PAPER_STEPS)
     return row
 
 
@@ -194,8 +196,8 @@ def markdown(rows, flops, peak):
     for r in rows:
         tflops = flops["stage3"] / r["stage3_s_per_step"] / 1e12
         mfu = f"{tflops / peak:.0%}" if peak else "n/a"
-        mem = " / ".join("n/a" if r[f"{s}_peak_gib"] is None else f"{r[f'{s}_peak_gib']:.1f}" for s in PAPER_STEPS)
-        steps = " / ".join(f"{r[f'{s}_s_per_step']:.3f}" for s in PAPER_STEPS)
+        mem = " / ".join("n/a" if r.get(f"{s}_peak_gib") is None else f"{r[f'{s}_peak_gib']:.1f}" for s in PAPER_STEPS)
+        steps = " / ".join(f"{r[f'{s}_s_per_step']:.3f}" if f"{s}_s_per_step" in r else "-" for s in PAPER_STEPS)
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
         lines.append(f"| {r['variant']} | {r['preset']} | {r['precision']} | {steps} "
                      f"| {r['batch_size'] / r['stage3_s_per_step']:.1f} | {r['schedule_s']:.1f} "
@@ -212,6 +214,7 @@ def main(argv=None):
     p.add_argument("--variants", default="reference,+sdpa,+latent_cache,+text_cache,fast")
     p.add_argument("--presets", default="default", help="memory presets for the non-reference variants")
     p.add_argument("--no_8bit", action="store_true", help="low preset without 8-bit AdamW (no bitsandbytes)")
+    p.add_argument("--stages", default="stage1,stage2,stage3", help="stages to time (the schedule column sums these)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per stage")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant; the median schedule is kept")
