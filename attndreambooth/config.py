@@ -105,8 +105,8 @@ class RuntimeConfig:
     gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
     optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
     fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
-    channels_last: bool = False  # U-Net in channels_last memory format (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the U-Net (GPU; the first steps pay the compilation)
+    channels_last: bool = False  # U-Net in channels_last memory format (H100: -7 % time default preset, +30 % low)
+    compile: bool = False  # torch.compile the U-Net (GPU; each stage's first step compiles, > 120 s on an H100)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
     checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only
