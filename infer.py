@@ -23,7 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from attndreambooth.attention_maps import figure, token_labels
 from attndreambooth.config import ModelConfig, load_config
-from attndreambooth.models import TORCH_DTYPES
+from attndreambooth.plan import DTYPES, Plan
 from attndreambooth.sampling import SCHEDULERS, image_grid, sample, set_scheduler
 
 log = logging.getLogger("infer")
@@ -31,17 +31,18 @@ log = logging.getLogger("infer")
 
 def stage_sources(run_dir, cfg, stage):
     """What the state after the `stage`-th stage (1-based, config order) is made of:
-    (pipeline folder) for the last stage, else (None, attn2 weight files) over the base model."""
-    names = list(cfg.stages)
-    if not 1 <= stage <= len(names):
-        raise ValueError(f"--stage {stage}: the run has stages 1..{len(names)} ({', '.join(names)})")
-    ran = [n for n in names if cfg.stages[n].enabled and cfg.stages[n].steps > 0]
-    if not ran or ran[-1] in names[:stage]:
+    (pipeline folder, []) for the final state, else (None, attn2 weight files) over the base model."""
+    kind, files = Plan(cfg.stages).state_after(stage)
+    if kind == "pipeline":
+        if not (run_dir / "pipeline" / "model_index.json").is_file():
+            raise FileNotFoundError(f"{run_dir} has not finished (no pipeline/): use --stage with a stage it has "
+                                    "completed, or resume training with the same command")
         return run_dir / "pipeline", []
-    done = [n for n in names[:stage] if n in ran]
-    if any("unet" in cfg.stages[n].train for n in done):
-        raise ValueError(f"--stage {stage}: the whole U-Net trained by then and only the final one is saved")
-    return None, [run_dir / f"attn2_{n}.safetensors" for n in done if "cross_attention" in cfg.stages[n].train]
+    missing = [f for f in ["learned_embeds.safetensors", *files] if not (run_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--stage {stage}: {run_dir} has no {', '.join(missing)} yet (that stage has not "
+                                "finished); resume training with the same command")
+    return None, [run_dir / f for f in files]
 
 
 def load_unet_weights(unet, path):
@@ -77,11 +78,11 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
     else:
         label = str(base)
     if base is None:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=TORCH_DTYPES[dtype], safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=DTYPES[dtype], safety_checker=None,
                                                        requires_safety_checker=False)
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
-        pipe = load_pipeline(base, TORCH_DTYPES[dtype])
+        pipe = load_pipeline(base, DTYPES[dtype])
         if Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
             pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
         else:
@@ -99,16 +100,26 @@ def slug(text, n=60):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
 
 
+OUTPUT_FILES = ("[0-9][0-9][0-9].png", "grid.png", "prompt.json", "attention.png", "attention_maps.npz")
+
+
 def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", **settings):
-    """Sample `num_images` per prompt into out_dir/NN_slug/; returns {prompt: [PIL images]}."""
+    """Sample `num_images` per prompt into out_dir/NN_slug/; returns {prompt: [PIL images]}. A prompt's
+    folder is written only once its images exist, and what an earlier call wrote there is replaced."""
+    from attndreambooth.preflight import concept_position
     out_dir, results = Path(out_dir), {}
     for k, template in enumerate(prompts):
         if "{}" not in template:
             log.warning("prompt %r has no {} placeholder: the learned concept is not used", template)
+        elif concept_position(pipe.tokenizer, template, concept.split(" ")[0]) >= pipe.tokenizer.model_max_length - 1:
+            log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
+                        template, pipe.tokenizer.model_max_length)
         prompt = template.replace("{}", concept)
         folder = out_dir / f"{k:02d}_{slug(template.replace('{}', 'V'))}"
-        folder.mkdir(parents=True, exist_ok=True)
         images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in (f for pattern in OUTPUT_FILES for f in folder.glob(pattern)):
+            old.unlink()  # an earlier call's images must not mix with this call's
         record = dict(prompt=prompt, template=template, placeholder=concept.split(" ")[0], seed=seed,
                       num_images=num_images, **settings)
         for i, image in enumerate(images):
@@ -124,11 +135,35 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
             np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
                                 positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
             title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, 16 layers, steps"
-            figure(images, maps, labels, title).save(
-                folder / "attention.png")
+            figure(images, maps, labels, title).save(folder / "attention.png")
         results[prompt] = images
         log.info("%s: %d images in %s", prompt, len(images), folder)
     return results
+
+
+def check_args(args):
+    """Counts, sizes and files, before anything loads."""
+    for name in ("num_images", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+    if args.stage is not None and args.stage < 1:
+        raise ValueError(f"--stage must be 1 or more, got {args.stage}")
+    if args.prompt_file:
+        path = Path(args.prompt_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt_file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompt_file {path} holds no prompt (one per line, # for comments)")
+        args.prompt = list(args.prompt) + prompts
+    if not args.prompt:
+        raise ValueError("give --prompt or --prompt_file")
+    if args.run_dir is not None and not Path(args.run_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"run folder {args.run_dir} does not exist")
 
 
 def parse_args(argv=None):
@@ -145,7 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--stage", type=int, help="state after this stage (1, 2, ...; default: the final one)")
     p.add_argument("--base", help="without a run folder: base model id, folder or file")
@@ -160,21 +195,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        prompts += [line.strip() for line in Path(args.prompt_file).read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
-    if not prompts:
-        sys.exit("error: give --prompt or --prompt_file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else None
     try:
-        pipe, concept, model = load_pipe(args.run_dir, args.stage, args.base, args.embeds, args.unet_weights,
-                                  args.category, dtype, device, args.scheduler)
+        check_args(args)
+        pipe, concept, model = load_pipe(run_dir, args.stage, args.base, args.embeds, args.unet_weights,
+                                         args.category, dtype, device, args.scheduler)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    out = args.out or (Path(args.run_dir) / "samples" if args.run_dir else "samples")
-    return generate(pipe, concept, prompts, out, args.num_images, args.seed, args.attention_maps, model,
+    out = Path(args.out).expanduser() if args.out else (run_dir / "samples" if run_dir else Path("samples"))
+    return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
                     batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)
 

@@ -1,40 +1,36 @@
-"""Resume state: atomic, bounded checkpoints of safetensors + JSON (no pickle anywhere).
+"""Resume state on disk: atomic, bounded checkpoints of safetensors + JSON (no pickle anywhere).
 
-A checkpoint holds what training has changed so far (the [V] row, the cross-attention or
-whole U-Net weights), the optimizer state of the stage in progress, and the sampler's
-random state and data order, so a resumed run continues bit for bit. It is written to a
-temporary folder and renamed, so a kill during a write leaves the previous one intact.
+A checkpoint is what `RunState.state_dict()` returns, a dict of tensors and a dict of JSON
+values. It is written to a temporary folder and renamed, so a kill during a write leaves the
+previous one intact; one that cannot be read (a damaged disk, a hand-edited file) is skipped for
+the newest one that can.
 """
+import errno
 import json
 import logging
 import os
 import shutil
-import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
-_hits = Counter()
 
 
-def fault_point(name):
-    """Test hook: ATTNDB_KILL_AT="name" (or "name#k" for the k-th time) kills this process here with
-    SIGKILL, as a pre-empted machine would; ATTNDB_NAN_AT="name" makes `inject_nan` return True."""
-    _hits[name] += 1
-    want = os.environ.get("ATTNDB_KILL_AT", "")
-    if want in (name, f"{name}#{_hits[name]}"):
-        os.kill(os.getpid(), signal.SIGKILL)
+class CheckpointError(RuntimeError):
+    """No checkpoint can be read, or none can be written; the message says what to do."""
 
 
-def inject_nan(name):
-    return os.environ.get("ATTNDB_NAN_AT") == name
+def free_space(folder):
+    """Free space of the disk holding `folder`, in words (MB below 1 GB)."""
+    free = shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free
+    return f"{free / 1e6:.0f} MB" if free < 1e9 else f"{free / 1e9:.1f} GB"
 
 
-def _flatten_optimizer(state_dict):
+def flatten_optimizer(state_dict):
+    """An optimizer state dict as (tensors "optim.<param>.<key>", JSON-able rest)."""
     tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
     for idx, entry in state_dict["state"].items():
         meta["state"][str(idx)] = {}
@@ -46,7 +42,7 @@ def _flatten_optimizer(state_dict):
     return tensors, meta
 
 
-def _unflatten_optimizer(tensors, meta):
+def unflatten_optimizer(tensors, meta):
     state = {int(i): dict(entry) for i, entry in meta["state"].items()}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -56,41 +52,45 @@ def _unflatten_optimizer(tensors, meta):
 
 
 class Checkpointer:
-    """Writes and finds checkpoints in output_dir/resume/; keeps the last `keep`."""
+    """Writes and finds checkpoints in output_dir/resume/; keeps the last `keep`. `hooks.at("checkpoint")`
+    is called between the tensors and the JSON of a write (tests kill the process there)."""
 
-    def __init__(self, out, keep):
-        self.dir, self.keep = Path(out) / "resume", keep
+    def __init__(self, out, keep, hooks=None):
+        self.dir, self.keep, self.hooks = Path(out) / "resume", keep, hooks
+        self.last = None  # (stage, step) of the newest checkpoint written or loaded
 
-    def latest(self):
-        """The newest complete checkpoint folder, or None (half-written ones are ignored)."""
-        done = [p for p in self.dir.glob("ckpt-*") if (p / "state.json").is_file()]
-        return max(done, key=lambda p: json.loads((p / "state.json").read_text())["global_step"], default=None)
+    def folders(self):
+        """Complete checkpoint folders, newest first (the name carries the global step)."""
+        return sorted((p for p in self.dir.glob("ckpt-*") if p.is_dir()), reverse=True)
 
-    def save(self, meta, weights, optimizer, samplers):
-        """Write one checkpoint atomically; `meta` has stage, step, done, global_step; `samplers` is
-        every process's (generator state, image order)."""
+    def save(self, tensors, meta):
+        """Write one checkpoint atomically; `meta` has at least stage, step and global_step."""
         start = time.perf_counter()
-        self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"ckpt-{meta['global_step']:06d}"
         tmp = self.dir / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        opt_meta = None
-        if optimizer is not None:
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-            tensors.update(opt_tensors)
-        for rank, (state, _) in enumerate(samplers):
-            tensors[f"rng.sampler.{rank}"] = state
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, tmp / "state.safetensors")
-        fault_point("checkpoint")
-        (tmp / "state.json").write_text(json.dumps(dict(meta, optimizer=opt_meta, orders=[o for _, o in samplers]), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(self.dir.glob("ckpt-*"))[:-self.keep]:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+            if self.hooks is not None:
+                self.hooks.at("checkpoint")
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = f"the previous checkpoint ({self.last[0]} step {self.last[1]}) is kept" if self.last else \
+                "no earlier checkpoint exists"
+            raise CheckpointError(f"the disk is full: a checkpoint could not be written in {self.dir} "
+                                  f"({free_space(self.dir)} free); {kept}. Free space and run the same command "
+                                  "to resume, or lower runtime.keep_checkpoints") from None
+        for old in self.folders()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
+        self.last = (meta["stage"], meta["step"])
         size = (final / "state.safetensors").stat().st_size
         log.info("checkpoint %s (%s step %d): %.1f MB in %.2f s", final.name, meta["stage"], meta["step"],
                  size / 1e6, time.perf_counter() - start)
@@ -98,12 +98,29 @@ class Checkpointer:
 
     @staticmethod
     def load(path):
-        """(meta, weights, optimizer state dict or None, rng tensors) of a checkpoint folder."""
+        """(tensors, meta) of a checkpoint folder; raises on a missing or damaged file."""
         meta = json.loads((Path(path) / "state.json").read_text())
-        tensors = load_file(Path(path) / "state.safetensors")
-        weights = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
-        optimizer = _unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] else None
-        return meta, weights, optimizer, {k: v for k, v in tensors.items() if k.startswith("rng.")}
+        if not isinstance(meta, dict) or not {"stage", "step", "global_step"} <= set(meta):
+            raise ValueError("state.json is not a checkpoint's")
+        return load_file(Path(path) / "state.safetensors"), meta
+
+    def load_latest(self):
+        """(path, tensors, meta) of the newest checkpoint that can be read, or None if there is none.
+        Damaged ones are skipped with a warning; if none can be read, CheckpointError says so."""
+        folders = self.folders()
+        for path in folders:
+            try:
+                tensors, meta = self.load(path)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # JSON and safetensors errors are ValueErrors
+                log.warning("checkpoint %s cannot be read (%s: %s); trying an older one", path, type(e).__name__, e)
+                continue
+            self.last = (meta["stage"], meta["step"])
+            return path, tensors, meta
+        if folders:
+            raise CheckpointError(f"none of the {len(folders)} checkpoints in {self.dir} can be read (see the warnings "
+                                  f"above); move {self.dir} away to train this run from the start, or set "
+                                  "resume=false to start over in a fresh folder")
+        return None
 
     def clean_partial(self):
         """Remove folders left by a write that was killed."""

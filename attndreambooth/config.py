@@ -16,10 +16,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attention_reg import REDUCTIONS
+from attndreambooth.plan import DTYPES, Plan
 
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
-DTYPES = ("fp32", "fp16", "bf16")
 MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False),
                   "low": dict(gradient_checkpointing=True, optimizer_8bit=True)}
 
@@ -140,10 +140,19 @@ def _parse_value(text):
 def _config_chain(path, seen=()):
     """The YAML layers of a config file, its `base:` (a path relative to it) first."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: its `base:` chain loops")
-    layer = OmegaConf.load(path)
+    try:
+        layer = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise ConfigError(f"config file {path}, line {mark.line + 1} column {mark.column + 1}: {e.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not YAML: {e}") from None
+    if not isinstance(layer, dict):
+        raise ConfigError(f"config file {path} holds a {type(layer).__name__}, not a mapping of keys "
+                          "(e.g. `data: {category: dog}`)")
     base = layer.pop("base", None)
     if base is None:
         return [layer]
@@ -154,24 +163,33 @@ def load_config(config_file=None, overrides=(), check=True):
     """Merge defaults, a YAML file and `key=value` overrides; validate (unless `check` is False,
     e.g. to read a finished run's config elsewhere); return a typed config."""
     cfg = OmegaConf.structured(Config)
-    try:
-        if config_file is not None:
-            for layer in _config_chain(Path(config_file)):
+    if config_file is not None:
+        for layer in _config_chain(Path(config_file).expanduser()):
+            try:
                 cfg = OmegaConf.merge(cfg, layer)
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.category=dog)")
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"config key {getattr(e, 'full_key', None)!r} in {config_file}: "
+                                  f"{str(e).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.category=dog)")
+        try:
             OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        where = f" in {config_file}" if config_file else ""
-        raise ConfigError(f"config key {key!r}{where}: {str(e).splitlines()[0]}") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)} "
                           f"(set them in the YAML or as key=value, e.g. data.category=dog)")
     cfg = OmegaConf.to_object(cfg)
+    if str(cfg.runtime.mixed_precision).lower() in ("false", "off", "none"):  # YAML 1.1 reads `no`/`off` as false
+        cfg.runtime.mixed_precision = "no"
+    cfg.output_dir = os.path.normpath(os.path.expanduser(cfg.output_dir))  # "~/runs/x/" is "/home/me/runs/x"
+    cfg.data.instance_dir = os.path.normpath(os.path.expanduser(cfg.data.instance_dir))
+    cfg.model.pretrained = os.path.expanduser(cfg.model.pretrained)
+    if cfg.model.single_file_config:
+        cfg.model.single_file_config = os.path.expanduser(cfg.model.single_file_config)
     if cfg.runtime.memory in MEMORY_PRESETS:  # a switch set explicitly wins over its preset
         for key, value in MEMORY_PRESETS[cfg.runtime.memory].items():
             if getattr(cfg.runtime, key) is None:
@@ -196,6 +214,7 @@ def validate(cfg: Config):
     t = d.prompt_template
     need(not cfg.reg.enabled or t.find("{category}") > t.find("{placeholder}"), "data.prompt_template",
          f"{t!r} needs {{category}} after {{placeholder}}: the regulariser compares their attention maps")
+    need(not os.path.isfile(d.instance_dir), "data.instance_dir", f"{d.instance_dir} is a file; give the folder of photos")
     need(os.path.isdir(d.instance_dir), "data.instance_dir", f"folder {d.instance_dir} does not exist")
     need(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", f"{d.resolution} must be a positive multiple of 8")
     need(d.views_per_image >= 1, "data.views_per_image", f"{d.views_per_image} must be >= 1")
@@ -211,7 +230,8 @@ def validate(cfg: Config):
     need(not cfg.runtime.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
          "runtime.optimizer_8bit", "8-bit AdamW needs bitsandbytes: pip install bitsandbytes, "
          "or set runtime.optimizer_8bit=false (the low preset then only checkpoints gradients)")
-    need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype", f"{cfg.runtime.pipeline_dtype!r} is not one of {DTYPES}")
+    need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype",
+         f"{cfg.runtime.pipeline_dtype!r} is not one of {tuple(DTYPES)}")
     v = cfg.validation
     need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",
          "every_steps must be >= 0, num_images and steps >= 1")
@@ -223,7 +243,7 @@ def validate(cfg: Config):
     except ValueError:
         need(False, "data.alpha_background", f"{d.alpha_background!r} is not a colour (e.g. white or #808080)")
     need(cfg.runtime.log_every_steps >= 1, "runtime.log_every_steps", "must be >= 1")
-    need(any(s.enabled and s.steps > 0 for s in cfg.stages.values()), "stages", "no stage is enabled with steps > 0")
+    need(bool(Plan(cfg.stages)), "stages", "no stage is enabled with steps > 0")
     for name, s in cfg.stages.items():
         key = f"stages.{name}"
         need(s.steps >= 0, f"{key}.steps", f"{s.steps} is negative")

@@ -5,6 +5,7 @@ and std kept) and every step samples fresh latents from the pool: the VAE does n
 in the training loop.
 """
 import hashlib
+import io
 import itertools
 import logging
 import random
@@ -24,7 +25,7 @@ def list_images(data_cfg, report=None):
     conversions, small and duplicate images are reported through `report` (default: the log)."""
     report = report or log.warning
     folder = Path(data_cfg.instance_dir)
-    images, seen = [], {}
+    images, seen, unusable = [], {}, []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):  # .DS_Store, editor swap files
             continue
@@ -44,8 +45,10 @@ def list_images(data_cfg, report=None):
         elif data_cfg.skip_invalid_files:
             report(f"skipping {path}: it {problem}")
         else:
-            raise ValueError(f"data.instance_dir: {path} {problem}; remove it, or set "
-                             "data.skip_invalid_files=true to skip such files")
+            unusable.append(f"  {path} {problem}")
+    if unusable:
+        raise ValueError(f"data.instance_dir: {len(unusable)} file(s) cannot be used:\n" + "\n".join(unusable)
+                         + "\nremove them, or set data.skip_invalid_files=true to skip such files")
     if not images:
         raise ValueError(f"data.instance_dir: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -80,10 +83,10 @@ def load_rgb(path, background="white", max_side=None):
     with Image.open(path) as im:
         if max_side:
             im.draft("RGB", (max_side, max_side))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale, don't clip at 255
+        im = to_srgb(ImageOps.exif_transpose(im))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale by the 16-bit range, don't clip at 255
             a = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((a / max(a.max(), 1) * 255).round().astype(np.uint8), "L")
+            im = Image.fromarray((a.clip(0, 65535) / 65535 * 255).round().astype(np.uint8), "L")
         if im.mode == "P":
             im = im.convert("RGBA")
         if im.mode in ("RGBA", "LA", "PA"):
@@ -91,6 +94,22 @@ def load_rgb(path, background="white", max_side=None):
             flat.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
             return flat
         return im.convert("RGB")
+
+
+def to_srgb(im):
+    """An image with an embedded ICC colour profile (Display P3, Adobe RGB, CMYK press profiles...)
+    converted to sRGB, the colours the model was trained on; others unchanged."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        return im
+    from PIL import ImageCms
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out_mode = "RGBA" if im.mode in ("RGBA", "LA") else "RGB"
+        return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        log.warning("%s: its colour profile cannot be read (%s); colours are taken as sRGB", im.filename or "image", e)
+        return im
 
 
 def augment(image, resolution, aug, rng: random.Random):
@@ -146,6 +165,13 @@ class LatentSampler:
         self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
         self.num_images, self.views = num_images, mean.shape[0] // num_images
         self.order = []
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+        self.order = list(state["order"])
 
     def _next_image(self):
         if not self.order:

@@ -1,8 +1,10 @@
 """Everything checked before any weights load: data, tokens, the run folder, the disk, the plan."""
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -12,11 +14,14 @@ import yaml
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
 from attndreambooth.models import is_known_word, model_source
+from attndreambooth.plan import DTYPES, Plan
 
 log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
-# way out of a numerical fault (a lower lr, clipping); everything else must match the run's config.yaml.
-RESUMABLE_CHANGES = ("resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
+# way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
+# resume); everything else must match the run's config.yaml.
+RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
                      "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
                      "runtime.max_grad_norm", "runtime.pipeline_dtype")
 
@@ -47,9 +52,11 @@ def parameter_sizes(cfg):
 def plan_text(cfg):
     """The stages with their trainable parameter counts, for --dry-run."""
     source, sizes = parameter_sizes(cfg)
+    planned = {s.name: s for s in Plan(cfg.stages)}
     lines = [f"plan (parameter counts from {source}):"]
-    for name, s in cfg.stages.items():
-        if s.enabled and s.steps > 0:
+    for name in cfg.stages:
+        if name in planned:
+            s = planned[name].config
             n = sum(sizes[p] for p in s.train)
             lines.append(f"  {name}: train {'+'.join(s.train)} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
                          f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}")
@@ -79,33 +86,67 @@ def check_tokens(cfg):
     if n > tokenizer.model_max_length:
         raise ConfigError(f"config key 'data.prompt_template': the training prompt {prompt!r} is {n} tokens, over "
                           f"the text encoder's {tokenizer.model_max_length}; shorten it")
+    for template in cfg.validation.prompts if cfg.validation.every_steps else ():
+        if "{}" in template and concept_position(tokenizer, template, d.placeholder) >= tokenizer.model_max_length - 1:
+            raise ConfigError(f"config key 'validation.prompts': in {template!r} the concept falls past the text "
+                              f"encoder's {tokenizer.model_max_length} tokens and would be cut off; shorten it")
 
 
-def check_run_folder(cfg):
-    """'new', 'resume' or 'finished' for cfg.output_dir; refuses a folder that is not this run's."""
+def concept_position(tokenizer, template, placeholder):
+    """Token position of "[V]" when `{}` of `template` is filled with it (start token included)."""
+    before = template.split("{}")[0]
+    return len(tokenizer(before).input_ids) - 1  # the end token is not counted; [V] follows `before`
+
+
+def run_folder_state(cfg):
+    """'new', 'replace' (resume=false over an earlier run), 'resume' or 'finished' for cfg.output_dir, without
+    touching it; refuses a folder that is not this run's."""
     out = Path(cfg.output_dir)
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"config key 'output_dir': cannot write in {parent}; choose a folder you can write to")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_NAME]:
         return "new"
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
                           "output_dir (nothing in it is touched)")
     if not cfg.resume:
-        aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        log.warning("resume=false: the earlier run in %s was moved to %s", out, aside)
-        return "new"
-    changed = config_changes(yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(to_yaml(cfg)))
+        return "replace"
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"output_dir {out}: its config.yaml cannot be read ({e}); use a new output_dir or "
+                          "resume=false") from None
+    changed = config_changes(old if isinstance(old, dict) else {}, yaml.safe_load(to_yaml(cfg)))
     refused = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES) and not c[0].endswith(".lr")]
     if refused:
         lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
         raise ConfigError(f"output_dir {out} holds a run with another config:\n{lines}\n"
                           "Use a new output_dir, or resume=false to move the earlier run aside and start over.")
     for key, old, new in changed:
-        log.warning("resuming with %s changed: %r -> %r", key, old, new)
+        if key != "output_dir":
+            log.warning("resuming with %s changed: %r -> %r", key, old, new)
     return "finished" if (out / "finished.json").is_file() else "resume"
+
+
+def hold_run_folder(out):
+    """An exclusive OS lock on out/.lock for as long as this process lives (the kernel drops it when the
+    process dies, so a killed run never blocks); refuses a folder that a live run holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"output_dir {out} is in use by a running training ({holder}); wait for it to end, "
+                          "or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
 
 
 def config_changes(old, new, prefix=""):
@@ -123,32 +164,51 @@ def config_changes(old, new, prefix=""):
 def check_disk(cfg):
     """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
     _, sizes = parameter_sizes(cfg)
-    parts = {p for s in cfg.stages.values() if s.enabled and s.steps > 0 for p in s.train}
+    plan = Plan(cfg.stages)
+    parts = plan.trained_parts()
     trained = sizes["unet"] if "unet" in parts else sizes["cross_attention"] if "cross_attention" in parts else 0
-    largest_stage = max((sum(sizes[p] for p in s.train) for s in cfg.stages.values() if s.enabled), default=0)
-    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.runtime.pipeline_dtype]
+    largest_stage = max((sum(sizes[p] for p in s.config.train) for s in plan), default=0)
+    bytes_per = DTYPES[cfg.runtime.pipeline_dtype].itemsize
     checkpoint = 4 * (trained + sizes["embedding"]) + 8 * largest_stage  # weights + AdamW moments, fp32
     need = sizes["pipeline"] * bytes_per + 4 * sizes["cross_attention"] + (cfg.runtime.keep_checkpoints + 1) * checkpoint
     parent = next(p for p in [Path(cfg.output_dir), *Path(cfg.output_dir).parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if need > free:
-        raise ConfigError(f"output_dir: the run needs about {need / 1e9:.1f} GB ({cfg.runtime.keep_checkpoints} "
-                          f"resume checkpoints of {checkpoint / 1e9:.1f} GB and the final pipeline) but "
-                          f"{parent} has {free / 1e9:.1f} GB free; free space, use another disk, or lower "
+        raise ConfigError(f"output_dir: the run needs about {size_text(need)} ({cfg.runtime.keep_checkpoints} "
+                          f"resume checkpoints of {size_text(checkpoint)} and the final pipeline) but "
+                          f"{parent} has {size_text(free)} free; free space, use another disk, or lower "
                           "runtime.keep_checkpoints")
     return need
 
 
+def size_text(n):
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
+
+
 def preflight(cfg):
-    """All checks that need no weights; returns the run folder's state ('new', 'resume', 'finished') and
-    the checked instance images."""
+    """All checks that need no weights, then the run folder claimed (locked; for resume=false the earlier
+    run moved aside, only now that everything else passed). Returns the folder's state ('new', 'resume',
+    'finished'), the checked instance images and the lock (keep it for the process's life)."""
     paths = list_images(cfg.data)
     model_source(cfg.model)
     check_tokens(cfg)
-    state = check_run_folder(cfg)
+    state = run_folder_state(cfg)
     if state != "finished":
         check_disk(cfg)
-    return state, paths
+    if state == "finished":  # nothing will be written
+        return state, paths, None
+    if int(os.environ.get("RANK", 0)) != 0:  # under a launcher, rank 0 claims the folder for all
+        return ("new" if state == "replace" else state), paths, None
+    out = Path(cfg.output_dir)
+    lock = hold_run_folder(out)
+    if state == "replace":
+        aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)  # the lock file moves with it; this process still holds it
+        lock.close()
+        lock = hold_run_folder(out)
+        log.warning("resume=false: the earlier run in %s was moved to %s", out, aside)
+        state = "new"
+    return state, paths, lock
 
 
 def mark_finished(out):

@@ -9,25 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attention_reg import attention_reg_terms
-from attndreambooth.checkpoint import fault_point, inject_nan
+from attention_reg import attention_reg_loss, attention_reg_terms
 from attndreambooth.models import trainable_parameters
 
 log = logging.getLogger(__name__)
 
 
 class AttnDreamBoothLoss(nn.Module):
-    """The diffusion loss and Eq. 2's two terms for one batch; holds every model that a stage may train,
-    so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row included."""
+    """The loss that is optimised, diffusion MSE + Eq. 2, for one batch; holds every model that a stage may
+    train, so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row included."""
 
     def __init__(self, unet, text_encoder, noise_scheduler, capture, reduction):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
         self.noise_scheduler, self.capture, self.reduction = noise_scheduler, capture, reduction
 
-    def forward(self, latents, noise, timesteps, input_ids=None, cond=None):
-        """Returns (mse, reg mean term, reg var term); `cond` (1, 77, D) is the cached conditioning,
-        else the text encoder runs once on `input_ids` (1, 77) and is broadcast over the batch."""
+    def forward(self, latents, noise, timesteps, input_ids=None, cond=None, mean_weight=0.0, var_weight=0.0):
+        """Returns (loss, mse, reg, reg mean term, reg var term): loss = mse + reg, reg = Eq. 2 with the
+        given weights. `cond` (1, 77, D) is the cached conditioning, else the text encoder runs once on
+        `input_ids` (1, 77) and is broadcast over the batch."""
         if cond is None:
             cond = self.text_encoder(input_ids)[0]
         cond = cond.expand(latents.shape[0], -1, -1)  # (B, 77, D)
@@ -41,8 +41,22 @@ class AttnDreamBoothLoss(nn.Module):
         pred = self.unet(noisy, timesteps, cond).sample
         mse = F.mse_loss(pred.float(), target.float())
         if self.capture is None:  # regulariser off
-            return mse, mse.new_zeros(()), mse.new_zeros(())
-        return (mse, *attention_reg_terms(self.capture.maps, self.reduction))
+            zero = mse.new_zeros(())
+            return mse, mse, zero, zero, zero
+        reg = attention_reg_loss(self.capture.maps, mean_weight, var_weight, self.reduction)
+        with torch.no_grad():  # the two terms, for the log
+            mean_term, var_term = attention_reg_terms(self.capture.maps, self.reduction)
+        return mse + reg, mse, reg, mean_term, var_term
+
+
+class Hooks:
+    """Where tests step into a run (kill the process at a point, make a loss NaN); production passes none."""
+
+    def at(self, point):
+        """Called at named points: "<stage>:<step>" after each step, "<stage>:end", "checkpoint", "finished"."""
+
+    def loss(self, point, loss):
+        return loss
 
 
 @dataclass
@@ -120,28 +134,33 @@ def restore_weights(weights, models):
         params[name].copy_(value)
 
 
-def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_step=0, optimizer_state=None,
-              checkpoint=None):
-    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps),
-    from `start_step` with `optimizer_state` when resuming; `checkpoint(name, step, optimizer)` is
-    called every `runtime.checkpoint_every_steps` steps."""
+def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=None, checkpoint=None, hooks=None):
+    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps). With a
+    RunState `state`, continue from its position and optimizer state and keep it current;
+    `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
+    hooks = hooks or Hooks()
     params = set_trainable(stage, models)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
     if rest:
         raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
                          f"{accelerator.num_processes} processes")
     run_text = "embedding" in stage.train or not models.cache_text
-    if not run_text and models.cond is None:
+    if not run_text:  # computed anew for every stage: an earlier stage may have moved [V]
         with torch.no_grad(), accelerator.autocast():
             models.cond = models.text_encoder(models.input_ids)[0].float()
     objective = AttnDreamBoothLoss(models.unet, models.text_encoder, models.noise_scheduler, models.capture,
                                    cfg.reg.reduction)
     optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    start_step = 0
+    if state is not None:
+        start_step = state.start_step(name)
+        if start_step and state.optimizer_state is not None:
+            optimizer.load_state_dict(state.optimizer_state)
+        state.stage, state.step, state.done, state.optimizer, state.optimizer_state = name, start_step, False, optimizer, None
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
+    weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
     device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -155,12 +174,9 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_st
         noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
         timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
         with accelerator.autocast():
-            mse, mean_term, var_term = objective(latents, noise, timesteps, input_ids=models.input_ids,
-                                                 cond=None if run_text else models.cond)
-        reg = batch_sum * (stage.reg_mean_weight * mean_term + stage.reg_var_weight * var_term)
-        loss = mse + reg
-        if inject_nan(f"{name}:{step + 1}"):
-            loss = loss * float("nan")
+            loss, mse, reg, mean_term, var_term = objective(latents, noise, timesteps, input_ids=models.input_ids,
+                                                            cond=None if run_text else models.cond, **weights)
+        loss = hooks.loss(f"{name}:{step + 1}", loss)
         accelerator.backward(loss)
         if cfg.runtime.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
@@ -177,11 +193,15 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, start_st
                       seconds=round(time.perf_counter() - start, 5))
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
         reporter.step(record, stage.steps)
+        if state is not None:
+            state.step, state.global_step = step + 1, state.global_step + 1
         if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
-            checkpoint(name, step + 1, optimizer)
-        fault_point(f"{name}:{step + 1}")
+            checkpoint(state)
+        hooks.at(f"{name}:{step + 1}")
     if models.capture is not None:
         models.capture.clear()
+    if state is not None:
+        state.done, state.optimizer = True, None
     accelerator.free_memory()  # drop the stage's wrappers and optimizer state
     for p in params:
         p.requires_grad_(False)

@@ -12,10 +12,10 @@ import attndreambooth.data as D  # noqa: E402
 import attndreambooth.training as TR  # noqa: E402
 import train_attndreambooth as T  # noqa: E402
 from conftest import ROOT, tiny_overrides  # noqa: E402
+from fault_runner import FaultHooks  # noqa: E402
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-if sys.argv[2:] == ["nan"] and rank == 1:
-    os.environ["ATTNDB_NAN_AT"] = "stage1:2"
+hooks = FaultHooks(nan="stage1:2") if sys.argv[2:] == ["nan"] and rank == 1 else None
 seen, original_sample, original_run_stage = {}, D.LatentSampler.sample, TR.run_stage
 
 
@@ -35,4 +35,5 @@ def run_stage(name, stage, models, *args, **kwargs):
 
 
 D.LatentSampler.sample, TR.run_stage = sample, run_stage
-T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(out / "run", **{"runtime.tensorboard": "false"}))
+T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(out / "run", **{"runtime.tensorboard": "false"}),
+       hooks=hooks)

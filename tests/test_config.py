@@ -20,18 +20,19 @@ def no_model_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.categry=dog", "config key 'data.categry'.*Did you mean: 'category'"),
-    ("stages.stage3.steps=many", "config key 'stages.stage3.steps'.*could not be converted to Integer"),
+    ("data.categry=dog", "override 'data.categry=dog': Key 'categry'.*Did you mean: 'category'"),
+    ("stages.stage3.steps=many", "override 'stages.stage3.steps=many'.*could not be converted to Integer"),
     ("stages.stage2.steps=-5", "config key 'stages.stage2.steps': -5 is negative"),
     ("stages.stage1.lr=0", "config key 'stages.stage1.lr'"),
     ("data.instance_dir=/no/such/folder", "config key 'data.instance_dir': folder /no/such/folder does not exist"),
+    (f"data.instance_dir={SAMPLE / 'toy_0.jpg'}", "config key 'data.instance_dir': .*toy_0.jpg is a file"),
     ("data.category=", "config key 'data.category': is empty"),
     ("data.prompt_template=a photo of a dog", "config key 'data.prompt_template'.*exactly once"),
     ("data.prompt_template='{category} photo of {placeholder}'", "needs {category} after {placeholder}"),
     ("reg.reduction=mean", "config key 'reg.reduction'"),
     ("stages.stage1.train=[text_encoder]", "config key 'stages.stage1.train'"),
     ("runtime.mixed_precision=fp8", "config key 'runtime.mixed_precision'"),
-    ("novel=1", "config key 'novel'"),
+    ("novel=1", "override 'novel=1'"),
     ("data.category", "not of the form key=value"),
 ])
 def test_bad_values_name_their_key(override, message):
@@ -87,10 +88,9 @@ def test_non_image_file_is_named_or_skipped(tmp_path, capsys):
     (data / "notes.txt").write_text("not a photo")
     (data / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     args = ["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}", f"output_dir={tmp_path}/run"]
-    msg = run_main(args, capsys)
-    assert "broken.jpg cannot be read as an image" in msg and "data.skip_invalid_files=true" in msg
-    (data / "broken.jpg").unlink()
-    assert "notes.txt is not an image" in run_main(args, capsys)
+    msg = run_main(args, capsys)  # every unusable file in one message, not only the first
+    assert "2 file(s) cannot be used" in msg and "broken.jpg cannot be read as an image" in msg
+    assert "notes.txt is not an image" in msg and "data.skip_invalid_files=true" in msg
     from attndreambooth.data import list_images
     cfg = load_config(ROOT / "configs/tiny.yaml", args[2:] + ["data.skip_invalid_files=true"])
     assert [p.name for p in list_images(cfg.data)] == [f"toy_{i}.jpg" for i in range(5)]
@@ -116,3 +116,37 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert "stage2: train cross_attention (50,352,320 parameters), 100 steps" in out
     assert "stage3: train unet (865,910,724 parameters), 500 steps" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text", ["runtime: {mixed_precision: no}", "runtime: {mixed_precision: off}",
+                                  "runtime: {mixed_precision: false}"])
+def test_yaml11_booleans_mean_no_mixed_precision(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text + "\n")  # unquoted `no` is YAML 1.1's false
+    assert load_config(f, REQUIRED).runtime.mixed_precision == "no"
+    assert load_config(None, REQUIRED + ["runtime.mixed_precision=no"]).runtime.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages:\n  stage1: {steps: 3\n", r"line 3 column 1"),  # unclosed flow mapping
+    ("- a\n- b\n", "holds a list, not a mapping"),
+    ("just words\n", "holds a str, not a mapping"),
+])
+def test_broken_yaml_file_is_one_line_naming_it(tmp_path, capsys, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(f, REQUIRED)
+    assert str(f) in str(e.value)
+    msg = run_main(["--config", str(f)] + REQUIRED, capsys)  # the command line: one line, no traceback
+    assert msg.startswith(f"error: config file {f}") and "\n" not in msg
+
+
+def test_dry_run_anywhere_and_paths_expanded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(SAMPLE, tmp_path / "photos")
+    T.main(["data.category=toy", "--dry-run", "data.instance_dir=~/photos/", "output_dir=~/runs/x/",
+            "--config", str(ROOT / "configs/tiny.yaml")])
+    out = capsys.readouterr().out
+    assert f"instance_dir: {tmp_path}/photos\n" in out and f"output_dir: {tmp_path}/runs/x\n" in out
+    assert "stage3: train unet" in out and not (tmp_path / "runs").exists()

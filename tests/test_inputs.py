@@ -81,7 +81,8 @@ def test_modes_are_converted_and_reported(data, tmp_path):
     flat = np.asarray(load_rgb(data / "alpha.png"))
     assert flat[0, 0].tolist() == [0, 0, 255] and flat[0, -1].tolist() == [255, 255, 255]  # on white
     assert np.asarray(load_rgb(data / "alpha.png", "#000000"))[0, -1].tolist() == [0, 0, 0]
-    assert np.asarray(load_rgb(data / "deep.png"))[0, 0].tolist() == [255, 255, 255]  # 16-bit scaled, not clipped
+    # 16-bit is scaled by the 16-bit range: mid-grey stays mid-grey (not stretched to white, not clipped)
+    assert np.asarray(load_rgb(data / "deep.png"))[0, 0].tolist() == [127, 127, 127]
     assert np.asarray(load_rgb(data / "gray.png"))[0, 0].tolist() == [128, 128, 128]
 
 
@@ -107,4 +108,41 @@ def test_output_folder_problems(data, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     msg = fail(data, tmp_path)
-    assert "the run needs about" in msg and "0.0 GB free" in msg and "runtime.keep_checkpoints" in msg
+    assert "the run needs about 100 MB" in msg and "has 0 MB free" in msg and "runtime.keep_checkpoints" in msg  # MB under 1 GB
+
+
+def rgb_profile(colorants, gamma=1.0):
+    """A minimal ICC v2 RGB matrix/TRC display profile: `colorants` are the R, G, B columns (PCS XYZ, D50)."""
+    import struct
+
+    def s15(x):
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(v):
+        return b"XYZ " + b"\0" * 4 + b"".join(s15(c) for c in v)
+
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", 5) + b"test\0" + b"\0" * 4 + b"\0" * 4 + b"\0" * 2 + b"\0" + b"\0" * 67
+    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249)))]
+    tags += [(name, xyz(c)) for name, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants)]
+    tags += [(name, curve) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for name, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += name + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = struct.pack(">I4sI4s4s4s", size, b"\0" * 4, 0x02100000, b"mntr", b"RGB ", b"XYZ ") + b"\0" * 12
+    header += b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249)
+    header += b"\0" * (128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_colour_profile_is_converted_to_srgb(tmp_path):
+    """A photo tagged with a wide-gamut profile must not be read as if it were sRGB: here a profile whose
+    red channel is sRGB's green primary (and green is red), so a "red" pixel is really green."""
+    srgb_d50 = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+    swapped = [srgb_d50[1], srgb_d50[0], srgb_d50[2]]
+    Image.new("RGB", (200, 200), (255, 0, 0)).save(tmp_path / "tagged.png", icc_profile=rgb_profile(swapped))
+    r, g, b = np.asarray(load_rgb(tmp_path / "tagged.png"))[0, 0].tolist()
+    assert g > 200 and r < 60 and b < 60  # green, as the profile says; dropping the profile gives red

@@ -14,16 +14,12 @@ from conftest import ROOT
 STEPS = {"stages.stage1.steps": 6, "stages.stage2.steps": 6, "stages.stage3.steps": 6}
 
 
-def train(out, kill=None, nan=None, **overrides):
-    """The trainer in its own process, as a user runs it; returns the CompletedProcess."""
+def train(out, faults=(), **overrides):
+    """The trainer in its own process, as a user runs it (faults, e.g. ["--kill=stage1:3"], go through
+    tests/fault_runner.py's hooks); returns the CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    env.pop("ATTNDB_KILL_AT", None)
-    if kill:
-        env["ATTNDB_KILL_AT"] = kill
-    if nan:
-        env["ATTNDB_NAN_AT"] = nan
     args = {"output_dir": out, "runtime.checkpoint_every_steps": 2, "runtime.tensorboard": "false", **STEPS, **overrides}
-    cmd = [sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(ROOT / "configs/tiny.yaml")]
+    cmd = [sys.executable, str(ROOT / "tests/fault_runner.py"), *faults, "--", "--config", str(ROOT / "configs/tiny.yaml")]
     return subprocess.run(cmd + [f"{k}={v}" for k, v in args.items()], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
 
@@ -49,7 +45,7 @@ def baseline(tmp_path_factory):
 @pytest.mark.parametrize("kill", ["stage1:3", "stage1:end", "stage3:5", "checkpoint#5"])
 def test_kill_and_rerun_gives_identical_weights(baseline, tmp_path, kill):
     out = tmp_path / "run"
-    killed = train(out, kill=kill)
+    killed = train(out, [f"--kill={kill}"])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "finished.json").exists()
     resumed = train(out)
@@ -64,13 +60,13 @@ def test_kill_and_rerun_gives_identical_weights(baseline, tmp_path, kill):
 
 def test_nan_stops_with_message_and_last_checkpoint_resumes(tmp_path):
     out = tmp_path / "run"
-    failed = train(out, nan="stage2:3")
+    failed = train(out, ["--nan=stage2:3"])
     assert failed.returncode == 1
     assert "stage2 step 3: the loss is not finite" in failed.stderr
     assert "stages.stage2.lr=1e-05" in failed.stderr  # how to resume
-    meta, weights, optimizer, _ = Checkpointer.load(Checkpointer(out, 2).latest())
+    _, tensors, meta = Checkpointer(out, 2).load_latest()
     assert (meta["stage"], meta["step"], meta["done"]) == ("stage2", 2, False)
-    assert "concept.row" in weights and any(".attn2." in k for k in weights) and optimizer["state"]
+    assert "weights.concept.row" in tensors and any(".attn2." in k for k in tensors) and meta["optimizer"]["state"]
     resumed = train(out, **{"stages.stage2.lr": 1e-5})  # the way out: a lower lr is an allowed change
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming with stages.stage2.lr changed" in resumed.stdout + resumed.stderr

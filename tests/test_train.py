@@ -123,7 +123,8 @@ def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
     t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
     objective = AttnDreamBoothLoss(unet, tiny_pipe.text_encoder, sched, capture=None, reduction="per_layer")
     with torch.no_grad():
-        mse, _, _ = objective(x0, noise, t, cond=cond)
+        loss, mse, reg, _, _ = objective(x0, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
+        assert reg.item() == 0 and loss.item() == mse.item()  # no capture: the regulariser is off
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
@@ -158,3 +159,20 @@ def test_a_fault_on_one_rank_stops_both_with_the_message(tmp_path):
     assert failed.returncode != 0
     assert failed.stderr.count("stage1 step 2: the loss is not finite") + failed.stdout.count(
         "stage1 step 2: the loss is not finite") >= 2  # both ranks stop, neither hangs
+
+
+def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
+    """The loss that trains is MSE + attention_reg.attention_reg_loss with the stage's weights."""
+    from attention_reg import CrossAttentionCapture, attention_reg_loss
+    unet, g = tiny_pipe.unet, torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
+    with CrossAttentionCapture(unet, [5, 6]) as cap:
+        objective = AttnDreamBoothLoss(unet, tiny_pipe.text_encoder, tiny_pipe.scheduler, cap, "pooled")
+        loss, mse, reg, mean_term, var_term = objective(x0, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
+        want = attention_reg_loss(cap.maps, 2.0, 5.0, "pooled")
+    assert reg.item() == pytest.approx(want.item(), rel=1e-6) and reg.item() > 0
+    assert loss.item() == pytest.approx(mse.item() + want.item(), rel=1e-6)
+    assert reg.item() == pytest.approx(2 * mean_term.item() + 5 * var_term.item(), rel=1e-5)
+    loss.backward()  # the loss carries the graph through the maps
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if ".attn2.to_k" in n)

@@ -1,0 +1,44 @@
+"""The trainer as a user runs it, with faults injected through its hooks (nothing is read from the
+environment): python tests/fault_runner.py [--kill P] [--interrupt P] [--disk_full P] [--nan P] -- ARGS
+
+P is a hook point, "stage1:3" (after step 3 of stage1), "stage1:end", "checkpoint" (inside a
+checkpoint write) or "finished"; "P#k" fires at its k-th time.
+"""
+import argparse
+import errno
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_attndreambooth  # noqa: E402
+from attndreambooth.training import Hooks  # noqa: E402
+
+
+class FaultHooks(Hooks):
+    def __init__(self, kill=None, interrupt=None, disk_full=None, nan=None):
+        self.kill, self.interrupt, self.disk_full, self.nan, self.hits = kill, interrupt, disk_full, nan, Counter()
+
+    def at(self, point):
+        self.hits[point] += 1
+        here = (point, f"{point}#{self.hits[point]}")
+        if self.kill in here:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a pre-empted machine
+        if self.interrupt in here:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C
+        if self.disk_full in here:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def loss(self, point, loss):
+        return loss * float("nan") if point == self.nan else loss
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    for name in ("kill", "interrupt", "disk_full", "nan"):
+        p.add_argument(f"--{name}")
+    split = sys.argv.index("--")
+    faults = p.parse_args(sys.argv[1:split])
+    train_attndreambooth.main(sys.argv[split + 1:], hooks=FaultHooks(**vars(faults)))
