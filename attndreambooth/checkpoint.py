@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Checkpointer:
         for path in folders:
             try:
                 tensors, meta = self.load(path)
-            except (OSError, ValueError, KeyError, TypeError) as e:  # JSON and safetensors errors are ValueErrors
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # JSONDecodeError is a ValueError
                 log.warning("checkpoint %s cannot be read (%s: %s); trying an older one", path, type(e).__name__, e)
                 continue
             self.last = (meta["stage"], meta["step"])

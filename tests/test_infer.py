@@ -173,3 +173,65 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     torch.save({"<v>": Evil()}, tmp_path / "evil.bin")
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
         infer.load_pipe(base=tiny_dir, embeds=tmp_path / "evil.bin", category="toy")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_images", "0"], "--num_images must be >= 1"),
+    (["--batch_size", "-1"], "--batch_size must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--height", "100"], "--height must be a positive multiple of 8"),
+    (["--stage", "0"], "--stage must be 1 or more"),
+    (["--stage", "9"], "--stage 9: the run has stages 1..3"),
+    (["--prompt_file", "/no/such/prompts.txt"], "--prompt_file /no/such/prompts.txt does not exist"),
+])
+def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, message):
+    import attndreambooth.models as M
+    from diffusers import StableDiffusionPipeline
+    monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(runs[1]), "--prompt", "a {}", *args])
+    assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+
+
+def test_empty_or_folder_prompt_file_is_named(tmp_path, runs):
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    for path, message in ((tmp_path / "empty.txt", "holds no prompt"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            infer.main([str(runs[1]), "--prompt_file", str(path)])
+        assert message in str(e.value.code)
+
+
+def test_unfinished_run_says_so(runs, tmp_path):
+    import shutil
+    run = tmp_path / "unfinished"
+    shutil.copytree(runs[1], run)
+    shutil.rmtree(run / "pipeline")
+    (run / "finished.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(run), "--prompt", "a {}"])
+    assert "has not finished (no pipeline/): use --stage" in str(e.value.code)
+    (run / "attn2_stage2.safetensors").unlink()
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(run), "--prompt", "a {}", "--stage", "2"])
+    assert "has no attn2_stage2.safetensors yet" in str(e.value.code)
+
+
+def test_second_call_leaves_no_stale_images_and_failure_no_folder(runs, tmp_path, monkeypatch):
+    pipe, concept, _ = infer.load_pipe(runs[1])
+    out = tmp_path / "samples"
+    infer.generate(pipe, concept, ["a {} in the snow"], out, num_images=3, **FAST)
+    infer.generate(pipe, concept, ["a {} in the snow"], out, num_images=1, **FAST)
+    (folder,) = out.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "grid.png", "prompt.json"]
+    monkeypatch.setattr(infer, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        infer.generate(pipe, concept, ["a {} on the moon"], tmp_path / "never", num_images=1, **FAST)
+    assert not (tmp_path / "never").exists()
+
+
+def test_concept_past_77_tokens_is_warned(runs, tmp_path, caplog):
+    pipe, concept, _ = infer.load_pipe(runs[1])
+    long = "a photo of a red toy " * 16 + "and {}"
+    infer.generate(pipe, concept, [long], tmp_path / "s", num_images=1, **FAST)
+    assert "falls past the text encoder's 77 tokens" in caplog.text

@@ -109,6 +109,33 @@ def test_output_folder_problems(data, tmp_path, monkeypatch):
     monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     msg = fail(data, tmp_path)
     assert "the run needs about 100 MB" in msg and "has 0 MB free" in msg and "runtime.keep_checkpoints" in msg  # MB under 1 GB
+    # resume=false moves an earlier run aside only once every other check has passed: not on a full disk
+    run = tmp_path / "earlier"
+    run.mkdir()
+    (run / "config.yaml").write_text("output_dir: x\n")
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}", f"output_dir={run}",
+                "resume=false"])
+    assert "has 0 MB free" in str(e.value.code)
+    assert (run / "config.yaml").exists() and not list(tmp_path.glob("earlier.previous-*"))
+
+
+def test_validation_prompt_cut_off_by_77_tokens_is_refused(data, tmp_path):
+    long = "a photo of a red toy " * 16 + "and {}"
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}", f"output_dir={tmp_path}/r",
+                "validation.every_steps=5", f"validation.prompts=['{long}']"])
+    assert "config key 'validation.prompts'" in str(e.value.code) and "falls past" in str(e.value.code)
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_test_switch_is_read_from_the_environment():
+    """Faults are injected by tests through hooks; production code reads only these variables."""
+    import re
+    allowed = {"WORLD_SIZE", "RANK", "ATTNDB_CACHE"}
+    files = [*ROOT.glob("*.py"), *(ROOT / "attndreambooth").glob("*.py"), *(ROOT / "scripts").glob("*.py")]
+    names = {m for f in files for m in re.findall(r"environ(?:\.get)?\(?\[?[\"']([A-Z_]+)", f.read_text())}
+    assert names and names <= allowed, names - allowed
 
 
 def rgb_profile(colorants, gamma=1.0):

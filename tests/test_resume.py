@@ -92,3 +92,111 @@ def test_resume_false_moves_the_old_run_aside(tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
     assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine"
     assert (out / "finished.json").exists()
+
+
+def same_as_baseline(baseline, out):
+    want, got = final_tensors(baseline), final_tensors(out)
+    return want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+def fake_checkpoints(tmp_path):
+    """Three small checkpoints (global steps 1, 2, 3) written by the Checkpointer itself."""
+    import torch
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save({"weights.w": torch.full((4,), float(step))}, dict(stage="stage1", step=step, global_step=step))
+    return ckpt
+
+
+@pytest.mark.parametrize("damage", ["json_garbage", "json_empty", "safetensors_truncated", "files_missing"])
+def test_damaged_newest_checkpoint_is_skipped_for_an_older_one(tmp_path, caplog, damage):
+    ckpt = fake_checkpoints(tmp_path)
+    newest, middle, _ = ckpt.folders()
+    if damage == "json_garbage":
+        (newest / "state.json").write_text("{not json")
+    elif damage == "json_empty":
+        (newest / "state.json").write_text("")
+    elif damage == "safetensors_truncated":
+        data = (newest / "state.safetensors").read_bytes()
+        (newest / "state.safetensors").write_bytes(data[:len(data) // 2])
+    else:
+        (newest / "state.safetensors").unlink()
+    (middle / "state.json").write_text("[]")  # an older one damaged too: the oldest good one is used
+    path, tensors, meta = ckpt.load_latest()
+    assert meta["step"] == 1 and tensors["weights.w"][0].item() == 1.0
+    assert f"checkpoint {newest} cannot be read" in caplog.text and f"checkpoint {middle} cannot be read" in caplog.text
+
+
+def test_no_readable_checkpoint_says_so(tmp_path):
+    from attndreambooth.checkpoint import CheckpointError
+    ckpt = fake_checkpoints(tmp_path)
+    for folder in ckpt.folders():
+        (folder / "state.json").write_text("")
+    with pytest.raises(CheckpointError, match="none of the 3 checkpoints in .* can be read.*resume=false"):
+        ckpt.load_latest()
+
+
+def test_damaged_checkpoint_in_a_real_run_resumes_from_the_previous(baseline, tmp_path):
+    out = tmp_path / "run"
+    assert train(out, ["--kill=stage3:5"]).returncode == -9
+    newest = Checkpointer(out, 2).folders()[0]
+    (newest / "state.safetensors").write_bytes(b"garbage")
+    resumed = train(out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "cannot be read" in resumed.stdout + resumed.stderr and "resuming from" in resumed.stdout
+    assert same_as_baseline(baseline, out)
+
+
+def test_moved_run_folder_resumes(baseline, tmp_path):
+    out = tmp_path / "run"
+    assert train(out, ["--kill=stage1:3"]).returncode == -9
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    out.rename(moved)
+    resumed = train(f"{moved}/")  # a trailing slash as well
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and same_as_baseline(baseline, moved)
+
+
+def test_kill_after_finishing_leaves_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, ["--kill=finished"]).returncode == -9
+    assert (out / "finished.json").exists() and (out / "pipeline" / "model_index.json").exists()
+    again = train(out)
+    assert again.returncode == 0 and "finished run: nothing to do" in again.stdout + again.stderr
+
+
+def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline, tmp_path):
+    out = tmp_path / "run"
+    stopped = train(out, ["--interrupt=stage2:3"])
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "error: interrupted in stage2 at step 3; the last checkpoint is stage2 step 2; run the same command to resume")
+    full = train(out, ["--disk_full=checkpoint"])  # resumes at stage2 step 2; the disk fills at the next save
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the disk is full: a checkpoint could not be written in {out}/resume (")
+    assert "the previous checkpoint (stage2 step 2) is kept" in last
+    resumed = train(out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_as_baseline(baseline, out)
+
+
+def test_second_training_into_a_held_folder_is_refused(tmp_path):
+    import signal
+
+    from attndreambooth.config import ConfigError
+    from attndreambooth.preflight import hold_run_folder
+    out = tmp_path / "run"
+    lock = hold_run_folder(out)
+    with pytest.raises(ConfigError, match=f"in use by a running training \\(pid {os.getpid()} on "):
+        hold_run_folder(out)
+    second = train(out)
+    assert second.returncode == 1 and f"is in use by a running training (pid {os.getpid()}" in second.stderr
+    lock.close()
+    # a holder killed with SIGKILL leaves its lock file, never its lock
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from attndreambooth.preflight import "
+            "hold_run_folder; h = hold_run_folder(__import__('pathlib').Path(sys.argv[1])); os.kill(os.getpid(), 9)")
+    killed = subprocess.run([sys.executable, "-c", code, str(out), str(ROOT)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL and (out / ".lock").exists()
+    hold_run_folder(out).close()

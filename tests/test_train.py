@@ -176,3 +176,26 @@ def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
     assert reg.item() == pytest.approx(2 * mean_term.item() + 5 * var_term.item(), rel=1e-5)
     loss.backward()  # the loss carries the graph through the maps
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if ".attn2.to_k" in n)
+
+
+def test_cached_conditioning_follows_v_when_a_later_stage_moves_it(tmp_path, monkeypatch):
+    """Stage order unet, embedding, unet: the last stage must train against the new [V], not the
+    conditioning cached in the first."""
+    import attndreambooth.training as TR
+    seen, original = {}, TR.run_stage
+
+    def run_stage(name, stage, models, *args, **kwargs):
+        result = original(name, stage, models, *args, **kwargs)
+        with torch.no_grad():
+            seen[name] = (None if models.cond is None else models.cond.clone(),
+                          models.text_encoder(models.input_ids)[0].float())
+        return result
+
+    monkeypatch.setattr(TR, "run_stage", run_stage)
+    T.main(TINY + tiny_overrides(tmp_path / "r", **{
+        "stages.stage1.train": "[unet]", "stages.stage2.train": "[embedding]", "stages.stage2.lr": 0.1,
+        "stages.stage3.train": "[unet]", "stages.stage1.steps": 1, "stages.stage3.steps": 1}))
+    first, _ = seen["stage1"]
+    last, fresh = seen["stage3"]
+    assert not torch.allclose(first, fresh)  # stage 2 moved [V]
+    torch.testing.assert_close(last, fresh)  # and stage 3 used the moved [V]
