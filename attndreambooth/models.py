@@ -51,12 +51,13 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def write_tiny_tokenizer(folder):
-    """A CLIP BPE tokenizer made in code: byte alphabet + merges for a small word list; pads with "!" like SD 2.x."""
+def write_tiny_tokenizer(folder, words=TINY_WORDS):
+    """A CLIP BPE tokenizer made in code: byte alphabet + merges for a word list (each word becomes one token);
+    pads with "!" like SD 2.x."""
     alphabet = _bytes_to_unicode()
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges = []
-    for word in TINY_WORDS:
+    for word in dict.fromkeys(words):
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             merges.append(f"{symbols[0]} {symbols[1]}")

@@ -244,9 +244,14 @@ def main(argv=None):
     table = markdown(rows, flops, peak)
     result = dict(device=device_name, torch=torch.__version__, layout=args.layout, args=vars(args),
                   model_flops_per_step=flops, peak_tflops=peak, rows=rows, table=table)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    Path(args.out).with_suffix(".md").write_text(f"device: {device_name}, layout {args.layout}\n\n{table}\n")
-    print(table)
+    return write_result(result, args.out, f"device: {device_name}, layout {args.layout}")
+
+
+def write_result(result, out, header):
+    """`out` (JSON) and its .md twin (header + table); prints the table."""
+    Path(out).write_text(json.dumps(result, indent=1))
+    Path(out).with_suffix(".md").write_text(f"{header}\n\n{result['table']}\n")
+    print(result["table"])
     return result
 
 

@@ -9,7 +9,6 @@ learned-embedding file; then each mode runs `--repeats` times as its own `python
 process, alternating, and the median is reported (the first run also pays the disk cache).
 """
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -76,11 +75,9 @@ def main(argv=None):
     table = (f"| infer.py, {args.layout} layout, {dtype}, {args.num_images} images x {args.steps} steps "
              "| wall s (loading included) |\n|---|---|\n"
              + "\n".join(f"| {m} | {r['median_s']:.2f} |" for m, r in rows.items()))
+    from benchmark import write_result
     result = dict(device=device, torch=torch.__version__, args=vars(args), dtype=dtype, rows=rows, table=table)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    Path(args.out).with_suffix(".md").write_text(f"device: {device}\n\n{table}\n")
-    print(table)
-    return result
+    return write_result(result, args.out, f"device: {device}")
 
 
 if __name__ == "__main__":

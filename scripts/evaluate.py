@@ -1,6 +1,8 @@
-"""CLIP-I, CLIP-T and DINO of generated images (the Textual Inversion / DreamBooth protocol).
+"""CLIP-I, CLIP-T and DINO of generated images (the Textual Inversion / DreamBooth protocol), or the shapes
+world's exact metrics.
 
     python scripts/evaluate.py --samples runs/my_dog/samples --real path/to/my_dog --out runs/my_dog/eval
+    python scripts/evaluate.py --samples runs/star/samples --world shapes --concept checker_star
 
 `--samples` is a folder with one folder per prompt, as infer.py writes them (images + prompt.json).
 - CLIP-I: mean cosine similarity of CLIP image embeddings, each generated image against each real one;
@@ -116,7 +118,21 @@ def evaluate(samples, real, encoders, placeholder="<v>"):
     return dict(overall=overall, prompts=prompts, real_images=len(real_images))
 
 
+WORLD_COLUMNS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
+                 "attention_iou": "attention IoU"}
+
+
 def markdown(result):
+    if result.get("world"):  # the shapes world: exact metrics (attndreambooth.shapes)
+        keys = list(result["overall"])
+        lines = ["| prompt | images | " + " | ".join(WORLD_COLUMNS[k] for k in keys) + " |",
+                 "|---|---|" + "---|" * len(keys)]
+        for p in result["prompts"]:
+            lines.append(f"| {p['prompt']} | {p['images']} | "
+                         + " | ".join(f"{p[k]:.3f}" if k in p else "" for k in keys) + " |")
+        lines.append("| **overall (mean over prompts)** | | "
+                     + " | ".join(f"**{result['overall'][k]:.3f}**" for k in keys) + " |")
+        return "\n".join(lines)
     lines = ["| prompt (as CLIP-T reads it) | images | CLIP-I | CLIP-T | DINO |", "|---|---|---|---|---|"]
     for p in result["prompts"]:
         lines.append(f"| {p['text']} | {p['images']} | {p['clip_i']:.3f} | {p['clip_t']:.3f} | {p['dino']:.3f} |")
@@ -125,7 +141,7 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def scatter(points, path, size=420):
+def scatter(points, path, size=420, x_label="text alignment (CLIP-T)", y_label="identity (DINO)"):
     """Identity (DINO) against text alignment (CLIP-T), one labelled point per run, as the field plots it."""
     font, pad = ImageFont.load_default(), 50
     image = Image.new("RGB", (size, size), "white")
@@ -136,8 +152,8 @@ def scatter(points, path, size=420):
     px = lambda x: pad + (x - x0) / (x1 - x0) * (size - 2 * pad)  # noqa: E731
     py = lambda y: size - pad - (y - y0) / (y1 - y0) * (size - 2 * pad)  # noqa: E731
     draw.rectangle([pad, pad, size - pad, size - pad], outline="black")
-    draw.text((size // 2 - 50, size - pad + 18), "text alignment (CLIP-T)", fill="black", font=font)
-    draw.text((4, 8), "identity (DINO)", fill="black", font=font)
+    draw.text((size // 2 - 50, size - pad + 18), x_label, fill="black", font=font)
+    draw.text((4, 8), y_label, fill="black", font=font)
     for v, pos in ((x0, pad), (x1, size - pad)):
         draw.text((pos - 12, size - pad + 4), f"{v:.3f}", fill="black", font=font)
     for v, pos in ((y0, size - pad), (y1, pad)):
@@ -153,7 +169,9 @@ def scatter(points, path, size=420):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
-    p.add_argument("--real", required=True, help="the concept's real photos")
+    p.add_argument("--real", help="the concept's real photos (not with --world)")
+    p.add_argument("--world", choices=["shapes"], help="score with the world's exact metrics instead of CLIP/DINO")
+    p.add_argument("--concept", help="with --world shapes: the concept [V] stands for (e.g. checker_star)")
     p.add_argument("--clip", default=CLIP_DEFAULT, help="CLIP model id or folder (ViT-B/32: the TI protocol)")
     p.add_argument("--dino", default=DINO_DEFAULT, help="DINO model id or folder")
     p.add_argument("--placeholder", default="<v>", help="used when prompt.json does not name it")
@@ -162,12 +180,22 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: SAMPLES/../eval)")
     args = p.parse_args(argv)
     out = Path(args.out or Path(args.samples).parent / "eval")
-    result = evaluate(args.samples, args.real, Encoders(args.clip, args.dino, args.device), args.placeholder)
-    result.update(name=args.name, clip_model=str(args.clip), dino_model=str(args.dino))
+    if args.world:
+        from attndreambooth.shapes.score import score_samples
+        result = score_samples(args.samples, args.concept, args.placeholder)
+        point, labels = (result["overall"]["text"], result["overall"].get("identity", 0.0)), ("text alignment", "identity")
+    elif args.real is None:
+        p.error("--real is required (the concept's photos), unless --world is given")
+    else:
+        result = evaluate(args.samples, args.real, Encoders(args.clip, args.dino, args.device), args.placeholder)
+        result.update(clip_model=str(args.clip), dino_model=str(args.dino))
+        point, labels = (result["overall"]["clip_t"], result["overall"]["dino"]), ("text alignment (CLIP-T)",
+                                                                                 "identity (DINO)")
+    result.update(name=args.name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     (out / "metrics.md").write_text(markdown(result) + "\n")
-    scatter([(args.name, result["overall"]["clip_t"], result["overall"]["dino"])], out / "scatter.png")
+    scatter([(args.name, *point)], out / "scatter.png", x_label=labels[0], y_label=labels[1])
     print(markdown(result))
     return result
 

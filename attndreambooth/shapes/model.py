@@ -1,0 +1,34 @@
+"""The shapes world's text-to-image model: the SD 2.x layout (a KL VAE, a CLIP text encoder, a U-Net with
+the 16 cross-attention layers and linear projections) at widths a CPU can pretrain. Latents are 16x16x4
+(the VAE downsamples 4x, not SD's 8x, so a pattern of a few pixels survives encoding)."""
+import tempfile
+
+from attndreambooth.models import SD21_UNET, TINY_WORDS, write_tiny_tokenizer
+from attndreambooth.shapes.scene import WORDS
+
+SHAPES_UNET = dict(SD21_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128), attention_head_dim=(2, 4, 8, 8),
+                   cross_attention_dim=128, norm_num_groups=16)
+SHAPES_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=128)
+SHAPES_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                  block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16)
+VOCABULARY = tuple(dict.fromkeys(WORDS + TINY_WORDS))  # the world's words and the tiny model's
+
+
+def build(seed=0):
+    """(tokenizer, text encoder, VAE, U-Net, noise scheduler) with fresh weights from `seed`."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tiny_tokenizer(tmp, VOCABULARY)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=vocab_size - 2,
+                                                eos_token_id=vocab_size - 1, **SHAPES_TEXT))
+    vae, unet = AutoencoderKL(**SHAPES_VAE), UNet2DConditionModel(**SHAPES_UNET)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, prediction_type="epsilon")
+    return tokenizer, text_encoder, vae, unet, scheduler

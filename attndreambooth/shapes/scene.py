@@ -1,0 +1,193 @@
+"""Scenes of the shapes world: a grammar of captions and a deterministic renderer (64x64 RGB).
+
+"a small red star on the left on a blue background next to a yellow circle": a shape of one of
+6 categories, in one of 8 colours, small or big, at one of 5 positions, on one of 6 background
+colours, optionally with a small second object at the opposite position. Personal concepts are
+instances of a category with a pattern no caption can name; they never appear in pretraining.
+"""
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE, SUPER = 64, 4  # image side; supersampling factor for anti-aliased edges
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
+COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
+           "blue": (40, 80, 220), "purple": (140, 50, 180), "pink": (245, 130, 190), "white": (245, 245, 245),
+           "black": (20, 20, 20), "gray": (128, 128, 128), "brown": (130, 80, 40)}
+OBJECT_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
+BACKGROUNDS = ("black", "gray", "white", "blue", "green", "brown")
+POSITIONS = {"left": (18, 32), "right": (46, 32), "top": (32, 18), "bottom": (32, 46), "centre": (32, 32)}
+PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+           "centre": "in the centre"}
+SECOND_AT = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "centre": "corner"}
+CORNER = (12, 12)  # where the second object goes when the first is in the centre
+RADII = {"small": 7.0, "big": 12.0}
+WORDS = ("a an on the left right at top bottom in centre next to background small big"
+         .split() + list(SHAPES) + list(COLOURS))
+
+
+def outline(shape, n=64):
+    """The shape's polygon in unit coordinates (centre 0, radius 1, y down), or None for the circle."""
+    if shape == "square":
+        return [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    if shape == "triangle":
+        return [(0, -1), (0.866, 0.6), (-0.866, 0.6)]
+    if shape == "diamond":
+        return [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)]
+    if shape == "star":
+        return [((1 if k % 2 == 0 else 0.45) * math.sin(k * math.pi / 5),
+                 -(1 if k % 2 == 0 else 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+    if shape == "heart":
+        pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+               for t in np.linspace(0, 2 * math.pi, n, endpoint=False)]
+        return [(x / 17, (y + 2.5) / 17) for x, y in pts]
+    return None
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _pattern_checker(u, v):  # orange-teal checkerboard, cells of half a radius
+    odd = (np.floor(u * 2) + np.floor(v * 2)) % 2 == 1
+    return np.where(odd[..., None], (40, 190, 170), (245, 140, 20))
+
+
+def _pattern_split(u, v):  # left half magenta, right half lime
+    return np.where((u < 0)[..., None], (230, 40, 160), (150, 230, 40))
+
+
+def _pattern_dot(u, v):  # a red heart with a white dot inside
+    return np.where((u ** 2 + (v + 0.05) ** 2 < 0.3 ** 2)[..., None], (250, 250, 250), (220, 40, 40))
+
+
+def _pattern_stripes(u, v):  # a purple square with a border of black and white stripes
+    border = np.maximum(abs(u), abs(v)) > 0.55
+    stripe = np.floor((u + v) * 3) % 2 == 0
+    return np.where(border[..., None], np.where(stripe[..., None], (250, 250, 250), (20, 20, 20)), (140, 50, 180))
+
+
+# name -> (category, pattern over unit coordinates); names are folder names, never caption words
+CONCEPTS = {"checker_star": ("star", _pattern_checker), "split_circle": ("circle", _pattern_split),
+            "dot_heart": ("heart", _pattern_dot), "stripe_square": ("square", _pattern_stripes)}
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: Optional[str]  # None for a concept (its pattern is its colour)
+    concept: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    main: Thing
+    size: str
+    position: str
+    background: str
+    second: Optional[Thing] = None
+
+    def caption(self, placeholder=None):
+        """The caption; a concept is written "[V] category" with `placeholder` ("<v> star")."""
+        m = self.main
+        name = f"{placeholder} {m.shape}" if m.concept else f"{m.colour} {m.shape}"
+        text = f"a {self.size} {name} {PHRASES[self.position]} on a {self.background} background"
+        if self.second:
+            text += f" next to {_article(self.second.colour)} {self.second.colour} {self.second.shape}"
+        return text
+
+    def attributes(self):
+        """The attributes a caption asks for, the concept's identity excepted: name -> wanted value."""
+        out = dict(shape=self.main.shape, size=self.size, position=self.position, background=self.background,
+                   second=None if self.second is None else (self.second.shape, self.second.colour))
+        if self.main.concept is None:
+            out["colour"] = self.main.colour
+        return out
+
+    def render(self, seed=0):
+        return render(self, seed)
+
+
+def random_scene(rng: random.Random, second_prob=0.4, concept=None):
+    """A scene drawn uniformly from the grammar (the main object is `concept` if given)."""
+    background = rng.choice(BACKGROUNDS)
+    if concept:
+        main = Thing(CONCEPTS[concept][0], None, concept)
+    else:
+        main = Thing(rng.choice(SHAPES), rng.choice([c for c in OBJECT_COLOURS if c != background]))
+    second = None
+    if rng.random() < second_prob:
+        second = Thing(rng.choice(SHAPES), rng.choice([c for c in OBJECT_COLOURS if c != background]))
+    return Scene(main, rng.choice(tuple(RADII)), rng.choice(tuple(POSITIONS)), background, second)
+
+
+def _draw(canvas, thing, centre, radius):
+    """Paint `thing` on the supersampled canvas (H, W, 3 float) at `centre` (pixels) with `radius`; only
+    the window around the object is touched."""
+    s, (cx, cy), r = SUPER, centre, radius
+    x0, y0 = max(int((cx - r - 1) * s), 0), max(int((cy - r - 1) * s), 0)
+    x1, y1 = min(int((cx + r + 1) * s) + 1, SIZE * s), min(int((cy + r + 1) * s) + 1, SIZE * s)
+    if x1 <= x0 or y1 <= y0:
+        return
+    mask_img = Image.new("L", (x1 - x0, y1 - y0), 0)
+    draw = ImageDraw.Draw(mask_img)
+    poly = outline(thing.shape)
+    if poly is None:
+        draw.ellipse([(cx - r) * s - x0, (cy - r) * s - y0, (cx + r) * s - x0, (cy + r) * s - y0], fill=255)
+    else:
+        draw.polygon([((cx + x * r) * s - x0, (cy + y * r) * s - y0) for x, y in poly], fill=255)
+    mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255
+    if thing.concept:
+        ys, xs = np.mgrid[y0:y1, x0:x1]
+        u, v = ((xs + 0.5) / s - cx) / r, ((ys + 0.5) / s - cy) / r
+        colour = CONCEPTS[thing.concept][1](u, v).astype(np.float32)
+    else:
+        colour = np.array(COLOURS[thing.colour], np.float32)
+    window = canvas[y0:y1, x0:x1]
+    window *= 1 - mask
+    window += mask * colour
+
+
+def render(scene, seed=0):
+    """The scene as a 64x64 RGB image; `seed` jitters positions by up to 2 px."""
+    rng = random.Random(seed)
+    s = SUPER
+    canvas = np.empty((SIZE * s, SIZE * s, 3), np.float32)
+    canvas[:] = COLOURS[scene.background]
+    jitter = lambda xy, j: (xy[0] + rng.uniform(-j, j), xy[1] + rng.uniform(-j, j))  # noqa: E731
+    _draw(canvas, scene.main, jitter(POSITIONS[scene.position], 2), RADII[scene.size])
+    if scene.second:
+        where = SECOND_AT[scene.position]
+        _draw(canvas, scene.second, jitter(CORNER if where == "corner" else POSITIONS[where], 1), RADII["small"])
+    small = canvas.reshape(SIZE, s, SIZE, s, 3).mean(axis=(1, 3))  # box filter: anti-aliased edges
+    return Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
+
+
+def draw_thing(thing, centre, radius, background=(0, 0, 0)):
+    """One object alone at `centre` (pixels, fractional) with `radius`, as a 64x64 RGB image."""
+    canvas = np.empty((SIZE * SUPER, SIZE * SUPER, 3), np.float32)
+    canvas[:] = background
+    _draw(canvas, thing, centre, radius)
+    small = canvas.reshape(SIZE, SUPER, SIZE, SUPER, 3).mean(axis=(1, 3))
+    return Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
+
+
+def concept_photos(concept, n=5, seed=0):
+    """`n` "photos" of a concept: different sizes and positions on plain backgrounds, no second object."""
+    rng = random.Random(f"{concept}-{seed}")
+    scenes = [replace(random_scene(rng, second_prob=0, concept=concept)) for _ in range(n)]
+    return [(sc, sc.render(seed=rng.randrange(2**31))) for sc in scenes]
+
+
+def write_concept_folder(concept, folder, n=5, seed=0):
+    """The concept's photos as an instance folder (PNG) for data.instance_dir; returns its category word."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (_, image) in enumerate(concept_photos(concept, n, seed)):
+        image.save(folder / f"{concept}_{i}.png")
+    return CONCEPTS[concept][0]
