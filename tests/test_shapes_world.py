@@ -123,7 +123,9 @@ def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models/shapes", safety_checker=None,
                                                    requires_safety_checker=False)
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
-    assert pipe.unet.dtype == torch.float16 and pipe.vae_scale_factor == 4
+    from safetensors.torch import load_file
+    stored = load_file(ROOT / "models/shapes/unet/diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in stored.values()) and pipe.vae_scale_factor == 4  # shipped in fp16
     assert pipe.tokenizer.tokenize("a big red star") == ["a</w>", "big</w>", "red</w>", "star</w>"]
     out = T.main(["--config", str(ROOT / "configs/shapes.yaml"), f"output_dir={tmp_path}/run",
                   f"data.instance_dir={ROOT}/data/shapes/checker_star", f"model.pretrained={ROOT}/models/shapes",
