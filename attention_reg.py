@@ -153,7 +153,9 @@ def attention_reg_terms(maps, reduction="per_layer"):
     return ((v.mean(1) - c.mean(1)) ** 2).mean(), ((v.var(1) - c.var(1)) ** 2).mean()
 
 
-def attention_reg_loss(maps, mean_weight, var_weight, reduction="per_layer"):
-    """Eq. 2: mean_weight * (mu(M_V) - mu(M_cat))^2 + var_weight * (var(M_V) - var(M_cat))^2."""
+def attention_reg_loss(maps, mean_weight, var_weight, reduction="per_layer", with_terms=False):
+    """Eq. 2: mean_weight * (mu(M_V) - mu(M_cat))^2 + var_weight * (var(M_V) - var(M_cat))^2; with
+    `with_terms`, (loss, mean term, var term), so a caller logging the terms computes them once."""
     mean_term, var_term = attention_reg_terms(maps, reduction)
-    return mean_weight * mean_term + var_weight * var_term
+    loss = mean_weight * mean_term + var_weight * var_term
+    return (loss, mean_term, var_term) if with_terms else loss

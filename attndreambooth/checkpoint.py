@@ -24,10 +24,14 @@ class CheckpointError(RuntimeError):
     """No checkpoint can be read, or none can be written; the message says what to do."""
 
 
+def size_text(n):
+    """A byte count in words: MB below 1 GB."""
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
+
+
 def free_space(folder):
-    """Free space of the disk holding `folder`, in words (MB below 1 GB)."""
-    free = shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free
-    return f"{free / 1e6:.0f} MB" if free < 1e9 else f"{free / 1e9:.1f} GB"
+    """Free space of the disk holding `folder`, in words."""
+    return size_text(shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free)
 
 
 def flatten_optimizer(state_dict):

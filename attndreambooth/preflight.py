@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from attndreambooth.checkpoint import size_text
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
 from attndreambooth.models import is_known_word, model_source
@@ -179,10 +180,6 @@ def check_disk(cfg):
                           f"{parent} has {size_text(free)} free; free space, use another disk, or lower "
                           "runtime.keep_checkpoints")
     return need
-
-
-def size_text(n):
-    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 def preflight(cfg):

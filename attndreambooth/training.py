@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attention_reg import attention_reg_loss, attention_reg_terms
+from attention_reg import attention_reg_loss
 from attndreambooth.models import trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,8 @@ class AttnDreamBoothLoss(nn.Module):
         if self.capture is None:  # regulariser off
             zero = mse.new_zeros(())
             return mse, mse, zero, zero, zero
-        reg = attention_reg_loss(self.capture.maps, mean_weight, var_weight, self.reduction)
-        with torch.no_grad():  # the two terms, for the log
-            mean_term, var_term = attention_reg_terms(self.capture.maps, self.reduction)
+        reg, mean_term, var_term = attention_reg_loss(self.capture.maps, mean_weight, var_weight, self.reduction,
+                                                      with_terms=True)
         return mse + reg, mse, reg, mean_term, var_term
 
 

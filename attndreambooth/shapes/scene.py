@@ -7,7 +7,7 @@ instances of a category with a pattern no caption can name; they never appear in
 """
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -180,7 +180,7 @@ def draw_thing(thing, centre, radius, background=(0, 0, 0)):
 def concept_photos(concept, n=5, seed=0):
     """`n` "photos" of a concept: different sizes and positions on plain backgrounds, no second object."""
     rng = random.Random(f"{concept}-{seed}")
-    scenes = [replace(random_scene(rng, second_prob=0, concept=concept)) for _ in range(n)]
+    scenes = [random_scene(rng, second_prob=0, concept=concept) for _ in range(n)]
     return [(sc, sc.render(seed=rng.randrange(2**31))) for sc in scenes]
 
 
