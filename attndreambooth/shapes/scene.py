@@ -87,16 +87,28 @@ class Thing:
 @dataclass(frozen=True)
 class Scene:
     main: Thing
-    size: str
-    position: str
-    background: str
+    size: Optional[str]  # None (here and below): a caption that leaves it out (not renderable)
+    position: Optional[str]
+    background: Optional[str]
     second: Optional[Thing] = None
 
-    def caption(self, placeholder=None):
-        """The caption; a concept is written "[V] category" with `placeholder` ("<v> star")."""
-        m = self.main
-        name = f"{placeholder} {m.shape}" if m.concept else f"{m.colour} {m.shape}"
-        text = f"a {self.size} {name} {PHRASES[self.position]} on a {self.background} background"
+    def caption(self, placeholder=None, omit=()):
+        """The caption; a concept is written "[V] category" with `placeholder` ("<v> star"). `omit` leaves out
+        any of "size", "colour", "position", "background" ("a star on a blue background"), as real captions
+        leave things unsaid; the second object is always named when there is one."""
+        m, words = self, []
+        if "size" not in omit:
+            words.append(m.size)
+        if m.main.concept:
+            words.append(placeholder)
+        elif "colour" not in omit:
+            words.append(m.main.colour)
+        words.append(m.main.shape)
+        if "position" not in omit:
+            words.append(PHRASES[m.position])
+        if "background" not in omit:
+            words.append(f"on a {m.background} background")
+        text = f"{_article(words[0])} " + " ".join(words)
         if self.second:
             text += f" next to {_article(self.second.colour)} {self.second.colour} {self.second.shape}"
         return text
@@ -104,9 +116,9 @@ class Scene:
     def attributes(self):
         """The attributes a caption asks for, the concept's identity excepted: name -> wanted value."""
         out = dict(shape=self.main.shape, size=self.size, position=self.position, background=self.background,
-                   second=None if self.second is None else (self.second.shape, self.second.colour))
-        if self.main.concept is None:
-            out["colour"] = self.main.colour
+                   colour=self.main.colour)
+        out = {k: v for k, v in out.items() if v is not None}  # what a caption leaves out is not asked for
+        out["second"] = None if self.second is None else (self.second.shape, self.second.colour)
         return out
 
     def render(self, seed=0):
@@ -126,9 +138,15 @@ def random_scene(rng: random.Random, second_prob=0.4, concept=None):
     return Scene(main, rng.choice(tuple(RADII)), rng.choice(tuple(POSITIONS)), background, second)
 
 
-def _draw(canvas, thing, centre, radius):
-    """Paint `thing` on the supersampled canvas (H, W, 3 float) at `centre` (pixels) with `radius`; only
-    the window around the object is touched."""
+def _fill(thing):
+    """A thing's paint: its concept's pattern, or its colour."""
+    return CONCEPTS[thing.concept][1] if thing.concept else COLOURS[thing.colour]
+
+
+def _draw(canvas, shape, fill, centre, radius):
+    """Paint `shape` on the supersampled canvas (H, W, 3 float) at `centre` (pixels) with `radius`, in `fill`
+    (an RGB colour, or a pattern over unit coordinates u, v -> colours); only the window around the object
+    is touched."""
     s, (cx, cy), r = SUPER, centre, radius
     x0, y0 = max(int((cx - r - 1) * s), 0), max(int((cy - r - 1) * s), 0)
     x1, y1 = min(int((cx + r + 1) * s) + 1, SIZE * s), min(int((cy + r + 1) * s) + 1, SIZE * s)
@@ -136,18 +154,18 @@ def _draw(canvas, thing, centre, radius):
         return
     mask_img = Image.new("L", (x1 - x0, y1 - y0), 0)
     draw = ImageDraw.Draw(mask_img)
-    poly = outline(thing.shape)
+    poly = outline(shape)
     if poly is None:
         draw.ellipse([(cx - r) * s - x0, (cy - r) * s - y0, (cx + r) * s - x0, (cy + r) * s - y0], fill=255)
     else:
         draw.polygon([((cx + x * r) * s - x0, (cy + y * r) * s - y0) for x, y in poly], fill=255)
     mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255
-    if thing.concept:
+    if callable(fill):
         ys, xs = np.mgrid[y0:y1, x0:x1]
         u, v = ((xs + 0.5) / s - cx) / r, ((ys + 0.5) / s - cy) / r
-        colour = CONCEPTS[thing.concept][1](u, v).astype(np.float32)
+        colour = fill(u, v).astype(np.float32)
     else:
-        colour = np.array(COLOURS[thing.colour], np.float32)
+        colour = np.array(fill, np.float32)
     window = canvas[y0:y1, x0:x1]
     window *= 1 - mask
     window += mask * colour
@@ -160,10 +178,10 @@ def render(scene, seed=0):
     canvas = np.empty((SIZE * s, SIZE * s, 3), np.float32)
     canvas[:] = COLOURS[scene.background]
     jitter = lambda xy, j: (xy[0] + rng.uniform(-j, j), xy[1] + rng.uniform(-j, j))  # noqa: E731
-    _draw(canvas, scene.main, jitter(POSITIONS[scene.position], 2), RADII[scene.size])
+    _draw(canvas, scene.main.shape, _fill(scene.main), jitter(POSITIONS[scene.position], 2), RADII[scene.size])
     if scene.second:
         where = SECOND_AT[scene.position]
-        _draw(canvas, scene.second, jitter(CORNER if where == "corner" else POSITIONS[where], 1), RADII["small"])
+        _draw(canvas, scene.second.shape, _fill(scene.second), jitter(CORNER if where == "corner" else POSITIONS[where], 1), RADII["small"])
     small = canvas.reshape(SIZE, s, SIZE, s, 3).mean(axis=(1, 3))  # box filter: anti-aliased edges
     return Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
 
@@ -172,7 +190,7 @@ def draw_thing(thing, centre, radius, background=(0, 0, 0)):
     """One object alone at `centre` (pixels, fractional) with `radius`, as a 64x64 RGB image."""
     canvas = np.empty((SIZE * SUPER, SIZE * SUPER, 3), np.float32)
     canvas[:] = background
-    _draw(canvas, thing, centre, radius)
+    _draw(canvas, thing.shape, _fill(thing), centre, radius)
     small = canvas.reshape(SIZE, SUPER, SIZE, SUPER, 3).mean(axis=(1, 3))
     return Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
 

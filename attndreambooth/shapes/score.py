@@ -19,17 +19,24 @@ _PHRASE = {v: k for k, v in PHRASES.items()}
 
 
 def parse_caption(text, placeholder="<v>", concept=None):
-    """The Scene a caption of the grammar describes; "[V] category" stands for `concept`."""
+    """The Scene a caption of the grammar describes, attributes it leaves out None ("a <v> star on a blue
+    background"). The main object is `concept` when the caption writes "[V] category", or the category with
+    no colour ("a big star ...", the base model's reference for the concept)."""
     words = "|".join
-    pattern = (rf"an? ({words(RADII)}) ({words(OBJECT_COLOURS)}|{re.escape(placeholder)}) ({words(SHAPES)}) "
-               rf"({words(_PHRASE)}) on an? ({words(BACKGROUNDS)}) background"
+    pattern = (rf"an? (?:({words(RADII)}) )?(?:({words(OBJECT_COLOURS)}|{re.escape(placeholder or '<v>')}) )?"
+               rf"({words(SHAPES)})(?: ({words(_PHRASE)}))?(?: on an? ({words(BACKGROUNDS)}) background)?"
                rf"(?: next to an? ({words(OBJECT_COLOURS)}) ({words(SHAPES)}))?")
     m = re.fullmatch(pattern, text.strip())
     if m is None:
         raise ValueError(f"{text!r} is not a caption of the shapes world's grammar")
     size, colour, shape, phrase, background, colour2, shape2 = m.groups()
-    main = Thing(shape, None, concept) if colour == placeholder else Thing(shape, colour)
-    return Scene(main, size, _PHRASE[phrase], background, Thing(shape2, colour2) if shape2 else None)
+    if colour in OBJECT_COLOURS:
+        main = Thing(shape, colour)
+    elif colour is not None or concept is not None:
+        main = Thing(shape, None, concept)
+    else:
+        main = Thing(shape, None)
+    return Scene(main, size, _PHRASE.get(phrase), background, Thing(shape2, colour2) if shape2 else None)
 
 
 def attention_share(maps, tokens, placeholder):
@@ -61,7 +68,7 @@ def score_folder(folder, concept=None, placeholder="<v>"):
     if scene.main.concept:
         out["identity"] = statistics.mean(identity(im, scene.main.concept) for im in images)
     maps_file = Path(folder) / "attention_maps.npz"
-    if scene.main.concept and maps_file.is_file():
+    if scene.main.concept and placeholder and maps_file.is_file():  # a base model's reference has no [V]
         data = np.load(maps_file)
         maps, tokens = data["maps"], [str(t) for t in data["tokens"]]
         out["attention_share"] = attention_share(maps, tokens, placeholder)
