@@ -99,7 +99,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         concept = f"{placeholder} {category}"
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    label = "tiny, random weights" if label == "tiny" else label
+    label = f"{label}, random weights" if label in ("tiny", "tiny-sd15") else label
     return pipe.to(device), concept, label
 
 

@@ -33,6 +33,14 @@ TINY_UNET = dict(SD21_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
 TINY_VAE = dict(SD21_VAE, sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+# SD 1.5, from its published configs: 768-d CLIP ViT-L/14 text encoder (quick GELU), attn2 layers with conv
+# projections and 8 heads everywhere; the same 16 cross-attention layers as SD 2.x.
+SD15_UNET = dict(SD21_UNET, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TINY15_UNET = dict(TINY_UNET, attention_head_dim=4, use_linear_projection=False)
+TINY15_TEXT = dict(TINY_TEXT, hidden_act="quick_gelu")
+TINY_LAYOUTS = {"tiny": (TINY_UNET, TINY_TEXT, "!"), "tiny-sd15": (TINY15_UNET, TINY15_TEXT, "<|endoftext|>")}
 TINY_WORDS = ("a an the of in on with photo picture painting oil drawing sketch watercolor style toy dog cat "
               "bear backpack bowl boot can candle clock sneaker glasses teapot vase stuffed animal cartoon robot "
               "surfing wave beach snow jungle city mountain forest box inside top wooden floor red blue green "
@@ -51,9 +59,9 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def write_tiny_tokenizer(folder, words=TINY_WORDS):
+def write_tiny_tokenizer(folder, words=TINY_WORDS, pad_token="!"):
     """A CLIP BPE tokenizer made in code: byte alphabet + merges for a word list (each word becomes one token);
-    pads with "!" like SD 2.x."""
+    pads with "!" like SD 2.x (SD 1.x pads with <|endoftext|>)."""
     alphabet = _bytes_to_unicode()
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges = []
@@ -71,23 +79,25 @@ def write_tiny_tokenizer(folder, words=TINY_WORDS):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True, bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="!")))
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad_token)))
     return len(vocab)
 
 
-def build_tiny_pipeline(folder, seed=0):
-    """Build the tiny SD 2.x-layout pipeline with random weights from `seed` and save it as a diffusers folder."""
+def build_tiny_pipeline(folder, seed=0, layout="tiny"):
+    """Build a tiny pipeline with random weights from `seed` and save it as a diffusers folder: the SD 2.x
+    layout ("tiny") or SD 1.5's ("tiny-sd15")."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    unet_cfg, text_cfg, pad = TINY_LAYOUTS[layout]
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tiny_tokenizer(tmp)
+        vocab_size = write_tiny_tokenizer(tmp, pad_token=pad)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, pad_token_id=0,
-                                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, **TINY_TEXT))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id,
+                                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, **text_cfg))
     vae = AutoencoderKL(**TINY_VAE)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**unet_cfg)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -113,16 +123,16 @@ def cached_build(name, build):
     return folder
 
 
-def tiny_model_dir():
-    """Folder of the tiny model, built once per machine."""
-    return cached_build(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
+def tiny_model_dir(layout="tiny"):
+    """Folder of a tiny model ("tiny": SD 2.x layout, "tiny-sd15": SD 1.5's), built once per machine."""
+    return cached_build(f"{layout}-v{TINY_VERSION}", lambda folder: build_tiny_pipeline(folder, layout=layout))
 
 
 def model_source(model_cfg):
     """Classify `model.pretrained` as ("folder" | "single_file" | "hub", location); fail early on bad paths."""
     name = model_cfg.pretrained
-    if name == "tiny":
-        return "folder", str(tiny_model_dir())
+    if name in TINY_LAYOUTS:
+        return "folder", str(tiny_model_dir(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

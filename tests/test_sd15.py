@@ -1,0 +1,42 @@
+"""SD 1.5: the built-in tiny SD 1.5-shaped model (conv attn2 projections, quick-GELU CLIP, <|endoftext|>
+padding) trains all three stages unchanged; its outputs load in stock diffusers."""
+import torch
+from safetensors.torch import load_file
+
+import train_attndreambooth as T
+from conftest import ROOT, SAMPLE, tiny_overrides
+
+
+def test_tiny_sd15_has_the_sd15_layout():
+    from diffusers import StableDiffusionPipeline
+
+    from attndreambooth.models import SD15_UNET, tiny_model_dir
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"))
+    unet, text = pipe.unet.config, pipe.text_encoder.config
+    assert unet.use_linear_projection is False and SD15_UNET["use_linear_projection"] is False
+    assert text.hidden_act == "quick_gelu" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
+    assert pipe.unet.down_blocks[0].attentions[0].proj_in.__class__.__name__ == "Conv2d"
+
+
+def test_sd15_trains_three_stages_and_loads_in_stock_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from attndreambooth.models import tiny_model_dir
+    out = T.main(["--config", str(ROOT / "configs/sd15.yaml"), "model.pretrained=tiny-sd15",
+                  f"data.instance_dir={SAMPLE}", "data.category=toy", "data.resolution=64",
+                  "runtime.mixed_precision=no", "runtime.tensorboard=false", *tiny_overrides(tmp_path / "run")])
+    assert (out / "finished.json").exists()
+    trained = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"))
+    row = load_file(out / "learned_embeds.safetensors")["<v>"]
+    base.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    prompt = "a photo of a <v> toy"
+    ids = trained.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    v = base.tokenizer.convert_tokens_to_ids("<v>")
+    assert torch.equal(base.text_encoder.get_input_embeddings().weight[v], row)
+    with torch.no_grad():  # the baked pipeline and base + load_textual_inversion condition alike
+        torch.testing.assert_close(trained.text_encoder(ids)[0], base.text_encoder(ids)[0], atol=1e-5, rtol=1e-5)
+    changed = [k for k, p in trained.unet.state_dict().items() if not torch.equal(p, base.unet.state_dict()[k])]
+    assert any("attn2.to_k" in k for k in changed) and any("conv_in" in k for k in changed)  # stages 2 and 3 ran
