@@ -1,18 +1,20 @@
 """The shapes world's text-to-image model: the SD 2.x layout (a KL VAE, a CLIP text encoder, a U-Net with
 the 16 cross-attention layers and linear projections) at widths a CPU can pretrain. Latents are 16x16x4
-(the VAE downsamples 4x, not SD's 8x, so a pattern of a few pixels survives encoding)."""
+(the VAE downsamples 4x, not SD's 8x, so a pattern of a few pixels survives encoding). GroupNorm has 4 groups,
+not 16: with one or two channels a group it removes each channel's mean per image, and a flat-colour world
+keeps its colours there (measured on the VAE: text alignment of a round trip 0.65 with 16 groups, 0.88 with 4)."""
 import tempfile
 
 from attndreambooth.models import SD21_UNET, TINY_WORDS, write_tiny_tokenizer
 from attndreambooth.shapes.scene import WORDS
 
 SHAPES_UNET = dict(SD21_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128), attention_head_dim=(2, 4, 8, 8),
-                   cross_attention_dim=128, norm_num_groups=16)
+                   cross_attention_dim=128, norm_num_groups=4)
 SHAPES_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77, hidden_act="gelu", projection_dim=128)
 SHAPES_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-                  block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16)
+                  block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4)
 VOCABULARY = tuple(dict.fromkeys(WORDS + TINY_WORDS))  # the world's words and the tiny model's
 
 
