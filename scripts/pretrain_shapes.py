@@ -1,7 +1,7 @@
 """Pretrain the shapes world's text-to-image model from scratch on a CPU, then measure how well it follows
 prompts. Reproducible from --seed; writes a stock diffusers folder (fp16 safetensors).
 
-    python scripts/pretrain_shapes.py --out models/shapes          # the shipped model (see README)
+    python scripts/pretrain_shapes.py --out runs/shapes_model      # the shipped model (see README)
     python scripts/pretrain_shapes.py --out /tmp/s --vae_steps 50 --unet_steps 50 --eval_captions 8   # a smoke run
 
 1. VAE: recon (L1 + MSE) + a small KL term, on 32x32 crops (4x cheaper; the VAE is convolutional) of
@@ -192,8 +192,13 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the U-Net phase")
     p.add_argument("--eval_captions", type=int, default=200)
     p.add_argument("--eval_only", action="store_true", help="measure (and picture) an existing --out, no training")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if not args.eval_only and (out / "model_index.json").is_file() and not args.overwrite:
+        p.error(f"--out {out} already holds a model; choose another folder, or pass --overwrite to replace it")
+    if args.eval_only and not (out / "model_index.json").is_file():
+        p.error(f"--eval_only: {out} holds no model (no model_index.json)")
     if args.eval_only:
         report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
         report["eval"] = evaluate(out, args.eval_captions, args.seed, print)

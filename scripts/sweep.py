@@ -7,11 +7,16 @@
     python scripts/sweep.py --concepts toy=data/sample_toy:toy --methods attndreambooth,ablations/no_reg \
         --set model.pretrained=tiny --set data.resolution=64 --clip tiny --dino tiny --out sweeps/tiny
 
+    python scripts/sweep.py --world shapes --out sweeps/shapes            # the paper's comparison, measured
+    python scripts/sweep.py --world shapes --out sweeps/shapes_quick --quick
+
 A method is a config name under configs/ ("attndreambooth", "baselines/dreambooth", "ablations/no_stage2",
-or a path). Each cell (concept, method) lives in OUT/<concept>/<method>/ as run/, samples/ and eval/;
-a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run in
-parallel, one per visible GPU (CUDA_VISIBLE_DEVICES), one at a time on a CPU. The gathered table,
-sweep.json and the identity-vs-text scatter (one point per method) land in OUT.
+or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/[seed_N/] as run/, samples/
+and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run
+in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each), one at a time in this process
+on a CPU. The gathered table, sweep.json and the identity-vs-text scatter (one point per method) land in
+OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over concepts x seeds), scatter.png with
+the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
 """
 import argparse
 import concurrent.futures
@@ -27,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 LIVE_CLASSES = {"dog", "cat"}  # DreamBench: live subjects get the live-subject prompts
 
 
@@ -51,33 +57,101 @@ def method_config(name):
     return path
 
 
-def run_cell(concept, folder, category, method, args, gpu):
-    """Train, generate, evaluate one cell in subprocesses on one GPU; returns its metrics."""
+def world_cells(args):
+    """The shapes world's grid: (concept, folder, category, method, seed) cells, and the prompt file of each
+    concept (held-out prompts, written once into OUT/prompts)."""
+    from attndreambooth.shapes.bench import bench_prompts
+    from attndreambooth.shapes.scene import CONCEPTS
+    names = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
+    unknown = [c for c in names if c not in CONCEPTS]
+    if unknown:
+        raise SystemExit(f"error: --concepts {unknown} are not concepts of the shapes world ({', '.join(CONCEPTS)})")
+    prompt_dir = Path(args.out) / "prompts"
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    for c in names:
+        (prompt_dir / f"{c}.txt").write_text("\n".join(bench_prompts(c, args.num_prompts)) + "\n")
+    return [(c, ROOT / "data" / "shapes" / c, CONCEPTS[c][0], m, seed)
+            for c in names for m in args.methods.split(",") for seed in args.seeds]
+
+
+def scaled_steps(method, scale):
+    """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
+    from attndreambooth.config import load_config
+    cfg = load_config(method_config(method), ["data.instance_dir=.", "data.category=x"], check=False)
+    return [f"stages.{name}.steps={max(1, round(st.steps * scale))}" for name, st in cfg.stages.items() if st.enabled]
+
+
+def cell_commands(concept, folder, category, method, seed, args, cell):
+    """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
+    world = args.world == "shapes"
+    prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world else args.prompt_file or ROOT / "data" / "prompts" / (
+        "dreambench_live.txt" if category in LIVE_CLASSES else "dreambench_object.txt"))
+    infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
+             *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
+    evaluate = (["--world", "shapes", "--concept", concept] if world
+                else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
+    if method == "reference":  # the base model alone, `{}` the category word
+        return [("infer.py", ["--base", args.base_model, "--category", category, *infer]),
+                ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
+                                         "--out", cell / "eval"])]
+    train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
+             f"output_dir={cell / 'run'}", *args.set]
+    if seed is not None:
+        train.append(f"runtime.seed={seed}")
+    if args.step_scale != 1:
+        train += scaled_steps(method, args.step_scale)
+    return [("train_attndreambooth.py", train), ("infer.py", [cell / "run", *infer]),
+            ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method, "--out", cell / "eval"])]
+
+
+def call_in_process(script, argv, log):
+    """Run a script's main(argv) in this process (a CPU saves each subprocess's seconds of imports); its
+    output goes to `log`; a failure or sys.exit(message) raises."""
+    import contextlib
+    import importlib.util
+    import logging
+
+    from accelerate.state import AcceleratorState
+    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    AcceleratorState._reset_state(True)  # each training builds its own Accelerator, as a fresh process would
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # into this cell's log
+            module.main([str(a) for a in argv])
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(str(e.code)) from None
+    finally:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # the console again
+
+
+def run_cell(concept, folder, category, method, seed, args, gpu):
+    """Train, generate, evaluate one cell (in subprocesses on a GPU, in this process on a CPU); returns its
+    metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
     cell = Path(args.out) / concept / method.replace("/", "_")
+    cell = cell / f"seed_{seed}" if seed is not None else cell
     metrics = cell / "eval" / "metrics.json"
+    name = f"{concept} / {method}" + ("" if seed is None else f" / seed {seed}")
     if metrics.is_file():
-        print(f"[{concept} / {method}] done before: skipped", flush=True)
+        print(f"[{name}] done before: skipped", flush=True)
         return json.loads(metrics.read_text())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    prompts = args.prompt_file or ROOT / "data" / "prompts" / (
-        "dreambench_live.txt" if category in LIVE_CLASSES else "dreambench_object.txt")
-    steps = [
-        [sys.executable, ROOT / "train_attndreambooth.py", "--config", method_config(method),
-         f"data.instance_dir={folder}", f"data.category={category}", f"output_dir={cell / 'run'}", *args.set],
-        [sys.executable, ROOT / "infer.py", cell / "run", "--prompt_file", prompts, "--num_images", args.num_images,
-         "--out", cell / "samples", *args.infer_args.split()],
-        [sys.executable, ROOT / "scripts" / "evaluate.py", "--samples", cell / "samples", "--real", folder,
-         "--clip", args.clip, "--dino", args.dino, "--name", method, "--out", cell / "eval"],
-    ]
     cell.mkdir(parents=True, exist_ok=True)
     with open(cell / "sweep.log", "a") as log:
-        for cmd in steps:
-            print(f"[{concept} / {method}] {Path(cmd[1]).name}", flush=True)
-            done = subprocess.run([str(c) for c in cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            if done.returncode:
-                raise RuntimeError(f"{concept} / {method}: {Path(cmd[1]).name} failed; see {cell / 'sweep.log'}")
+        for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
+            print(f"[{name}] {Path(script).name}", flush=True)
+            try:
+                if gpu is None:
+                    call_in_process(script, argv, log)
+                elif subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], env=env, cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT).returncode:
+                    raise RuntimeError("exit status != 0")
+            except Exception as e:
+                raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
     return json.loads(metrics.read_text())
 
 
@@ -103,14 +177,52 @@ def gather(results, out):
     return table
 
 
+def gather_world(results, out, cells):
+    """The world's report: table (mean and 95 % CI over concepts x seeds per method), scatter, grid, JSON."""
+    from attndreambooth.shapes.bench import REFERENCE, grid, scatter, summarise, table
+    overall = {(c, REFERENCE if m == "reference" else m.split("/")[-1], seed): r["overall"]
+               for (c, m, seed), r in results.items()}
+    summary = summarise(overall)
+    text = table(summary)
+    (out / "comparison.md").write_text(text + "\n")
+    (out / "comparison.json").write_text(json.dumps(dict(
+        methods={m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in summary.items()},
+        cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(overall.items(), key=str)]),
+        indent=1))
+    scatter(summary, out / "scatter.png")
+    first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
+    samples = {(c, REFERENCE if m == "reference" else m.split("/")[-1]):
+               out / c / m.replace("/", "_") / ("" if m == "reference" else f"seed_{first_seed}") / "samples"
+               for c, _, _, m, seed in cells if seed in (first_seed, None)}
+    grid(samples, out / "grid.png")
+    return text
+
+
+def parse_seeds(parser, text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concepts", default="", help="name=folder:category,... (your own concepts)")
+    p.add_argument("--concepts", default="", help="name=folder:category,... (your own concepts); with --world: "
+                   "names of the world's concepts (default: all)")
     p.add_argument("--dreambench", help="the DreamBooth data set folder (with prompts_and_classes.txt)")
     p.add_argument("--subjects", default="", help="DreamBench subjects, e.g. dog,backpack")
-    p.add_argument("--methods", default="attndreambooth", help="config names, comma-separated")
+    p.add_argument("--world", choices=["shapes"], help="the shapes world: its concepts, held-out prompts, exact "
+                   "metrics, every method of configs/shapes/ and the base model's reference")
+    p.add_argument("--methods", help="config names, comma-separated (default: attndreambooth; with --world: all)")
+    p.add_argument("--seeds", default="", help="training seeds, comma-separated (with --world default 0,1,2)")
     p.add_argument("--out", required=True)
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (DreamBench: 4)")
+    p.add_argument("--num_prompts", type=int, default=20, help="with --world: held-out prompts per concept")
+    p.add_argument("--sampler_steps", type=int, default=25, help="with --world: sampler steps per image")
+    p.add_argument("--base_model", default=str(ROOT / "models" / "shapes"), help="with --world: the reference's model")
+    p.add_argument("--step_scale", type=float, default=1.0, help="multiply every stage's steps (a quick look)")
+    p.add_argument("--quick", action="store_true", help="with --world: one concept, one seed, the four main "
+                   "methods, 6 prompts x 2 images, a quarter of the steps (a few minutes on a CPU)")
     p.add_argument("--prompt_file", help="default: DreamBench live or object prompts by category")
     p.add_argument("--set", action="append", default=[], help="a key=value for every training (repeatable)")
     p.add_argument("--infer_args", default="", help="extra infer.py arguments, e.g. '--steps 25'")
@@ -118,19 +230,34 @@ def main(argv=None):
     p.add_argument("--dino", default="facebook/dino-vits16")
     p.add_argument("--gpus", help="GPU indices to use (default: all visible; none on a CPU machine)")
     args = p.parse_args(argv)
-
-    concepts = {}
-    for item in filter(None, args.concepts.split(",")):
-        name, _, rest = item.partition("=")
-        folder, _, category = rest.rpartition(":")
-        concepts[name] = (Path(folder), category)
-    if args.dreambench:
-        concepts.update(dreambench_concepts(args.dreambench, list(filter(None, args.subjects.split(",")))))
-    if not concepts:
-        raise SystemExit("error: give --concepts or --dreambench with --subjects")
-    methods = args.methods.split(",")
-    for m in methods:
-        method_config(m)
+    out = Path(args.out)
+    if args.world:
+        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS
+        if args.quick:
+            args.concepts = args.concepts or "checker_star"
+            args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
+            args.step_scale = 0.25 if args.step_scale == 1 else args.step_scale
+        args.methods = args.methods or ",".join(f"shapes/{m}" for m in (QUICK_METHODS if args.quick else METHODS))
+        args.seeds = parse_seeds(p, args.seeds or "0,1,2")
+        for m in args.methods.split(","):
+            method_config(m)
+        cells = world_cells(args)
+        cells = [(c, f, cat, "reference", None) for c, f, cat in dict.fromkeys(x[:3] for x in cells)] + cells
+    else:
+        concepts = {}
+        for item in filter(None, args.concepts.split(",")):
+            name, _, rest = item.partition("=")
+            folder, _, category = rest.rpartition(":")
+            concepts[name] = (Path(folder), category)
+        if args.dreambench:
+            concepts.update(dreambench_concepts(args.dreambench, list(filter(None, args.subjects.split(",")))))
+        if not concepts:
+            raise SystemExit("error: give --concepts or --dreambench with --subjects (or --world shapes)")
+        methods = (args.methods or "attndreambooth").split(",")
+        for m in methods:
+            method_config(m)
+        seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
+        cells = [(c, folder, cat, m, seed) for c, (folder, cat) in concepts.items() for m in methods for seed in seeds]
     gpus = ([int(g) for g in args.gpus.split(",")] if args.gpus
             else list(range(torch.cuda.device_count())) or [None])
     free = queue.Queue()
@@ -144,13 +271,14 @@ def main(argv=None):
         finally:
             free.put(gpu)
 
-    cells = [(c, folder, cat, m) for c, (folder, cat) in concepts.items() for m in methods]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(len(gpus)) as pool:
-        results = dict(zip([(c, m) for c, _, _, m in cells], pool.map(task, cells)))
-    table = gather(results, out)
-    print(table)
+        results = dict(zip([(c, m, seed) for c, _, _, m, seed in cells], pool.map(task, cells)))
+    if args.world:
+        text = gather_world(results, out, cells)
+    else:
+        text = gather({(c, m if seed is None else f"{m} seed {seed}"): r for (c, m, seed), r in results.items()}, out)
+    print(text)
     return results
 
 

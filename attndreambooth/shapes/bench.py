@@ -1,0 +1,139 @@
+"""The paper's comparison in the shapes world: the methods and their configs, the held-out prompts of each
+concept, the statistics (mean and 95 % confidence interval over concepts x seeds) and the report: the
+table, the identity-vs-text scatter with its intervals, and a grid of samples with [V]'s attention.
+scripts/sweep.py --world shapes runs it."""
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from attndreambooth.shapes.scene import CONCEPTS, random_scene
+
+METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db", "no_stage1", "no_stage2", "no_stage3",
+           "no_reg", "pooled")  # configs/shapes/<name>.yaml
+QUICK_METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db")
+REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
+METRICS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
+           "attention_iou": "[V] attention IoU"}
+# t quantile 0.975 for 1..30 degrees of freedom; 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# the prompts' first six: one attribute each (what is left out of the full caption), then full captions
+SINGLES = (("size", "position"), ("size", "position"), ("size", "background"), ("size", "background"),
+           ("position", "background"), ("size", "position", "background"))
+
+
+def bench_prompts(concept, n=20, seed=0):
+    """`n` held-out prompt templates for `concept`, `{}` standing for "[V] category": the background, the
+    position, the size and a second object alone, then full captions that combine them."""
+    rng, category, out = random.Random(f"bench-{concept}-{seed}"), CONCEPTS[concept][0], []
+    while len(out) < n:
+        k = len(out)
+        omit = SINGLES[k] if k < len(SINGLES) else ()
+        want_second = k == len(SINGLES) - 1 or (k >= len(SINGLES) and rng.random() < 0.4)
+        scene = random_scene(rng, second_prob=1.0 if want_second else 0.0, concept=concept)
+        text = scene.caption(placeholder="{}", omit=omit).replace("{} " + category, "{}")
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def mean_ci(values):
+    """(mean, half-width of its 95 % confidence interval by Student's t; 0 for one value)."""
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return (values[0] if values else float("nan")), 0.0
+    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    return statistics.mean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(cells):
+    """{method: {metric: (mean, ci), "n": cells}} from {(concept, method, seed): overall metrics}."""
+    by_method = {}
+    for (_, method, _), overall in cells.items():
+        by_method.setdefault(method, []).append(overall)
+    return {m: dict(n=len(rows), **{k: mean_ci([r[k] for r in rows]) for k in METRICS if all(k in r for r in rows)})
+            for m, rows in by_method.items()}
+
+
+def table(summary):
+    lines = ["| method | cells | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for method, row in summary.items():
+        cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if k in row else "n/a" for k in METRICS]
+        lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scatter(summary, path, size=520):
+    """Identity against text alignment, one point per method with its 95 % intervals as error bars."""
+    font, pad = ImageFont.load_default(), 60
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    px = lambda x: pad + x * (size - 2 * pad)  # noqa: E731  (both axes 0..1)
+    py = lambda y: size - pad - y * (size - 2 * pad)  # noqa: E731
+    draw.rectangle([pad, pad, size - pad, size - pad], outline="black")
+    for v in (0, 0.5, 1):
+        draw.text((px(v) - 8, size - pad + 4), f"{v:.1f}", fill="black", font=font)
+        draw.text((pad - 24, py(v) - 6), f"{v:.1f}", fill="black", font=font)
+    draw.text((size // 2 - 40, size - pad + 20), "text alignment", fill="black", font=font)
+    draw.text((6, 8), "identity", fill="black", font=font)
+    for label, row in summary.items():
+        (x, dx), (y, dy) = row["text"], row.get("identity", (0.0, 0.0))
+        colour = "gray" if label == REFERENCE else "red"
+        draw.line([px(x - dx), py(y), px(x + dx), py(y)], fill=colour)
+        draw.line([px(x), py(y - dy), px(x), py(y + dy)], fill=colour)
+        draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
+        width = draw.textlength(label, font=font)
+        left = px(x) + 5 if px(x) + 5 + width < size else px(x) - 5 - width
+        draw.text((left, py(y) - 12), label, fill="black", font=font)
+    image.save(path)
+
+
+def _first_image(folder):
+    paths = sorted(Path(folder).glob("[0-9][0-9][0-9].png"))
+    return Image.open(paths[0]).convert("RGB") if paths else Image.new("RGB", (64, 64), "white")
+
+
+def _attention_panel(folder, image, side):
+    """[V]'s cross-attention map of the folder's first image, over the image (red = more)."""
+    data = np.load(Path(folder) / "attention_maps.npz")
+    tokens = [str(t) for t in data["tokens"]]
+    record = json.loads((Path(folder) / "prompt.json").read_text())
+    m = data["maps"][0, 1 + tokens.index(record["placeholder"])]
+    heat = Image.fromarray(np.uint8(255 * (m - m.min()) / max(m.max() - m.min(), 1e-8))).resize((side, side))
+    red = Image.merge("RGB", (heat, Image.new("L", (side, side)), Image.new("L", (side, side))))
+    return Image.blend(image.resize((side, side), Image.NEAREST), red, 0.6)
+
+
+def grid(samples, path, prompts=3, side=96):
+    """Rows: methods; per concept `prompts` samples (seed 0, first image of the first prompts) and [V]'s
+    attention for the first prompt. `samples`: {(concept, method): samples folder}."""
+    concepts = list(dict.fromkeys(c for c, _ in samples))
+    methods = list(dict.fromkeys(m for _, m in samples))
+    label_w, head_h, cols = 150, 16, prompts + 1
+    sheet = Image.new("RGB", (label_w + len(concepts) * cols * side, head_h + len(methods) * side), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for j, concept in enumerate(concepts):
+        draw.text((label_w + j * cols * side + 4, 2), f"{concept}: samples | [V] attention", fill="black", font=font)
+    for i, method in enumerate(methods):
+        y = head_h + i * side
+        draw.text((4, y + side // 2 - 6), method, fill="black", font=font)
+        for j, concept in enumerate(concepts):
+            folder = samples.get((concept, method))
+            if folder is None:
+                continue
+            prompt_folders = sorted(p for p in Path(folder).iterdir() if (p / "prompt.json").is_file())
+            for k, pf in enumerate(prompt_folders[:prompts]):
+                sheet.paste(_first_image(pf).resize((side, side), Image.NEAREST),
+                            (label_w + (j * cols + k) * side, y))
+            first = prompt_folders[0] if prompt_folders else None
+            if first is not None and (first / "attention_maps.npz").is_file():
+                record = json.loads((first / "prompt.json").read_text())
+                if record.get("placeholder"):
+                    sheet.paste(_attention_panel(first, _first_image(first), side),
+                                (label_w + (j * cols + prompts) * side, y))
+    sheet.save(path)

@@ -1,0 +1,124 @@
+"""The comparison's parts in the shapes world: short captions, the held-out prompts, the statistics, the
+base model's reference through infer.py, and the patterned scenes the VAE learns from."""
+import random
+import statistics
+
+import numpy as np
+import pytest
+
+from attndreambooth.shapes import read as R
+from attndreambooth.shapes.bench import T975, bench_prompts, mean_ci, summarise
+from attndreambooth.shapes.scene import CONCEPTS, Scene, Thing, random_scene
+from attndreambooth.shapes.score import parse_caption
+
+OMITTABLE = ("size", "colour", "position", "background")
+
+
+def test_short_captions_parse_back_with_the_left_out_attributes_unset():
+    rng = random.Random(7)
+    for _ in range(200):
+        scene = random_scene(rng)
+        omit = [a for a in OMITTABLE if rng.random() < 0.5]
+        got = parse_caption(scene.caption(omit=omit))
+        want = Scene(Thing(scene.main.shape, None if "colour" in omit else scene.main.colour),
+                     None if "size" in omit else scene.size, None if "position" in omit else scene.position,
+                     None if "background" in omit else scene.background, scene.second)
+        assert got == want, scene.caption(omit=omit)
+    assert Scene(Thing("heart", "orange"), "big", "left", "blue").caption(omit=["size"]).startswith("an orange heart")
+    # a category without a colour stands for the concept (the base model's reference prompt)
+    assert parse_caption("a big star on the left", concept="checker_star").main == Thing("star", None, "checker_star")
+
+
+def test_alignment_asks_only_for_what_the_caption_says():
+    image = Scene(Thing("star", "red"), "big", "left", "blue").render(0)
+    full = Scene(Thing("star", "red"), "big", "left", "green")  # wrong background
+    assert R.alignment(image, full)[1]["background"] is False
+    short = parse_caption("a red star on the left")  # background and size unsaid
+    score, checks = R.alignment(image, short)
+    assert score == 1.0 and set(checks) == {"shape", "colour", "position", "second"}
+    assert R.alignment(image, parse_caption("a red star on the right"))[0] == pytest.approx(3 / 4)
+
+
+def test_bench_prompts_are_held_out_single_then_combined_attributes():
+    for concept, (category, _) in CONCEPTS.items():
+        prompts = bench_prompts(concept)
+        assert prompts == bench_prompts(concept) and len(set(prompts)) == 20
+        scenes = [parse_caption(p.replace("{}", f"<v> {category}"), "<v>", concept) for p in prompts]
+        assert all(s.main.concept == concept for s in scenes)
+        named = [sum(x is not None for x in (s.size, s.position, s.background, s.second)) for s in scenes]
+        assert named[:6] == [1] * 6, prompts[:6]  # background, background, position, position, size, second
+        assert all(n >= 3 for n in named[6:])
+        assert sum(s.second is not None for s in scenes[6:]) >= 2
+
+
+def test_mean_ci_by_hand():
+    values = [0.2, 0.4, 0.5, 0.9]
+    mean, half = mean_ci(values)
+    sd = np.sqrt(sum((v - 0.5) ** 2 for v in values) / 3)  # sample standard deviation, by hand
+    assert mean == pytest.approx(0.5) and half == pytest.approx(3.182 * sd / 2, rel=1e-4)  # t(3) = 3.182
+    assert mean_ci([0.3]) == (0.3, 0.0)
+    assert T975[10] == 2.201  # t(11), the 12 cells of 4 concepts x 3 seeds
+    cells = {("a", "m", 0): dict(identity=0.1, text=1.0), ("b", "m", 0): dict(identity=0.3, text=0.5),
+             ("a", "r", None): dict(identity=0.0, text=0.9)}
+    s = summarise(cells)
+    assert s["m"]["n"] == 2 and s["m"]["identity"][0] == pytest.approx(0.2)
+    assert s["m"]["text"][1] == pytest.approx(12.706 * statistics.stdev([1.0, 0.5]) / np.sqrt(2))
+
+
+def test_patterned_vae_scenes_are_deterministic_and_varied():
+    from attndreambooth.shapes.textures import random_textured_image
+    a = [random_textured_image(random.Random(4)) for _ in range(2)]
+    assert np.array_equal(a[0], a[1])
+    images = [random_textured_image(random.Random(i)) for i in range(30)]
+    colours = [len(np.unique(im.reshape(-1, 3), axis=0)) for im in images]
+    assert min(colours) >= 2 and max(colours) > 50  # flat objects and patterns (plus anti-aliased edges)
+
+
+def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
+    """--base without --embeds: the base model, {} the category word; a {} without a category is refused
+    before any weight loads."""
+    import json
+
+    import infer
+    from attndreambooth import models
+    out = infer.main(["--base", str(tiny_dir), "--category", "dog", "--prompt", "a {} on the beach",
+                      "--prompt", "a red cat", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert list(out) == ["a dog on the beach", "a red cat"]
+    record = json.loads(next((tmp_path / "s").glob("00_*/prompt.json")).read_text())
+    assert record["prompt"] == "a dog on the beach" and record["placeholder"] is None
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(SystemExit, match="give --category"):
+        infer.main(["--base", str(tiny_dir), "--prompt", "a {} on the beach"])
+
+
+def test_world_sweep_end_to_end(tmp_path):
+    """A reduced comparison (one concept, one seed, two methods, a few steps, two prompts) through the one
+    command: every cell's metrics are read from its images, the report has its parts, a rerun skips."""
+    import json
+
+    import sweep
+    args = ["--world", "shapes", "--concepts", "split_circle", "--seeds", "0", "--out", str(tmp_path / "s"),
+            "--methods", "shapes/attndreambooth,shapes/textual_inversion", "--num_prompts", "7", "--num_images", "1",
+            "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2"]
+    results = sweep.main(args)
+    assert set(results) == {("split_circle", "reference", None), ("split_circle", "shapes/attndreambooth", 0),
+                            ("split_circle", "shapes/textual_inversion", 0)}
+    report = json.loads((tmp_path / "s" / "comparison.json").read_text())
+    assert set(report["methods"]) == {"base model, category word", "attndreambooth", "textual_inversion"}
+    cell = tmp_path / "s" / "split_circle" / "shapes_attndreambooth" / "seed_0"
+    metrics = json.loads((cell / "eval" / "metrics.json").read_text())
+    assert len(metrics["prompts"]) == 7 and metrics["prompts"][6]["prompt"].startswith("a ")
+    from PIL import Image
+
+    from attndreambooth.shapes.read import alignment, identity
+    from attndreambooth.shapes.score import parse_caption
+    first = sorted(p for p in (cell / "samples").iterdir() if p.is_dir())[0]
+    image, prompt = Image.open(first / "000.png"), json.loads((first / "prompt.json").read_text())["prompt"]
+    scene = parse_caption(prompt, "<v>", "split_circle")
+    assert metrics["prompts"][0]["text"] == alignment(image, scene)[0]  # recomputed from the image itself
+    assert metrics["prompts"][0]["identity"] == pytest.approx(identity(image, "split_circle"))
+    assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
+    table = (tmp_path / "s" / "comparison.md").read_text()
+    assert table.count("\n") == 5 and "± " in table
+    assert (tmp_path / "s" / "scatter.png").is_file() and Image.open(tmp_path / "s" / "grid.png").size[0] > 300
+    assert sweep.main(args) == results  # every cell done before: skipped, same numbers
