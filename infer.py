@@ -63,7 +63,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
     `base` and no `embeds`, the base model alone, `{}` standing for `category` (None: prompts without `{}`)."""
     from diffusers import StableDiffusionPipeline
 
-    from attndreambooth.models import load_pipeline
+    from attndreambooth.models import TINY_LAYOUTS, load_pipeline
     unet_weights = [Path(p) for p in unet_weights]
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -99,7 +99,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         concept = f"{placeholder} {category}"
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    label = f"{label}, random weights" if label in ("tiny", "tiny-sd15") else label
+    label = f"{label}, random weights" if label in TINY_LAYOUTS else label
     return pipe.to(device), concept, label
 
 
@@ -121,11 +121,9 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
         if "{}" in template and concept is None:
             raise ValueError(f"prompt {template!r} has {{}} but there is no concept: give --category (the word {{}} "
                              "stands for on a base model)")
-        if placeholder is None:
-            pass
-        elif "{}" not in template:
+        if placeholder is not None and "{}" not in template:
             log.warning("prompt %r has no {} placeholder: the learned concept is not used", template)
-        elif concept_position(pipe.tokenizer, template, placeholder) >= pipe.tokenizer.model_max_length - 1:
+        elif placeholder is not None and concept_position(pipe.tokenizer, template, placeholder) >= pipe.tokenizer.model_max_length - 1:
             log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
                         template, pipe.tokenizer.model_max_length)
         prompt = template.replace("{}", concept or "")

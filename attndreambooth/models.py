@@ -33,11 +33,8 @@ TINY_UNET = dict(SD21_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
 TINY_VAE = dict(SD21_VAE, sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
-# SD 1.5, from its published configs: 768-d CLIP ViT-L/14 text encoder (quick GELU), attn2 layers with conv
-# projections and 8 heads everywhere; the same 16 cross-attention layers as SD 2.x.
-SD15_UNET = dict(SD21_UNET, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+# The tiny SD 1.5 layout: what SD 1.5 differs in from SD 2.x (attn2 with conv projections and one head count
+# everywhere, a quick-GELU CLIP text encoder, padding with <|endoftext|>); the same 16 cross-attention layers.
 TINY15_UNET = dict(TINY_UNET, attention_head_dim=4, use_linear_projection=False)
 TINY15_TEXT = dict(TINY_TEXT, hidden_act="quick_gelu")
 TINY_LAYOUTS = {"tiny": (TINY_UNET, TINY_TEXT, "!"), "tiny-sd15": (TINY15_UNET, TINY15_TEXT, "<|endoftext|>")}

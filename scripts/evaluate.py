@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attndreambooth.data import IMAGE_SUFFIXES, load_rgb  # noqa: E402
 from attndreambooth.models import cached_build  # noqa: E402
+from attndreambooth.scatter import scatter  # noqa: E402
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 
@@ -139,31 +139,6 @@ def markdown(result):
     o = result["overall"]
     lines.append(f"| **overall (mean over prompts)** | | **{o['clip_i']:.3f}** | **{o['clip_t']:.3f}** | **{o['dino']:.3f}** |")
     return "\n".join(lines)
-
-
-def scatter(points, path, size=420, x_label="text alignment (CLIP-T)", y_label="identity (DINO)"):
-    """Identity (DINO) against text alignment (CLIP-T), one labelled point per run, as the field plots it."""
-    font, pad = ImageFont.load_default(), 50
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    span = lambda v: (min(v) - 0.05 * (max(v) - min(v) or 1), max(v) + 0.05 * (max(v) - min(v) or 1))  # noqa: E731
-    (x0, x1), (y0, y1) = span(xs), span(ys)
-    px = lambda x: pad + (x - x0) / (x1 - x0) * (size - 2 * pad)  # noqa: E731
-    py = lambda y: size - pad - (y - y0) / (y1 - y0) * (size - 2 * pad)  # noqa: E731
-    draw.rectangle([pad, pad, size - pad, size - pad], outline="black")
-    draw.text((size // 2 - 50, size - pad + 18), x_label, fill="black", font=font)
-    draw.text((4, 8), y_label, fill="black", font=font)
-    for v, pos in ((x0, pad), (x1, size - pad)):
-        draw.text((pos - 12, size - pad + 4), f"{v:.3f}", fill="black", font=font)
-    for v, pos in ((y0, size - pad), (y1, pad)):
-        draw.text((2, pos - 6), f"{v:.3f}", fill="black", font=font)
-    for label, x, y in points:
-        draw.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill="red")
-        width = draw.textlength(label, font=font)
-        left = px(x) + 6 if px(x) + 6 + width < size else px(x) - 6 - width  # keep the label inside
-        draw.text((left, py(y) - 6), label, fill="black", font=font)
-    image.save(path)
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attndreambooth.shapes.model import build  # noqa: E402
-from attndreambooth.shapes.scene import random_scene  # noqa: E402
+from attndreambooth.shapes.scene import OMITTABLE, random_scene  # noqa: E402
 from attndreambooth.shapes.textures import random_textured_image  # noqa: E402
 
 
@@ -70,9 +70,6 @@ def encode_all(vae, images, chunk=256):
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
-
-
-OMITTABLE = ("size", "colour", "position", "background")
 
 
 def captions_for(scenes, index, short_prob, empty_prob, gen):
@@ -124,15 +121,15 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, scenes, mean, std, 
     return ema
 
 
-def evaluate(folder, n, seed, log):
-    """Per-attribute accuracy on `n` held-out captions, one image each (DPM++, CFG 7.5, 25 steps)."""
-    from diffusers import StableDiffusionPipeline
+def saved_pipeline(folder):
+    """The saved model as infer.py loads it (fp32, DPM-Solver++)."""
+    from infer import load_pipe
+    return load_pipe(base=folder)[0]
 
-    from attndreambooth.sampling import set_scheduler
+
+def evaluate(pipe, n, seed, log):
+    """Per-attribute accuracy on `n` held-out captions, one image each (DPM++, CFG 7.5, 25 steps)."""
     from attndreambooth.shapes.read import alignment
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-    set_scheduler(pipe, "dpm++").set_progress_bar_config(disable=True)
     rng = random.Random(f"held-out-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
     hits, totals, scores = {}, {}, []
@@ -150,15 +147,10 @@ def evaluate(folder, n, seed, log):
     return dict(captions=n, alignment=float(np.mean(scores)), accuracy={k: hits[k] / totals[k] for k in totals})
 
 
-def caption_grid(folder, path, n=12, seed=1):
+def caption_grid(pipe, path, n=12, seed=1):
     """A picture of the base model following prompts: held-out captions, each with its sample."""
-    from diffusers import StableDiffusionPipeline
     from PIL import Image, ImageDraw, ImageFont
 
-    from attndreambooth.sampling import set_scheduler
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-    set_scheduler(pipe, "dpm++").set_progress_bar_config(disable=True)
     rng = random.Random(f"grid-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
     images = pipe([sc.caption() for sc in scenes], num_inference_steps=25, guidance_scale=7.5,
@@ -201,8 +193,9 @@ def main(argv=None):
         p.error(f"--eval_only: {out} holds no model (no model_index.json)")
     if args.eval_only:
         report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
-        report["eval"] = evaluate(out, args.eval_captions, args.seed, print)
-        caption_grid(out, out / "samples.png")
+        pipe = saved_pipeline(out)
+        report["eval"] = evaluate(pipe, args.eval_captions, args.seed, print)
+        caption_grid(pipe, out / "samples.png")
         (out / "report.json").write_text(json.dumps(report, indent=1))
         return report
     out.mkdir(parents=True, exist_ok=True)
@@ -241,9 +234,10 @@ def main(argv=None):
     log(f"saved {out} after {train_s:.0f} s")
     report = dict(seed=args.seed, args=vars(args), train_seconds=round(train_s), torch=torch.__version__)
     if args.eval_captions:
-        report["eval"] = evaluate(out, args.eval_captions, args.seed, log)
+        pipe = saved_pipeline(out)
+        report["eval"] = evaluate(pipe, args.eval_captions, args.seed, log)
         log(json.dumps(report["eval"]))
-        caption_grid(out, out / "samples.png")
+        caption_grid(pipe, out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -84,24 +84,24 @@ def scaled_steps(method, scale):
 def cell_commands(concept, folder, category, method, seed, args, cell):
     """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
     world = args.world == "shapes"
-    prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world else args.prompt_file or ROOT / "data" / "prompts" / (
-        "dreambench_live.txt" if category in LIVE_CLASSES else "dreambench_object.txt"))
+    dreambench = "dreambench_live.txt" if category in LIVE_CLASSES else "dreambench_object.txt"
+    prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
+               else args.prompt_file or ROOT / "data" / "prompts" / dreambench)
     infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
              *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
     evaluate = (["--world", "shapes", "--concept", concept] if world
                 else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
+    score = ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
+                                     "--out", cell / "eval"])
     if method == "reference":  # the base model alone, `{}` the category word
-        return [("infer.py", ["--base", args.base_model, "--category", category, *infer]),
-                ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
-                                         "--out", cell / "eval"])]
+        return [("infer.py", ["--base", args.base_model, "--category", category, *infer]), score]
     train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
              f"output_dir={cell / 'run'}", *args.set]
     if seed is not None:
         train.append(f"runtime.seed={seed}")
     if args.step_scale != 1:
         train += scaled_steps(method, args.step_scale)
-    return [("train_attndreambooth.py", train), ("infer.py", [cell / "run", *infer]),
-            ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method, "--out", cell / "eval"])]
+    return [("train_attndreambooth.py", train), ("infer.py", [cell / "run", *infer]), score]
 
 
 def call_in_process(script, argv, log):
@@ -179,7 +179,8 @@ def gather(results, out):
 
 def gather_world(results, out, cells):
     """The world's report: table (mean and 95 % CI over concepts x seeds per method), scatter, grid, JSON."""
-    from attndreambooth.shapes.bench import REFERENCE, grid, scatter, summarise, table
+    from attndreambooth.scatter import scatter
+    from attndreambooth.shapes.bench import REFERENCE, grid, scatter_points, summarise, table
     overall = {(c, REFERENCE if m == "reference" else m.split("/")[-1], seed): r["overall"]
                for (c, m, seed), r in results.items()}
     summary = summarise(overall)
@@ -189,7 +190,8 @@ def gather_world(results, out, cells):
         methods={m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in summary.items()},
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(overall.items(), key=str)]),
         indent=1))
-    scatter(summary, out / "scatter.png")
+    scatter(scatter_points(summary), out / "scatter.png", size=520, x_label="text alignment", y_label="identity",
+            span=(0.0, 1.0), grey=[REFERENCE])
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, REFERENCE if m == "reference" else m.split("/")[-1]):
                out / c / m.replace("/", "_") / ("" if m == "reference" else f"seed_{first_seed}") / "samples"

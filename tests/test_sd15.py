@@ -10,10 +10,10 @@ from conftest import ROOT, SAMPLE, tiny_overrides
 def test_tiny_sd15_has_the_sd15_layout():
     from diffusers import StableDiffusionPipeline
 
-    from attndreambooth.models import SD15_UNET, tiny_model_dir
+    from attndreambooth.models import tiny_model_dir
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"))
     unet, text = pipe.unet.config, pipe.text_encoder.config
-    assert unet.use_linear_projection is False and SD15_UNET["use_linear_projection"] is False
+    assert unet.use_linear_projection is False
     assert text.hidden_act == "quick_gelu" and pipe.tokenizer.pad_token == "<|endoftext|>"
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
     assert pipe.unet.down_blocks[0].attentions[0].proj_in.__class__.__name__ == "Conv2d"

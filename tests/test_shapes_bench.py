@@ -8,10 +8,8 @@ import pytest
 
 from attndreambooth.shapes import read as R
 from attndreambooth.shapes.bench import T975, bench_prompts, mean_ci, summarise
-from attndreambooth.shapes.scene import CONCEPTS, Scene, Thing, random_scene
+from attndreambooth.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
 from attndreambooth.shapes.score import parse_caption
-
-OMITTABLE = ("size", "colour", "position", "background")
 
 
 def test_short_captions_parse_back_with_the_left_out_attributes_unset():

@@ -68,29 +68,13 @@ def table(summary):
     return "\n".join(lines)
 
 
-def scatter(summary, path, size=520):
-    """Identity against text alignment, one point per method with its 95 % intervals as error bars."""
-    font, pad = ImageFont.load_default(), 60
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    px = lambda x: pad + x * (size - 2 * pad)  # noqa: E731  (both axes 0..1)
-    py = lambda y: size - pad - y * (size - 2 * pad)  # noqa: E731
-    draw.rectangle([pad, pad, size - pad, size - pad], outline="black")
-    for v in (0, 0.5, 1):
-        draw.text((px(v) - 8, size - pad + 4), f"{v:.1f}", fill="black", font=font)
-        draw.text((pad - 24, py(v) - 6), f"{v:.1f}", fill="black", font=font)
-    draw.text((size // 2 - 40, size - pad + 20), "text alignment", fill="black", font=font)
-    draw.text((6, 8), "identity", fill="black", font=font)
-    for label, row in summary.items():
+def scatter_points(summary):
+    """(label, text, identity, their half-widths) per method, for attndreambooth.scatter."""
+    out = []
+    for method, row in summary.items():
         (x, dx), (y, dy) = row["text"], row.get("identity", (0.0, 0.0))
-        colour = "gray" if label == REFERENCE else "red"
-        draw.line([px(x - dx), py(y), px(x + dx), py(y)], fill=colour)
-        draw.line([px(x), py(y - dy), px(x), py(y + dy)], fill=colour)
-        draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
-        width = draw.textlength(label, font=font)
-        left = px(x) + 5 if px(x) + 5 + width < size else px(x) - 5 - width
-        draw.text((left, py(y) - 12), label, fill="black", font=font)
-    image.save(path)
+        out.append((method, x, y, dx, dy))
+    return out
 
 
 def _first_image(folder):
@@ -98,12 +82,11 @@ def _first_image(folder):
     return Image.open(paths[0]).convert("RGB") if paths else Image.new("RGB", (64, 64), "white")
 
 
-def _attention_panel(folder, image, side):
+def _attention_panel(folder, placeholder, image, side):
     """[V]'s cross-attention map of the folder's first image, over the image (red = more)."""
     data = np.load(Path(folder) / "attention_maps.npz")
     tokens = [str(t) for t in data["tokens"]]
-    record = json.loads((Path(folder) / "prompt.json").read_text())
-    m = data["maps"][0, 1 + tokens.index(record["placeholder"])]
+    m = data["maps"][0, 1 + tokens.index(placeholder)]
     heat = Image.fromarray(np.uint8(255 * (m - m.min()) / max(m.max() - m.min(), 1e-8))).resize((side, side))
     red = Image.merge("RGB", (heat, Image.new("L", (side, side)), Image.new("L", (side, side))))
     return Image.blend(image.resize((side, side), Image.NEAREST), red, 0.6)
@@ -134,6 +117,6 @@ def grid(samples, path, prompts=3, side=96):
             if first is not None and (first / "attention_maps.npz").is_file():
                 record = json.loads((first / "prompt.json").read_text())
                 if record.get("placeholder"):
-                    sheet.paste(_attention_panel(first, _first_image(first), side),
+                    sheet.paste(_attention_panel(first, record["placeholder"], _first_image(first), side),
                                 (label_w + (j * cols + prompts) * side, y))
     sheet.save(path)

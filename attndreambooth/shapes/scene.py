@@ -27,6 +27,7 @@ PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", 
 SECOND_AT = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "centre": "corner"}
 CORNER = (12, 12)  # where the second object goes when the first is in the centre
 RADII = {"small": 7.0, "big": 12.0}
+OMITTABLE = ("size", "colour", "position", "background")  # what a caption may leave unsaid
 WORDS = ("a an on the left right at top bottom in centre next to background small big"
          .split() + list(SHAPES) + list(COLOURS))
 
@@ -181,7 +182,8 @@ def render(scene, seed=0):
     _draw(canvas, scene.main.shape, _fill(scene.main), jitter(POSITIONS[scene.position], 2), RADII[scene.size])
     if scene.second:
         where = SECOND_AT[scene.position]
-        _draw(canvas, scene.second.shape, _fill(scene.second), jitter(CORNER if where == "corner" else POSITIONS[where], 1), RADII["small"])
+        centre = jitter(CORNER if where == "corner" else POSITIONS[where], 1)
+        _draw(canvas, scene.second.shape, _fill(scene.second), centre, RADII["small"])
     small = canvas.reshape(SIZE, s, SIZE, s, 3).mean(axis=(1, 3))  # box filter: anti-aliased edges
     return Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
 
