@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from attndreambooth.attention_maps import figure, token_labels
 from attndreambooth.config import ModelConfig, load_config
+from attndreambooth.lora import LORA_FILE
 from attndreambooth.plan import DTYPES, Plan
 from attndreambooth.sampling import SCHEDULERS, image_grid, sample, set_scheduler
 
@@ -34,6 +35,8 @@ def stage_sources(run_dir, cfg, stage):
     """What the state after the `stage`-th stage (1-based, config order) is made of:
     (pipeline folder, []) for the final state, else (None, attn2 weight files) over the base model."""
     kind, files = Plan(cfg.stages).state_after(stage)
+    if kind == "pipeline" and Plan(cfg.stages).lora and not (run_dir / "pipeline").is_dir():
+        kind, files = "base", [LORA_FILE]  # a LoRA run without a merged pipeline/: base + embedding + LoRA
     if kind == "pipeline":
         if not (run_dir / "pipeline" / "model_index.json").is_file():
             raise FileNotFoundError(f"{run_dir} has not finished (no pipeline/): use --stage with a stage it has "
@@ -46,10 +49,13 @@ def stage_sources(run_dir, cfg, stage):
     return None, [run_dir / f for f in files]
 
 
-def load_unet_weights(unet, path):
-    """Load a full or partial (e.g. attn2-only) U-Net state dict from a safetensors file."""
+def load_unet_weights(pipe, path):
+    """Load a full or partial (e.g. attn2-only) U-Net state dict, or a LoRA file, from a safetensors file."""
     from safetensors.torch import load_file
-    state = load_file(path)
+    state, unet = load_file(path), pipe.unet
+    if any(".lora" in k for k in state):  # diffusers' LoRA format (this trainer's, or any other)
+        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+        return
     unknown = sorted(set(state) - set(unet.state_dict()))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} tensors are not in this U-Net (first: {unknown[0]}); "
@@ -93,7 +99,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         else:
             pipe.load_textual_inversion(str(embeds))
         for path in unet_weights:
-            load_unet_weights(pipe.unet, path)
+            load_unet_weights(pipe, path)
     if embeds is not None or run_dir is not None:
         placeholder = next(t for t in pipe.tokenizer.get_added_vocab() if t not in pipe.tokenizer.all_special_tokens)
         concept = f"{placeholder} {category}"
@@ -200,7 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--stage", type=int, help="state after this stage (1, 2, ...; default: the final one)")
     p.add_argument("--base", help="without a run folder: base model id, folder or file")
     p.add_argument("--embeds", help="without a run folder: learned_embeds.safetensors")
-    p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors, full or partial)")
+    p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors: full, partial, or a diffusers LoRA file)")
     p.add_argument("--category", help="the class word (read from the run's config by default)")
     p.add_argument("--out", help="output folder (default: RUN/samples)")
     p.add_argument("--attention_maps", action="store_true", help="also draw per-token cross-attention maps")

@@ -31,12 +31,12 @@ def parse_args(argv=None):
 
 def main(argv=None, hooks=None):
     """The command line; `hooks` (attndreambooth.training.Hooks) let tests step into the run."""
-    from attndreambooth.preflight import plan_text, preflight
+    from attndreambooth.preflight import fit_memory, plan_text, preflight
     from attndreambooth.run import Interrupted, run
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = fit_memory(load_config(args.config, args.overrides))  # a card preset is resolved for the model
         if args.dry_run:
             list_images(cfg.data)
             print(to_yaml(cfg))

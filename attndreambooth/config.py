@@ -16,12 +16,13 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attention_reg import REDUCTIONS
-from attndreambooth.plan import DTYPES, Plan
+from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
-MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False),
-                  "low": dict(gradient_checkpointing=True, optimizer_8bit=True)}
+MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False, half_frozen_weights=False),
+                  "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
+CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.memory)
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,8 @@ class StageConfig:
     reg_var_weight: float = 0.0  # weight of the variance term of Eq. 2
     weight_decay: float = 1e-2  # AdamW weight decay (released code: 1e-2, also on the embedding)
     enabled: bool = True  # switch a stage off (the paper's ablations)
+    lora_rank: Optional[int] = None  # > 0: LoRA adapters of this rank instead of the U-Net weights; null: 0 or a card preset's
+    lora_alpha: Optional[float] = None  # LoRA scale = alpha / rank; null = the rank (scale 1)
 
 
 def paper_stages() -> Dict[str, StageConfig]:
@@ -101,9 +104,10 @@ class RuntimeConfig:
     seed: int = 0  # seeds data order, augmentation, noise and timesteps
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    memory: str = "default"  # preset: "default", or "low" (gradient checkpointing + 8-bit AdamW: less GPU memory)
+    memory: str = "default"  # preset: "default", "low" (gradient checkpointing + 8-bit AdamW), or a card: "12gb", "16gb", "24gb"
     gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
     optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
+    half_frozen_weights: Optional[bool] = None  # frozen weights in the autocast dtype (LoRA runs: the U-Net too); null = preset
     fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
     channels_last: bool = False  # U-Net in channels_last memory format (H100: -7 % time default preset, +30 % low)
     compile: bool = False  # torch.compile the U-Net (GPU; each stage's first step compiles, > 120 s on an H100)
@@ -114,6 +118,7 @@ class RuntimeConfig:
     keep_resume_state: bool = False  # keep output_dir/resume/ after the run finishes (to extend it later)
     tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
     pipeline_dtype: str = "fp32"  # dtype of the saved pipeline/: fp32, or fp16/bf16 to halve the disk
+    save_merged_pipeline: bool = False  # LoRA runs: also write pipeline/ with the adapters merged (a whole model)
 
 
 @dataclass
@@ -194,6 +199,8 @@ def load_config(config_file=None, overrides=(), check=True):
         for key, value in MEMORY_PRESETS[cfg.runtime.memory].items():
             if getattr(cfg.runtime, key) is None:
                 setattr(cfg.runtime, key, value)
+        for stage in cfg.stages.values():  # a card preset decides these once it knows the model
+            stage.lora_rank = stage.lora_rank or 0
     if check:
         validate(cfg)
     return cfg
@@ -226,7 +233,10 @@ def validate(cfg: Config):
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
     need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
-    need(cfg.runtime.memory in MEMORY_PRESETS, "runtime.memory", f"{cfg.runtime.memory!r} is not one of {tuple(MEMORY_PRESETS)}")
+    need(cfg.runtime.memory in (*MEMORY_PRESETS, *CARD_PRESETS), "runtime.memory",
+         f"{cfg.runtime.memory!r} is not one of {(*MEMORY_PRESETS, *CARD_PRESETS)}")
+    need(not cfg.runtime.half_frozen_weights or cfg.runtime.mixed_precision != "no", "runtime.half_frozen_weights",
+         "keeps frozen weights in the autocast dtype; set runtime.mixed_precision=bf16 (or fp16)")
     need(not cfg.runtime.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
          "runtime.optimizer_8bit", "8-bit AdamW needs bitsandbytes: pip install bitsandbytes, "
          "or set runtime.optimizer_8bit=false (the low preset then only checkpoints gradients)")
@@ -253,6 +263,16 @@ def validate(cfg: Config):
         need(s.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         need(len(s.train) > 0 and all(p in TRAINABLE_PARTS for p in s.train), f"{key}.train",
              f"{s.train} must list parts from {TRAINABLE_PARTS}")
+        need((s.lora_rank or 0) >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
+        need(not s.lora_rank or UNET_PARTS & set(s.train), f"{key}.lora_rank",
+             f"LoRA adapts U-Net weights, but this stage trains only {s.train}; set it to 0")
+        need(s.lora_alpha is None or s.lora_alpha > 0, f"{key}.lora_alpha", "must be > 0 or null (= the rank)")
+    unet_stages = {s.name: s.lora for s in Plan(cfg.stages) if UNET_PARTS & set(s.config.train)}
+    need(len(set(unet_stages.values())) <= 1, "stages.<name>.lora_rank",
+         f"every stage that trains U-Net weights must use LoRA, or none ({unet_stages}): a LoRA file cannot "
+         "hold full-weight changes; give them all a lora_rank or set it to 0")
+    need(not any(unet_stages.values()) or importlib.util.find_spec("peft") is not None, "stages.<name>.lora_rank",
+         "LoRA stages need peft: pip install peft")
     need(not os.path.isfile(cfg.output_dir), "output_dir", f"{cfg.output_dir} is a file; give a folder")
 
 

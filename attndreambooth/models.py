@@ -25,6 +25,18 @@ SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num
 SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
+# SDXL-base 1.0, from its published configs (for plans and memory estimates; 70 attn2 layers, most at 32x32).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SDXL_TEXT = (  # CLIP ViT-L/14's text encoder and OpenCLIP ViT-bigG/14's (with its projection)
+    dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+         max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
 
 # The tiny model: SD 2.x layout (4 levels, 16 attn2 layers, linear projections), tiny widths.
 TINY_VERSION = 1
@@ -239,12 +251,16 @@ def bake_concept(text_encoder):
     return text_encoder
 
 
-def trainable_parameters(part, unet, text_encoder):
+def trainable_parameters(part, unet, text_encoder, adapter=None):
     """The parameters, by name, that a stage's `train` entry names: embedding ([V] row), cross_attention
-    (attn2), unet. The names also key checkpoints."""
+    (attn2), unet; with `adapter` (a LoRA stage) the U-Net parts are that adapter's factors; "lora" is every
+    adapter's. The names also key checkpoints."""
+    from attndreambooth.lora import adapter_parameters
     if part == "embedding":
         return {"concept.row": text_encoder.get_input_embeddings().row}
-    named = {f"unet.{n}": p for n, p in unet.named_parameters()}
+    if part == "lora" or (adapter is not None and part in ("cross_attention", "unet")):
+        return {f"unet.{n}": p for n, p in adapter_parameters(unet, adapter).items()}
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" not in n}
     if part == "cross_attention":
         return {n: p for n, p in named.items() if ".attn2." in n}
     if part == "unet":

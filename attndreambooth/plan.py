@@ -5,6 +5,12 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the one dtype table
+UNET_PARTS = {"cross_attention", "unet"}
+
+
+def is_lora(stage):
+    """True if a stage's config trains LoRA adapters instead of the U-Net weights it names."""
+    return (stage.lora_rank or 0) > 0 and bool(UNET_PARTS & set(stage.train))
 
 
 @dataclass(frozen=True)
@@ -15,9 +21,15 @@ class PlannedStage:
     holds: frozenset  # parts a checkpoint of this stage holds: [V] and everything trained up to here
 
     @property
+    def lora(self):
+        return is_lora(self.config)
+
+    @property
     def saves(self):
-        """Files this stage writes into the run folder when it ends."""
+        """Files this stage writes into the run folder when it ends (a LoRA stage: the run's adapters so far)."""
         files = ["learned_embeds.safetensors"] if "embedding" in self.config.train else []
+        if self.lora:
+            return files + [f"lora_{self.name}.safetensors"]
         return files + ([f"attn2_{self.name}.safetensors"] if "cross_attention" in self.config.train else [])
 
 
@@ -28,7 +40,7 @@ class Plan:
         self.stages, held = [], {"embedding"}
         for number, (name, stage) in enumerate(stages.items(), start=1):
             if stage.enabled and stage.steps > 0:
-                held |= set(stage.train)
+                held |= ((set(stage.train) - UNET_PARTS) | {"lora"}) if is_lora(stage) else set(stage.train)
                 self.stages.append(PlannedStage(name, number, stage, frozenset(held)))
 
     def __iter__(self):
@@ -47,6 +59,11 @@ class Plan:
     def trained_parts(self):
         return set().union(*(s.config.train for s in self.stages)) if self.stages else set()
 
+    @property
+    def lora(self):
+        """True if the run's U-Net changes are LoRA adapters (config.validate: all such stages or none)."""
+        return any(s.lora for s in self.stages)
+
     def state_after(self, number):
         """What the state after config stage `number` (1-based) is made of: ("pipeline", []) when it is the
         final state, else ("base", [attn2 files]) over the base model with the learned embedding."""
@@ -56,6 +73,9 @@ class Plan:
         done = [s for s in self.stages if s.number <= number]
         if not self.stages or done == self.stages:
             return "pipeline", []
+        lora_files = [f for s in done for f in s.saves if f.startswith("lora_")]
+        if lora_files:  # each holds the run's adapters up to its stage
+            return "base", lora_files[-1:]
         if any("unet" in s.config.train for s in done):
             raise ValueError(f"--stage {number}: the whole U-Net trained by then and only the final one is saved")
         return "base", [f for s in done for f in s.saves if f.startswith("attn2_")]

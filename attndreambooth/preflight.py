@@ -15,7 +15,8 @@ from attndreambooth.checkpoint import size_text
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
 from attndreambooth.models import is_known_word, model_source
-from attndreambooth.plan import DTYPES, Plan
+from attndreambooth.lora import lora_parameter_count
+from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -24,12 +25,12 @@ LOCK_NAME = ".lock"
 # resume); everything else must match the run's config.yaml.
 RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
                      "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
-                     "runtime.max_grad_norm", "runtime.pipeline_dtype")
+                     "runtime.max_grad_norm", "runtime.pipeline_dtype", "runtime.save_merged_pipeline")
 
 
-def parameter_sizes(cfg):
-    """Parameter counts (embedding row, attn2, U-Net, whole pipeline) from the model's config on the meta
-    device: the model's own configs for a folder, the SD 2.1-base layout for a hub id or single file."""
+def meta_models(cfg):
+    """(source, unet, text encoder) of the model on the meta device (shapes only): the model's own configs for a
+    folder, the SD 2.1-base layout for a hub id or single file (no download for a plan)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -40,27 +41,79 @@ def parameter_sizes(cfg):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
             text = CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder="text_encoder"))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
-            source = where
-        else:  # no download for a plan
-            (unet, text), vae = M.sd21_layout(), AutoencoderKL(**M.SD21_VAE)
-            source = "the built-in SD 2.1-base layout"
+            return where, unet, text, vae
+        (unet, text), vae = M.sd21_layout(), AutoencoderKL(**M.SD21_VAE)
+    return "the built-in SD 2.1-base layout", unet, text, vae
+
+
+def parameter_sizes(cfg, models=None):
+    """Parameter counts: embedding row, attn2, U-Net, text encoder, whole pipeline, each LoRA stage's adapter."""
+    source, unet, text, vae = models or meta_models(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return source, dict(embedding=text.config.hidden_size, unet=count(unet),
+    lora = {s.name: lora_parameter_count(unet, s.config) for s in Plan(cfg.stages) if s.lora}
+    return source, dict(embedding=text.config.hidden_size, unet=count(unet), text=count(text),
                         cross_attention=sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n),
-                        pipeline=count(unet) + count(text) + count(vae))
+                        pipeline=count(unet) + count(text) + count(vae), lora=lora)
+
+
+def memory_sizes(cfg, models=None):
+    """parameter_sizes plus what the memory estimate needs: activations per sample at data.resolution and
+    LoRA parameters per unit of rank by part."""
+    from types import SimpleNamespace
+
+    from attndreambooth.memory import activation_elements
+    models = models or meta_models(cfg)
+    source, sizes = parameter_sizes(cfg, models)
+    unet = models[1]
+    sizes["activations"] = activation_elements(unet, cfg.data.resolution)
+    sizes["lora_per_rank"] = {part: lora_parameter_count(unet, SimpleNamespace(train=[part], lora_rank=1))
+                              for part in UNET_PARTS}
+    return source, sizes
+
+
+def fit_memory(cfg):
+    """Resolve a card preset (runtime.memory=12gb|16gb|24gb) for this model, then check the config again."""
+    import importlib.util
+
+    from attndreambooth.config import CARD_PRESETS, validate
+    from attndreambooth.memory import fit_card
+    if cfg.runtime.memory in CARD_PRESETS:
+        _, sizes = memory_sizes(cfg)
+        savers, peaks = fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
+        log.info("runtime.memory=%s: %s (estimated peak %.1f GiB)", cfg.runtime.memory,
+                 ", ".join(k for k, v in vars(savers).items() if v) or "no memory savers", max(peaks.values()))
+        validate(cfg)
+    for s in Plan(cfg.stages):
+        if s.lora and s.config.lr < 1e-5:
+            log.warning("stages.%s: LoRA at lr %g, a full-weight learning rate; LoRA factors usually need about "
+                        "1e-4 (diffusers' LoRA scripts): set stages.%s.lr", s.name, s.config.lr, s.name)
+    return cfg
+
+
+def stage_parameters(sizes, planned):
+    """Trainable parameters of a planned stage (a LoRA stage: its adapter instead of the U-Net weights)."""
+    s = planned.config
+    if planned.lora:
+        return sizes["lora"][planned.name] + sum(sizes[p] for p in s.train if p not in UNET_PARTS)
+    return sum(sizes[p] for p in s.train)
 
 
 def plan_text(cfg):
-    """The stages with their trainable parameter counts, for --dry-run."""
-    source, sizes = parameter_sizes(cfg)
+    """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry-run."""
+    from attndreambooth.memory import current_savers, stage_peaks
+    source, sizes = memory_sizes(cfg)
     planned = {s.name: s for s in Plan(cfg.stages)}
-    lines = [f"plan (parameter counts from {source}):"]
+    peaks = stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), cfg.runtime.mixed_precision)
+    lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "
+             "counts, see attndreambooth/memory.py):"]
     for name in cfg.stages:
         if name in planned:
             s = planned[name].config
-            n = sum(sizes[p] for p in s.train)
-            lines.append(f"  {name}: train {'+'.join(s.train)} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
-                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}")
+            n = stage_parameters(sizes, planned[name])
+            what = "+".join(s.train) + (f", LoRA rank {s.lora_rank}" if planned[name].lora else "")
+            lines.append(f"  {name}: train {what} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
+                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}, "
+                         f"peak ~{peaks[name]:.1f} GiB")
         else:
             lines.append(f"  {name}: skipped")
     return "\n".join(lines)
@@ -168,10 +221,13 @@ def check_disk(cfg):
     plan = Plan(cfg.stages)
     parts = plan.trained_parts()
     trained = sizes["unet"] if "unet" in parts else sizes["cross_attention"] if "cross_attention" in parts else 0
-    largest_stage = max((sum(sizes[p] for p in s.config.train) for s in plan), default=0)
+    if plan.lora:  # the adapters instead of the U-Net weights; the pipeline only when asked for
+        trained = sum(sizes["lora"].values())
+    largest_stage = max((stage_parameters(sizes, s) for s in plan), default=0)
     bytes_per = DTYPES[cfg.runtime.pipeline_dtype].itemsize
     checkpoint = 4 * (trained + sizes["embedding"]) + 8 * largest_stage  # weights + AdamW moments, fp32
-    need = sizes["pipeline"] * bytes_per + 4 * sizes["cross_attention"] + (cfg.runtime.keep_checkpoints + 1) * checkpoint
+    pipeline = 0 if plan.lora and not cfg.runtime.save_merged_pipeline else sizes["pipeline"] * bytes_per
+    need = pipeline + 4 * max(sizes["cross_attention"], trained) + (cfg.runtime.keep_checkpoints + 1) * checkpoint
     parent = next(p for p in [Path(cfg.output_dir), *Path(cfg.output_dir).parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if need > free:

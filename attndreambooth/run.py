@@ -14,7 +14,7 @@ import torch
 
 from attndreambooth.checkpoint import CheckpointError, Checkpointer, free_space
 from attndreambooth.config import ConfigError, to_yaml
-from attndreambooth.plan import DTYPES, Plan
+from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
 log = logging.getLogger("attndreambooth")
 
@@ -45,17 +45,27 @@ def prepare(cfg, accelerator, paths):
 
     from attention_reg import CrossAttentionCapture
     from attndreambooth.data import LatentSampler, encode_view_pool
+    from attndreambooth.lora import add_adapters
     from attndreambooth.models import add_concept_token, encode_prompt, load_pipeline
     from attndreambooth.training import Models
 
     pipe = load_pipeline(cfg.model)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    plan = Plan(cfg.stages)
+    if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoder ([V] is its own fp32
+        half = DTYPES[cfg.runtime.mixed_precision]  # row), and the U-Net of a run that trains only adapters
+        text_encoder.to(half)
+        if plan.lora or not plan.trained_parts() & UNET_PARTS:
+            unet.to(half)
     token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category,
                                                cfg.data.init_token)
     prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
     input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
     log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
 
+    adapters = add_adapters(unet, plan)
+    if adapters:
+        log.info("LoRA adapters %s on the U-Net", ", ".join(adapters))
     device = accelerator.device
     vae.to(device).requires_grad_(False)
     text_encoder.to(device)
@@ -78,10 +88,19 @@ def prepare(cfg, accelerator, paths):
 
 
 def save_final(cfg, pipe, concept, out):
-    """The slim artefacts: the embedding in two formats and the complete pipeline, written atomically."""
+    """The slim artefacts: the embedding in two formats, the LoRA file of a LoRA run, and the complete
+    pipeline (for a LoRA run only with runtime.save_merged_pipeline), each written atomically."""
+    from attndreambooth.lora import LORA_FILE, merge_adapters, save_lora
     from attndreambooth.models import bake_concept
     save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
     save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
+    plan = Plan(cfg.stages)
+    if plan.lora:
+        save_lora(pipe.unet, plan.names, out / LORA_FILE)
+        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding)", out / LORA_FILE, str(out))
+        if not cfg.runtime.save_merged_pipeline:
+            return
+        merge_adapters(pipe.unet)
     pipe.text_encoder = bake_concept(pipe.text_encoder)
     shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
     pipe.to("cpu", DTYPES[cfg.runtime.pipeline_dtype]).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
@@ -97,6 +116,7 @@ def run(cfg, state, paths, hooks=None):
     from accelerate.utils import gather_object, set_seed
 
     from attention_reg import compile_unet
+    from attndreambooth.lora import save_lora
     from attndreambooth.preflight import mark_finished
     from attndreambooth.sampling import validation_grid
     from attndreambooth.state import RunState
@@ -179,7 +199,10 @@ def run(cfg, state, paths, hooks=None):
                                           save_checkpoint, hooks)
                 log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
                          "GPU" if device.type == "cuda" else "process", peak)
-                if accelerator.is_main_process and "cross_attention" in stage.train:
+                if accelerator.is_main_process and planned.lora:  # the adapters so far (infer.py --stage)
+                    save_lora(models.unet, [s.name for s in plan if s.number <= planned.number],
+                              out / planned.saves[-1])
+                elif accelerator.is_main_process and "cross_attention" in stage.train:
                     save_atomic({n: p for n, p in models.unet.state_dict().items() if ".attn2." in n},
                                 out / f"attn2_{name}.safetensors")
                 if accelerator.is_main_process and "embedding" in stage.train:

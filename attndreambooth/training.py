@@ -70,11 +70,13 @@ class Models:
     cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
 
 
-def set_trainable(stage, models):
-    """Freeze everything, then unfreeze the parts the stage names; returns the trainable parameters."""
+def set_trainable(stage, models, name=None):
+    """Freeze everything, then unfreeze the parts the stage `name` names (its adapter for a LoRA stage);
+    returns the trainable parameters."""
+    from attndreambooth.plan import is_lora
     models.unet.requires_grad_(False)
     models.text_encoder.requires_grad_(False)
-    params = trained_weights(stage.train, models)
+    params = trained_weights(stage.train, models, adapter=name if is_lora(stage) else None)
     for p in params.values():
         p.requires_grad_(True)
     return list(params.values())
@@ -120,15 +122,16 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops, its last checkpoint stays."""
 
 
-def trained_weights(parts, models):
+def trained_weights(parts, models, adapter=None):
     """The parameters of `parts` by name (names as in `trainable_parameters`, also checkpoint keys)."""
-    return {n: p for part in parts for n, p in trainable_parameters(part, models.unet, models.text_encoder).items()}
+    return {n: p for part in parts
+            for n, p in trainable_parameters(part, models.unet, models.text_encoder, adapter).items()}
 
 
 @torch.no_grad()
 def restore_weights(weights, models):
     """Copy checkpointed tensors back into the models."""
-    params = trained_weights(("embedding", "unet"), models)
+    params = trained_weights(("embedding", "unet", "lora"), models)
     for name, value in weights.items():
         params[name].copy_(value)
 
@@ -138,7 +141,7 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=No
     RunState `state`, continue from its position and optimizer state and keep it current;
     `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
     hooks = hooks or Hooks()
-    params = set_trainable(stage, models)
+    params = set_trainable(stage, models, name)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
     if rest:
         raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "

@@ -34,6 +34,10 @@ def no_model_loading(monkeypatch):
     ("runtime.mixed_precision=fp8", "config key 'runtime.mixed_precision'"),
     ("novel=1", "override 'novel=1'"),
     ("data.category", "not of the form key=value"),
+    ("stages.stage3.lora_rank=-4", "config key 'stages.stage3.lora_rank': -4 must be >= 0"),
+    ("stages.stage1.lora_rank=4", "config key 'stages.stage1.lora_rank': LoRA adapts U-Net weights"),
+    ("stages.stage3.lora_rank=4", r"every stage that trains U-Net weights must use LoRA, or none \(\{'stage2': False"),
+    ("stages.stage3.lora_alpha=0", "config key 'stages.stage3.lora_alpha'"),
 ])
 def test_bad_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
