@@ -1,5 +1,6 @@
 """Helper for test_train.py, run under torchrun: the tiny run, each rank saving what it trained after
-every stage; with a second argument "nan", rank 1 alone meets a NaN loss in stage 1."""
+every stage; with a second argument "nan", rank 1 alone meets a NaN loss in stage 1; with "lora", stages 2
+and 3 train LoRA adapters."""
 import os
 import sys
 from pathlib import Path
@@ -35,5 +36,6 @@ def run_stage(name, stage, models, *args, **kwargs):
 
 
 D.LatentSampler.sample, TR.run_stage = sample, run_stage
-T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(out / "run", **{"runtime.tensorboard": "false"}),
-       hooks=hooks)
+lora = {f"stages.stage{i}.{k}": v for i in (2, 3) for k, v in (("lora_rank", 4), ("lr", 1e-3))}
+T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(
+    out / "run", **{"runtime.tensorboard": "false", **(lora if sys.argv[2:] == ["lora"] else {})}), hooks=hooks)
