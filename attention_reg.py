@@ -84,9 +84,11 @@ class CrossAttentionCapture(AbstractContextManager):
     come back, also after an exception.
     """
 
-    def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS):
+    def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS, layers=None):
+        """`expected_layers`: how many attn2 layers the U-Net must have (None: any number); `layers`: the
+        processor names to hook (default: every attn2 layer)."""
         self.unet, self.token_indices, self.expected_layers = unet, token_indices, expected_layers
-        self.maps, self._original = [], None
+        self.layers, self.maps, self._original = layers, [], None
 
     def __enter__(self):
         self._original = dict(self.unet.attn_processors)
@@ -95,6 +97,7 @@ class CrossAttentionCapture(AbstractContextManager):
             raise ValueError(
                 f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
                 "(the SD 1.x/2.x layout); pass expected_layers=None or the right count for another layout")
+        cross = [name for name in cross if self.layers is None or name in self.layers]
         processor = CaptureProcessor(self._record, self.token_indices)
         self.unet.set_attn_processor({n: processor if n in cross else p for n, p in self._original.items()})
         self.layer_count = len(cross)
@@ -121,6 +124,20 @@ class CrossAttentionCapture(AbstractContextManager):
             yield self
         finally:
             self.unet.set_attn_processor(capturing)
+
+
+def cross_attention_layers(unet):
+    """{attn2 processor name: how many times smaller its query grid is than the latent (1, 2, 4, 8)}, in
+    forward order; at 512 px SD 2.x has 16 layers at 64/32/16/8, at 1024 px SDXL-base 70 at 64/32."""
+    def factor(name):
+        part, index = name.split(".")[:2]
+        if part == "down_blocks":
+            return 2 ** int(index)
+        if part == "up_blocks":
+            return 2 ** (len(unet.up_blocks) - 1 - int(index))
+        return 2 ** (len(unet.down_blocks) - 1)  # mid_block
+
+    return {name: factor(name) for name in unet.attn_processors if ".attn2." in name}
 
 
 def compile_unet(unet, **compile_kwargs):

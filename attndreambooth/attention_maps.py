@@ -1,6 +1,6 @@
 """Per-token cross-attention maps during sampling, as in the paper's Figures 2, 5 and 12.
 
-Maps are averaged over heads, the 16 layers (each resized to one grid) and the denoising
+Maps are averaged over heads, the attn2 layers (each resized to one grid) and the denoising
 steps. Only a running sum is kept: one step's maps at a time, never the whole trajectory.
 """
 import numpy as np
@@ -13,9 +13,9 @@ from attention_reg import CrossAttentionCapture
 
 class AttentionMapAverager:
     """Use as `callback_on_step_end` of a diffusers pipeline inside `self.capture`: after each step
-    it folds that step's 16 maps into a running sum of shape (images, 77, *grid); grid = latent (h, w)."""
+    it folds that step's maps into a running sum of shape (images, 77, *grid); grid = latent (h, w)."""
 
-    def __init__(self, unet, num_images, grid, expected_layers=16):
+    def __init__(self, unet, num_images, grid, expected_layers=None):
         self.capture = CrossAttentionCapture(unet, token_indices=None, expected_layers=expected_layers)
         self.num_images, self.grid, self.sum, self.count = num_images, grid, None, 0
 

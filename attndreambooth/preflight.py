@@ -14,7 +14,7 @@ import yaml
 from attndreambooth.checkpoint import size_text
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
-from attndreambooth.models import is_known_word, model_source
+from attndreambooth.models import is_known_word, model_source, regularised_layers
 from attndreambooth.lora import lora_parameter_count
 from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
@@ -245,6 +245,8 @@ def preflight(cfg):
     paths = list_images(cfg.data)
     model_source(cfg.model)
     check_tokens(cfg)
+    if cfg.reg.enabled:  # the layer selection against the model's layout (meta device), before weights load
+        regularised_layers(meta_models(cfg)[1], cfg.reg.map_sizes, cfg.data.resolution)
     state = run_folder_state(cfg)
     if state != "finished":
         check_disk(cfg)

@@ -43,10 +43,10 @@ def prepare(cfg, accelerator, paths):
     """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
     from diffusers import DDPMScheduler
 
-    from attention_reg import CrossAttentionCapture
+    from attention_reg import CrossAttentionCapture, cross_attention_layers
     from attndreambooth.data import LatentSampler, encode_view_pool
     from attndreambooth.lora import add_adapters
-    from attndreambooth.models import add_concept_token, encode_prompt, load_pipeline
+    from attndreambooth.models import add_concept_token, encode_prompt, load_pipeline, regularised_layers
     from attndreambooth.training import Models
 
     pipe = load_pipeline(cfg.model)
@@ -81,7 +81,10 @@ def prepare(cfg, accelerator, paths):
     sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
-        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], expected_layers=cfg.model.cross_attention_layers)
+        layers = regularised_layers(unet, cfg.reg.map_sizes, cfg.data.resolution)
+        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], cfg.model.cross_attention_layers, layers)
+        log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
+                 len(cross_attention_layers(unet)))
     models = Models(unet, text_encoder, DDPMScheduler.from_config(pipe.scheduler.config), capture,
                     input_ids.to(device))
     return pipe, models, sampler

@@ -34,7 +34,7 @@ def image_grid(images, cols=None):
 
 @torch.no_grad()
 def sample(pipe, prompt, num_images=4, seed=0, batch_size=4, steps=50, guidance_scale=7.5, negative_prompt=None,
-           height=None, width=None, attention_maps=False, expected_layers=16):
+           height=None, width=None, attention_maps=False, expected_layers=None):
     """Images for one prompt; image i always comes from seed + i (whatever the batch size).
     With `attention_maps`, also the (num_images, 77, h, w) per-token maps at latent size (see attention_maps.py)."""
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor

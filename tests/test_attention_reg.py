@@ -224,3 +224,37 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(tiny_pipe):
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         for a, b in zip(grads, eager_grads):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
+    """Each attn2 layer's factor, read from its name, equals its query grid in a real forward; a map-size
+    selection hooks exactly those layers."""
+    from attention_reg import cross_attention_layers
+    from attndreambooth.models import regularised_layers
+    unet = tiny_pipe.unet
+    x, t, cond = unet_inputs(unet)
+    factors = cross_attention_layers(unet)
+    assert len(factors) == 16
+    with torch.no_grad():
+        for name, factor in factors.items():
+            with CrossAttentionCapture(unet, [5, 6], layers=[name]) as cap:
+                unet(x, t, cond)
+            assert len(cap.maps) == 1 and cap.maps[0].shape[2] == (x.shape[-1] // factor) ** 2, name
+    chosen = regularised_layers(unet, [4, 1], 64)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
+    with torch.no_grad(), CrossAttentionCapture(unet, [5, 6], layers=chosen) as cap:
+        unet(x, t, cond)
+    assert sorted(m.shape[2] for m in cap.maps) == [1] + [16] * 5
+    with pytest.raises(ValueError, match=r"reg.map_sizes.*\[3\] matches no cross-attention layer.*\[8, 4, 2, 1\]"):
+        regularised_layers(unet, [3], 64)
+
+
+def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
+    from diffusers import UNet2DConditionModel
+
+    from attention_reg import cross_attention_layers
+    from attndreambooth.models import SDXL_UNET, regularised_layers
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    sides = [128 // f for f in cross_attention_layers(unet).values()]  # 1024 px
+    assert len(sides) == 70 and sides.count(32) == 60 and sides.count(64) == 10
+    assert len(regularised_layers(unet, [32], 1024)) == 60 and len(regularised_layers(unet, None, 1024)) == 70
