@@ -67,9 +67,8 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
               dtype="fp32", device="cpu", scheduler="dpm++"):
     """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name). With
     `base` and no `embeds`, the base model alone, `{}` standing for `category` (None: prompts without `{}`)."""
-    from diffusers import StableDiffusionPipeline
-
     from attndreambooth.models import TINY_LAYOUTS, load_pipeline
+    from attndreambooth.sdxl import is_sdxl, load_embedding
     unet_weights = [Path(p) for p in unet_weights]
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -86,9 +85,8 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
                          "(the base model; {} then stands for --category)")
     else:
         label = str(base)
-    if base is None:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=DTYPES[dtype], safety_checker=None,
-                                                       requires_safety_checker=False)
+    if base is None:  # the run's pipeline/ (SD or SDXL, as its model_index.json says)
+        pipe = load_pipeline(ModelConfig(pretrained=str(folder)), DTYPES[dtype])
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
         pipe = load_pipeline(base, DTYPES[dtype])
@@ -96,6 +94,8 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
             concept = category
         elif Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
             pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
+        elif is_sdxl(pipe):  # {"clip_l", "clip_g"}: one row for each encoder, under the run's placeholder
+            load_embedding(pipe, embeds, cfg.data.placeholder if run_dir is not None else "<v>")
         else:
             pipe.load_textual_inversion(str(embeds))
         for path in unet_weights:

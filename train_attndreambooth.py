@@ -6,7 +6,8 @@
 Stage 1 learns the [V] embedding, stage 2 the cross-attention layers, stage 3 the whole
 U-Net, each with the cross-attention regulariser (Eq. 2). The run folder ends with
 config.yaml, train.log, metrics.jsonl, learned_embeds.safetensors, attn2_<stage>.safetensors
-and pipeline/ (a diffusers folder that stock StableDiffusionPipeline loads).
+and pipeline/ (a diffusers folder that stock StableDiffusionPipeline loads; for SDXL,
+StableDiffusionXLPipeline).
 """
 import argparse
 import logging

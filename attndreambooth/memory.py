@@ -101,7 +101,8 @@ def current_savers(cfg):
 
 def fit_card(cfg, sizes, bitsandbytes):
     """The first way to train on LADDER whose estimated peak fits `runtime.memory`'s card; sets the runtime
-    switches and the U-Net stages' LoRA rank that the config leaves unset (null). Returns (savers, peaks)."""
+    switches the config leaves unset (null) and, when it takes LoRA, a rank for the U-Net stages that have
+    none (a rank set in the config stays). Returns (savers, peaks)."""
     from attndreambooth.plan import Plan
     budget = CARDS[cfg.runtime.memory] * HEADROOM
     plan = Plan(cfg.stages)
@@ -121,6 +122,6 @@ def fit_card(cfg, sizes, bitsandbytes):
         if getattr(r, key) is None:
             setattr(r, key, getattr(savers, key))
     for stage in cfg.stages.values():
-        if stage.lora_rank is None:
-            stage.lora_rank = LORA_RANK if savers.lora and {"unet", "cross_attention"} & set(stage.train) else 0
+        if savers.lora and not stage.lora_rank and {"unet", "cross_attention"} & set(stage.train):
+            stage.lora_rank = LORA_RANK
     return savers, peaks

@@ -25,19 +25,6 @@ SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num
 SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
-# SDXL-base 1.0, from its published configs (for plans and memory estimates; 70 attn2 layers, most at 32x32).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-SDXL_TEXT = (  # CLIP ViT-L/14's text encoder and OpenCLIP ViT-bigG/14's (with its projection)
-    dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
-    dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-         max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
-
 # The tiny model: SD 2.x layout (4 levels, 16 attn2 layers, linear projections), tiny widths.
 TINY_VERSION = 1
 TINY_UNET = dict(SD21_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
@@ -49,7 +36,8 @@ TINY_VAE = dict(SD21_VAE, sample_size=64, block_out_channels=(16, 16, 32, 32), l
 # everywhere, a quick-GELU CLIP text encoder, padding with <|endoftext|>); the same 16 cross-attention layers.
 TINY15_UNET = dict(TINY_UNET, attention_head_dim=4, use_linear_projection=False)
 TINY15_TEXT = dict(TINY_TEXT, hidden_act="quick_gelu")
-TINY_LAYOUTS = {"tiny": (TINY_UNET, TINY_TEXT, "!"), "tiny-sd15": (TINY15_UNET, TINY15_TEXT, "<|endoftext|>")}
+TINY_LAYOUTS = {"tiny": (TINY_UNET, TINY_TEXT, "!"), "tiny-sd15": (TINY15_UNET, TINY15_TEXT, "<|endoftext|>"),
+                "tiny-sdxl": None}  # the tiny SDXL layout lives in sdxl.py
 TINY_WORDS = ("a an the of in on with photo picture painting oil drawing sketch watercolor style toy dog cat "
               "bear backpack bowl boot can candle clock sneaker glasses teapot vase stuffed animal cartoon robot "
               "surfing wave beach snow jungle city mountain forest box inside top wooden floor red blue green "
@@ -133,8 +121,11 @@ def cached_build(name, build):
 
 
 def tiny_model_dir(layout="tiny"):
-    """Folder of a tiny model ("tiny": SD 2.x layout, "tiny-sd15": SD 1.5's), built once per machine."""
-    return cached_build(f"{layout}-v{TINY_VERSION}", lambda folder: build_tiny_pipeline(folder, layout=layout))
+    """Folder of a tiny model ("tiny": SD 2.x layout, "tiny-sd15": SD 1.5's, "tiny-sdxl": SDXL's), built once
+    per machine."""
+    from attndreambooth.sdxl import build_tiny_sdxl_pipeline
+    build = build_tiny_sdxl_pipeline if layout == "tiny-sdxl" else lambda folder: build_tiny_pipeline(folder, layout=layout)
+    return cached_build(f"{layout}-v{TINY_VERSION}", build)
 
 
 def model_source(model_cfg):
@@ -159,16 +150,24 @@ def model_source(model_cfg):
 
 
 def load_pipeline(model_cfg, torch_dtype=torch.float32):
-    """Load a StableDiffusionPipeline from a hub id, a diffusers folder or a single-file checkpoint."""
-    from diffusers import StableDiffusionPipeline
+    """Load a StableDiffusionPipeline, or a StableDiffusionXLPipeline for an SDXL base, from a hub id, a
+    diffusers folder or a single-file checkpoint."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from attndreambooth.sdxl import is_sdxl_model
     kind, where = model_source(model_cfg)
-    kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if is_sdxl_model(kind, where, model_cfg):
+        cls, kwargs = StableDiffusionXLPipeline, dict(dtype=torch_dtype)
+    else:
+        cls, kwargs = StableDiffusionPipeline, dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if model_cfg.vae:  # e.g. SDXL's fp16-fix VAE: the stock one overflows in fp16
+        from diffusers import AutoencoderKL
+        kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, dtype=torch_dtype)
     if kind == "single_file":
         if model_cfg.single_file_config:
             kwargs["config"] = model_cfg.single_file_config
-        return StableDiffusionPipeline.from_single_file(where, **kwargs)
-    return StableDiffusionPipeline.from_pretrained(where, revision=model_cfg.revision, **kwargs)
+        return cls.from_single_file(where, **kwargs)
+    return cls.from_pretrained(where, revision=model_cfg.revision, **kwargs)
 
 
 class ConceptEmbedding(nn.Module):
@@ -251,13 +250,16 @@ def bake_concept(text_encoder):
     return text_encoder
 
 
-def trainable_parameters(part, unet, text_encoder, adapter=None):
-    """The parameters, by name, that a stage's `train` entry names: embedding ([V] row), cross_attention
-    (attn2), unet; with `adapter` (a LoRA stage) the U-Net parts are that adapter's factors; "lora" is every
-    adapter's. The names also key checkpoints."""
+def trainable_parameters(part, unet, text_encoder, adapter=None, text_encoder_2=None):
+    """The parameters, by name, that a stage's `train` entry names: embedding ([V] row; SDXL: a row in each
+    encoder), cross_attention (attn2), unet; with `adapter` (a LoRA stage) the U-Net parts are that adapter's
+    factors; "lora" is every adapter's. The names also key checkpoints."""
     from attndreambooth.lora import adapter_parameters
     if part == "embedding":
-        return {"concept.row": text_encoder.get_input_embeddings().row}
+        rows = {"concept.row": text_encoder.get_input_embeddings().row}
+        if text_encoder_2 is not None:
+            rows["concept.row_2"] = text_encoder_2.get_input_embeddings().row
+        return rows
     if part == "lora" or (adapter is not None and part in ("cross_attention", "unet")):
         return {f"unet.{n}": p for n, p in adapter_parameters(unet, adapter).items()}
     named = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" not in n}

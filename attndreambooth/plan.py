@@ -10,7 +10,7 @@ UNET_PARTS = {"cross_attention", "unet"}
 
 def is_lora(stage):
     """True if a stage's config trains LoRA adapters instead of the U-Net weights it names."""
-    return (stage.lora_rank or 0) > 0 and bool(UNET_PARTS & set(stage.train))
+    return stage.lora_rank > 0 and bool(UNET_PARTS & set(stage.train))
 
 
 @dataclass(frozen=True)

@@ -29,31 +29,38 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_s
 
 
 def meta_models(cfg):
-    """(source, unet, text encoder) of the model on the meta device (shapes only): the model's own configs for a
-    folder, the SD 2.1-base layout for a hub id or single file (no download for a plan)."""
+    """(source, unet, [text encoders], vae) of the model on the meta device (shapes only): the model's own
+    configs for a folder; for a hub id or single file (no download for a plan) the built-in SDXL-base layout
+    when the name says XL, else SD 2.1-base's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from attndreambooth import models as M
+    from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET
     kind, where = model_source(cfg.model)
     with torch.device("meta"):
         if kind == "folder":
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
-            text = CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder="text_encoder"))
+            texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder=sub))
+                     for sub in ("text_encoder", "text_encoder_2") if (Path(where) / sub).is_dir()]
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
-            return where, unet, text, vae
+            return where, unet, texts, vae
+        if "xl" in Path(where).name.lower():
+            texts = [CLIPTextModel(CLIPTextConfig(**c)) for c in SDXL_TEXT]
+            return "the built-in SDXL-base layout", UNet2DConditionModel(**SDXL_UNET), texts, AutoencoderKL(**M.SD21_VAE)
         (unet, text), vae = M.sd21_layout(), AutoencoderKL(**M.SD21_VAE)
-    return "the built-in SD 2.1-base layout", unet, text, vae
+    return "the built-in SD 2.1-base layout", unet, [text], vae
 
 
 def parameter_sizes(cfg, models=None):
-    """Parameter counts: embedding row, attn2, U-Net, text encoder, whole pipeline, each LoRA stage's adapter."""
-    source, unet, text, vae = models or meta_models(cfg)
+    """Parameter counts: [V]'s row(s), attn2, U-Net, text encoder(s), whole pipeline, each LoRA stage's adapter."""
+    source, unet, texts, vae = models or meta_models(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     lora = {s.name: lora_parameter_count(unet, s.config) for s in Plan(cfg.stages) if s.lora}
-    return source, dict(embedding=text.config.hidden_size, unet=count(unet), text=count(text),
+    text = sum(count(t) for t in texts)
+    return source, dict(embedding=sum(t.config.hidden_size for t in texts), unet=count(unet), text=text,
                         cross_attention=sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n),
-                        pipeline=count(unet) + count(text) + count(vae), lora=lora)
+                        pipeline=count(unet) + text + count(vae), lora=lora)
 
 
 def memory_sizes(cfg, models=None):

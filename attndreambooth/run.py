@@ -51,17 +51,29 @@ def prepare(cfg, accelerator, paths):
 
     pipe = load_pipeline(cfg.model)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL
     plan = Plan(cfg.stages)
-    if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoder ([V] is its own fp32
+    if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoders ([V] is its own fp32
         half = DTYPES[cfg.runtime.mixed_precision]  # row), and the U-Net of a run that trains only adapters
-        text_encoder.to(half)
+        for encoder in filter(None, (text_encoder, text_encoder_2)):
+            encoder.to(half)
         if plan.lora or not plan.trained_parts() & UNET_PARTS:
             unet.to(half)
-    token_id, category_ids = add_concept_token(tokenizer, text_encoder, cfg.data.placeholder, cfg.data.category,
-                                               cfg.data.init_token)
-    prompt = cfg.data.prompt_template.format(placeholder=cfg.data.placeholder, category=cfg.data.category)
+    d = cfg.data
+    prompt = d.prompt_template.format(placeholder=d.placeholder, category=d.category)
+    token_id, category_ids = add_concept_token(tokenizer, text_encoder, d.placeholder, d.category, d.init_token)
     input_ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
     log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
+    input_ids_2 = None
+    if text_encoder_2 is not None:  # SDXL: [V] gets a row in the second encoder too, from its own vocabulary
+        token_id_2, category_ids_2 = add_concept_token(pipe.tokenizer_2, text_encoder_2, d.placeholder, d.category,
+                                                       d.init_token)
+        input_ids_2, *positions = encode_prompt(pipe.tokenizer_2, prompt, token_id_2, category_ids_2)
+        if positions != [v_pos, cat_pos]:
+            raise ValueError(f"the two tokenizers place [V] and the category differently ({positions} vs "
+                             f"{[v_pos, cat_pos]}); the regulariser needs one position for both")
+        text_encoder_2.to(accelerator.device)
+        input_ids_2 = input_ids_2.to(accelerator.device)
 
     adapters = add_adapters(unet, plan)
     if adapters:
@@ -74,11 +86,11 @@ def prepare(cfg, accelerator, paths):
         unet.enable_gradient_checkpointing()
     if cfg.runtime.channels_last:
         unet.to(memory_format=torch.channels_last)
-    mean, std = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
+    mean, std, time_ids = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
     log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
     vae.to("cpu")  # the VAE leaves the training device
     gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + accelerator.process_index)
-    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen)
+    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, time_ids)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
         layers = regularised_layers(unet, cfg.reg.map_sizes, cfg.data.resolution)
@@ -86,17 +98,29 @@ def prepare(cfg, accelerator, paths):
         log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
                  len(cross_attention_layers(unet)))
     models = Models(unet, text_encoder, DDPMScheduler.from_config(pipe.scheduler.config), capture,
-                    input_ids.to(device))
+                    input_ids.to(device), text_encoder_2=text_encoder_2, input_ids_2=input_ids_2)
     return pipe, models, sampler
 
 
-def save_final(cfg, pipe, concept, out):
+def embedding_files(cfg, pipe):
+    """{file name: tensors} of the learned embedding: diffusers' format ({placeholder: row}) and A1111 /
+    ComfyUI's ({"emb_params": rows}); for SDXL both files hold the SDXL format, {"clip_l", "clip_g"}."""
+    from attndreambooth.sdxl import embedding_file, is_sdxl
+    row = pipe.text_encoder.get_input_embeddings().row
+    if is_sdxl(pipe):
+        both = embedding_file(row, pipe.text_encoder_2.get_input_embeddings().row)
+        return {"learned_embeds.safetensors": both, "embedding_a1111.safetensors": both}
+    return {"learned_embeds.safetensors": {cfg.data.placeholder: row},
+            "embedding_a1111.safetensors": {"emb_params": row[None]}}
+
+
+def save_final(cfg, pipe, out):
     """The slim artefacts: the embedding in two formats, the LoRA file of a LoRA run, and the complete
     pipeline (for a LoRA run only with runtime.save_merged_pipeline), each written atomically."""
     from attndreambooth.lora import LORA_FILE, merge_adapters, save_lora
     from attndreambooth.models import bake_concept
-    save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")  # diffusers' format
-    save_atomic({"emb_params": concept.row[None]}, out / "embedding_a1111.safetensors")  # A1111 / ComfyUI
+    for name, tensors in embedding_files(cfg, pipe).items():
+        save_atomic(tensors, out / name)
     plan = Plan(cfg.stages)
     if plan.lora:
         save_lora(pipe.unet, plan.names, out / LORA_FILE)
@@ -105,11 +129,13 @@ def save_final(cfg, pipe, concept, out):
             return
         merge_adapters(pipe.unet)
     pipe.text_encoder = bake_concept(pipe.text_encoder)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pipe.text_encoder_2 = bake_concept(pipe.text_encoder_2)
     shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
     pipe.to("cpu", DTYPES[cfg.runtime.pipeline_dtype]).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     os.replace(out / ".tmp-pipeline", out / "pipeline")
-    log.info("saved %s (load with StableDiffusionPipeline.from_pretrained)", out / "pipeline")
+    log.info("saved %s (load with %s.from_pretrained)", out / "pipeline", type(pipe).__name__)
 
 
 def run(cfg, state, paths, hooks=None):
@@ -151,9 +177,11 @@ def run(cfg, state, paths, hooks=None):
     set_seed(cfg.runtime.seed)
 
     pipe, models, sampler = prepare(cfg, accelerator, paths)
-    device, capture, concept = accelerator.device, models.capture, models.text_encoder.get_input_embeddings()
+    device, capture = accelerator.device, models.capture
     components = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                       scheduler=pipe.scheduler)
+    if models.text_encoder_2 is not None:
+        components.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
 
     def validate(name, step, global_step):
         if accelerator.is_main_process:  # eager and with the stock processors: no maps, no recompilation
@@ -209,12 +237,13 @@ def run(cfg, state, paths, hooks=None):
                     save_atomic({n: p for n, p in models.unet.state_dict().items() if ".attn2." in n},
                                 out / f"attn2_{name}.safetensors")
                 if accelerator.is_main_process and "embedding" in stage.train:
-                    save_atomic({cfg.data.placeholder: concept.row}, out / "learned_embeds.safetensors")
+                    name = "learned_embeds.safetensors"
+                    save_atomic(embedding_files(cfg, pipe)[name], out / name)
                 save_checkpoint(run_state)
                 hooks.at(f"{name}:end")
         reporter.close()
         if accelerator.is_main_process:
-            save_final(cfg, pipe, concept, out)
+            save_final(cfg, pipe, out)
             mark_finished(out)  # before resume/ goes: a kill in between leaves a finished run, not a lost one
             hooks.at("finished")
             if not cfg.runtime.keep_resume_state:

@@ -58,10 +58,13 @@ def sample(pipe, prompt, num_images=4, seed=0, batch_size=4, steps=50, guidance_
 
 def validation_grid(components, concept, vcfg, device, autocast):
     """A grid (one row per prompt) from the models being trained; leaves the training's RNG untouched."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     vae, unet = components["vae"], components["unet"]
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if "text_encoder_2" in components:  # SDXL
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
     vae_device, unet_mode = vae.device, unet.training

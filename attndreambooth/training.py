@@ -17,20 +17,32 @@ log = logging.getLogger(__name__)
 
 class AttnDreamBoothLoss(nn.Module):
     """The loss that is optimised, diffusion MSE + Eq. 2, for one batch; holds every model that a stage may
-    train, so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row included."""
+    train, so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row(s) included."""
 
-    def __init__(self, unet, text_encoder, noise_scheduler, capture, reduction):
+    def __init__(self, unet, text_encoder, noise_scheduler, capture, reduction, text_encoder_2=None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.noise_scheduler, self.capture, self.reduction = noise_scheduler, capture, reduction
 
-    def forward(self, latents, noise, timesteps, input_ids=None, cond=None, mean_weight=0.0, var_weight=0.0):
+    def encode(self, input_ids, input_ids_2=None):
+        """The prompt's conditioning: (1, 77, D), or for SDXL (hidden (1, 77, D1 + D2), pooled (1, D2))."""
+        if self.text_encoder_2 is None:
+            return self.text_encoder(input_ids)[0]
+        from attndreambooth.sdxl import encode
+        return encode(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
+
+    def forward(self, latents, noise, timesteps, input_ids=None, cond=None, mean_weight=0.0, var_weight=0.0,
+                input_ids_2=None, time_ids=None):
         """Returns (loss, mse, reg, reg mean term, reg var term): loss = mse + reg, reg = Eq. 2 with the
-        given weights. `cond` (1, 77, D) is the cached conditioning, else the text encoder runs once on
-        `input_ids` (1, 77) and is broadcast over the batch."""
+        given weights. `cond` is the cached conditioning (see `encode`), else the text encoder(s) run once on
+        `input_ids` (1, 77) and it is broadcast over the batch; SDXL also takes each sample's `time_ids` (B, 6)."""
         if cond is None:
-            cond = self.text_encoder(input_ids)[0]
-        cond = cond.expand(latents.shape[0], -1, -1)  # (B, 77, D)
+            cond = self.encode(input_ids, input_ids_2)
+        hidden, pooled = cond if isinstance(cond, tuple) else (cond, None)
+        batch = latents.shape[0]
+        extra = {} if pooled is None else dict(added_cond_kwargs=dict(text_embeds=pooled.expand(batch, -1),
+                                                                       time_ids=time_ids))
+        hidden = hidden.expand(batch, -1, -1)  # (B, 77, D)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -38,7 +50,7 @@ class AttnDreamBoothLoss(nn.Module):
             target = noise
         if self.capture is not None:
             self.capture.clear()
-        pred = self.unet(noisy, timesteps, cond).sample
+        pred = self.unet(noisy, timesteps, hidden, **extra).sample
         mse = F.mse_loss(pred.float(), target.float())
         if self.capture is None:  # regulariser off
             zero = mse.new_zeros(())
@@ -66,16 +78,19 @@ class Models:
     noise_scheduler: object
     capture: object
     input_ids: torch.Tensor  # (1, 77) the training prompt
-    cond: torch.Tensor = None  # (1, 77, D) cached text conditioning once [V] is frozen
+    cond: object = None  # (1, 77, D) cached text conditioning once [V] is frozen (SDXL: with the pooled one)
     cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
+    text_encoder_2: nn.Module = None  # SDXL's second text encoder, and the prompt's ids in its tokenizer
+    input_ids_2: torch.Tensor = None
 
 
 def set_trainable(stage, models, name=None):
     """Freeze everything, then unfreeze the parts the stage `name` names (its adapter for a LoRA stage);
     returns the trainable parameters."""
     from attndreambooth.plan import is_lora
-    models.unet.requires_grad_(False)
-    models.text_encoder.requires_grad_(False)
+    for model in (models.unet, models.text_encoder, models.text_encoder_2):
+        if model is not None:
+            model.requires_grad_(False)
     params = trained_weights(stage.train, models, adapter=name if is_lora(stage) else None)
     for p in params.values():
         p.requires_grad_(True)
@@ -124,8 +139,8 @@ class NonFiniteLoss(RuntimeError):
 
 def trained_weights(parts, models, adapter=None):
     """The parameters of `parts` by name (names as in `trainable_parameters`, also checkpoint keys)."""
-    return {n: p for part in parts
-            for n, p in trainable_parameters(part, models.unet, models.text_encoder, adapter).items()}
+    return {n: p for part in parts for n, p in trainable_parameters(part, models.unet, models.text_encoder, adapter,
+                                                                     models.text_encoder_2).items()}
 
 
 @torch.no_grad()
@@ -147,11 +162,12 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=No
         raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
                          f"{accelerator.num_processes} processes")
     run_text = "embedding" in stage.train or not models.cache_text
+    objective = AttnDreamBoothLoss(models.unet, models.text_encoder, models.noise_scheduler, models.capture,
+                                   cfg.reg.reduction, models.text_encoder_2)
     if not run_text:  # computed anew for every stage: an earlier stage may have moved [V]
         with torch.no_grad(), accelerator.autocast():
-            models.cond = models.text_encoder(models.input_ids)[0].float()
-    objective = AttnDreamBoothLoss(models.unet, models.text_encoder, models.noise_scheduler, models.capture,
-                                   cfg.reg.reduction)
+            cond = objective.encode(models.input_ids, models.input_ids_2)
+            models.cond = tuple(c.float() for c in cond) if isinstance(cond, tuple) else cond.float()
     optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     start_step = 0
@@ -172,12 +188,17 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=No
     start = time.perf_counter()
     models.unet.train()  # validation switches to eval and back
     for step in bar:
-        latents = sampler.sample(per_process)
+        time_ids = None
+        if models.text_encoder_2 is not None:  # SDXL: each sampled view's size and crop conditioning
+            latents, time_ids = sampler.sample(per_process, with_time_ids=True)
+        else:
+            latents = sampler.sample(per_process)
         noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
         timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
         with accelerator.autocast():
             loss, mse, reg, mean_term, var_term = objective(latents, noise, timesteps, input_ids=models.input_ids,
-                                                            cond=None if run_text else models.cond, **weights)
+                                                            cond=None if run_text else models.cond, **weights,
+                                                            input_ids_2=models.input_ids_2, time_ids=time_ids)
         loss = hooks.loss(f"{name}:{step + 1}", loss)
         accelerator.backward(loss)
         if cfg.runtime.max_grad_norm is not None:

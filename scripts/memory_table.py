@@ -19,6 +19,7 @@ from attndreambooth import models as M  # noqa: E402
 from attndreambooth.config import CARD_PRESETS, MEMORY_PRESETS, load_config  # noqa: E402
 from attndreambooth.memory import current_savers, fit_card, stage_peaks  # noqa: E402
 from attndreambooth.preflight import memory_sizes  # noqa: E402
+from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET  # noqa: E402
 
 
 def layouts():
@@ -26,10 +27,11 @@ def layouts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     with torch.device("meta"):
-        sd21 = ("SD 2.1-base", *M.sd21_layout(), AutoencoderKL(**M.SD21_VAE))
-        texts = [CLIPTextModel(CLIPTextConfig(**c)) for c in M.SDXL_TEXT]
-        sdxl = ("SDXL-base", UNet2DConditionModel(**M.SDXL_UNET), texts[1], AutoencoderKL(**M.SD21_VAE))
-    return {"SD 2.1-base": (sd21, 512, 8, None), "SDXL-base": (sdxl, 1024, 4, texts)}
+        unet, text = M.sd21_layout()
+        sd21 = ("SD 2.1-base", unet, [text], AutoencoderKL(**M.SD21_VAE))
+        texts = [CLIPTextModel(CLIPTextConfig(**c)) for c in SDXL_TEXT]
+        sdxl = ("SDXL-base", UNet2DConditionModel(**SDXL_UNET), texts, AutoencoderKL(**M.SD21_VAE))
+    return {"SD 2.1-base": (sd21, 512, 8), "SDXL-base": (sdxl, 1024, 4)}
 
 
 def main(argv=None):
@@ -38,14 +40,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = ["| preset | model | resolution, batch | what it switches on | peak GiB stage 1 / 2 / 3 |",
             "|---|---|---|---|---|"]
-    for name, (models, resolution, batch, texts) in layouts().items():
+    for name, (models, resolution, batch) in layouts().items():
         base = load_config(None, ["data.instance_dir=.", "data.category=dog", "output_dir=x",
                                   "runtime.mixed_precision=bf16", f"data.resolution={resolution}",
                                   *[f"stages.stage{i}.batch_size={batch}" for i in (1, 2, 3)]], check=False)
         _, sizes = memory_sizes(base, models)
-        if texts:  # SDXL: both text encoders are weights; [V] has a row in each
-            sizes["text"] = sum(p.numel() for t in texts for p in t.parameters())
-            sizes["embedding"] = sum(t.config.hidden_size for t in texts)
         for preset in (*MEMORY_PRESETS, *CARD_PRESETS):
             cfg = copy.deepcopy(base)
             cfg.runtime.memory = preset
@@ -54,8 +53,6 @@ def main(argv=None):
                     setattr(cfg.runtime, key, value)
                 peaks = stage_peaks(sizes, _plan(cfg), current_savers(cfg), "bf16")
             else:
-                for s in cfg.stages.values():
-                    s.lora_rank = None
                 for key in MEMORY_PRESETS["default"]:
                     setattr(cfg.runtime, key, None)
                 _, peaks = fit_card(cfg, sizes, not args.no_bitsandbytes)

@@ -252,7 +252,8 @@ def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
     from diffusers import UNet2DConditionModel
 
     from attention_reg import cross_attention_layers
-    from attndreambooth.models import SDXL_UNET, regularised_layers
+    from attndreambooth.models import regularised_layers
+    from attndreambooth.sdxl import SDXL_UNET
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
     sides = [128 // f for f in cross_attention_layers(unet).values()]  # 1024 px

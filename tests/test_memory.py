@@ -49,7 +49,7 @@ def test_card_preset_takes_the_first_way_that_fits(card, bitsandbytes):
 def test_explicit_settings_win_over_a_card_preset():
     cfg = fit_memory(load_config(None, SD21 + ["runtime.memory=24gb", "runtime.gradient_checkpointing=false"]))
     assert cfg.runtime.gradient_checkpointing is False
-    with pytest.raises(ConfigError, match="every stage that trains U-Net weights must use LoRA, or none"):
-        fit_memory(load_config(None, SD21 + ["runtime.memory=12gb", "stages.stage3.lora_rank=0"]))
+    cfg = fit_memory(load_config(None, SD21 + ["runtime.memory=12gb", "stages.stage3.lora_rank=8"]))
+    assert (cfg.stages["stage2"].lora_rank, cfg.stages["stage3"].lora_rank) == (32, 8)  # a set rank stays
     with pytest.raises(ConfigError, match="runtime.half_frozen_weights"):
         load_config(None, SD21[:-1] + ["runtime.half_frozen_weights=true"])  # needs mixed precision
