@@ -110,3 +110,21 @@ def test_sdxl_lora_file_rebuilds_the_unet_in_stock_diffusers(tmp_path, base):
             outputs.append(pipe.unet(latents, t, embeds.expand(2, -1, -1), added_cond_kwargs=dict(
                 text_embeds=pooled.expand(2, -1), time_ids=time_ids)).sample)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_infer_on_an_sdxl_run_with_attention_maps_and_its_stages(run, tmp_path):
+    import numpy as np
+
+    from infer import generate, load_pipe
+    pipe, concept, _ = load_pipe(run)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and concept == "<v> toy"
+    generate(pipe, concept, ["a {} on the beach"], tmp_path, num_images=1, steps=2, attention_maps=True)
+    folder = next(tmp_path.iterdir())
+    maps = np.load(folder / "attention_maps.npz")
+    arrays = [maps[k] for k in maps.files]
+    assert (folder / "000.png").is_file() and (folder / "attention.png").is_file() and arrays
+    after_stage2, _, _ = load_pipe(run, stage=2)  # the base + both rows + stage 2's attn2 weights
+    assert "<v>" in after_stage2.tokenizer_2.get_added_vocab()
+    attn2 = load_file(run / "attn2_stage2.safetensors")
+    name = next(iter(attn2))
+    torch.testing.assert_close(after_stage2.unet.state_dict()[name], attn2[name])
