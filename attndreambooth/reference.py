@@ -25,7 +25,7 @@ class ReferenceCapture:
         cross = CaptureProcessor(self.full_maps.append, None)
         eager = AttnProcessor()  # materialises the softmax maps of self-attention too
         processors = {n: cross if ".attn2." in n else eager for n in self._original}
-        assert sum(p is cross for p in processors.values()) == self.expected_layers
+        assert self.expected_layers is None or sum(p is cross for p in processors.values()) == self.expected_layers
         self.unet.set_attn_processor(processors)
         return self
 
@@ -45,10 +45,15 @@ class EncodeEveryStep:
         self.vae, self.pixels, self.scale, self.gen, self.autocast = vae, pixels, scaling_factor, generator, autocast
 
     @torch.no_grad()
-    def sample(self, batch_size):
+    def sample(self, batch_size, with_time_ids=False):
+        """Latents; with `with_time_ids`, also SDXL's size/crop ids of uncropped views at the pixels' size."""
         index = torch.randint(len(self.pixels), (batch_size,), generator=self.gen)
         pixels = self.pixels[index.to(self.pixels.device)]
         with self.autocast():
             dist = self.vae.encode(pixels).latent_dist
         eps = torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean.device)
-        return (dist.mean.float() + dist.std.float() * eps) * self.scale
+        latents = (dist.mean.float() + dist.std.float() * eps) * self.scale
+        if not with_time_ids:
+            return latents
+        h, w = pixels.shape[-2:]
+        return latents, torch.tensor([[h, w, 0, 0, h, w]] * batch_size, dtype=torch.float32, device=latents.device)

@@ -3,6 +3,8 @@
     python scripts/benchmark.py                                    # CPU: small SD-shaped layout
     python scripts/benchmark.py --layout sd21 --device cuda --precision bf16 --batch_size 8 \
         --variants reference,fast --presets default,low
+    python scripts/benchmark.py --layout sdxl --device cuda --precision bf16 --batch_size 4 \
+        --variants fast --presets default,low,lora,lora_half     # SDXL-base, 1024 px, full and LoRA
 
 Models are built from config with random weights (same cost as real ones; no download). Each
 variant runs the trainer's own `run_stage` for every stage: `--warmup` steps, then `--steps`
@@ -32,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attndreambooth.models import SD21_TEXT, SD21_UNET, SD21_VAE  # noqa: E402
+from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET  # noqa: E402
 
 # SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
 # U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:
@@ -44,7 +47,21 @@ LAYOUTS = {
                   text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                             num_attention_heads=4, projection_dim=256),
                   resolution=128),
+    "sdxl": dict(unet=SDXL_UNET, vae=dict(SD21_VAE, sample_size=1024), text=SDXL_TEXT[0], text_2=SDXL_TEXT[1],
+                 resolution=1024),
+    "sdxl_small": dict(unet=dict(SDXL_UNET, block_out_channels=(80, 160, 320), cross_attention_dim=512,
+                                 transformer_layers_per_block=(1, 2, 3), sample_size=16, norm_num_groups=16,
+                                 projection_class_embeddings_input_dim=256 + 6 * 256),
+                       vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
+                       text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, projection_dim=256),
+                       text_2=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, projection_dim=256), resolution=128),
 }
+# Memory presets beyond the trainer's default and low: the U-Net stages as LoRA (rank 32) with gradient
+# checkpointing, and that with the frozen weights in the autocast dtype (runtime.half_frozen_weights).
+LORA_PRESETS = {"lora": dict(gradient_checkpointing=True, optimizer_8bit=False, half_frozen_weights=False),
+                "lora_half": dict(gradient_checkpointing=True, optimizer_8bit=False, half_frozen_weights=True)}
 VARIANTS = {
     "reference": dict(capture="reference", latents="every_step", cache_text=False, fused_adamw=False),
     "+sdpa": dict(capture="fast", latents="every_step", cache_text=False, fused_adamw=False),
@@ -61,21 +78,36 @@ PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 494}, "H200": {"bf16":
 
 
 def build(layout, device, seed=0):
-    """Tokenizer, text encoder, VAE, U-Net and noise scheduler of a layout, random weights."""
+    """Tokenizer(s), text encoder(s), VAE, U-Net and noise scheduler of a layout, random weights; for SDXL
+    layouts also the second tokenizer and text encoder (None otherwise)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from attndreambooth.models import write_tiny_tokenizer
     spec = LAYOUTS[layout]
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_tokenizer(tmp)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tmp), CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
     with torch.device(device):
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_2"])) if "text_2" in spec else None
         vae, unet = AutoencoderKL(**spec["vae"]), UNet2DConditionModel(**spec["unet"])
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), unet, scheduler
+    if text_encoder_2 is not None:
+        text_encoder_2.requires_grad_(False)
+    return (tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), unet, scheduler,
+            text_encoder_2 and tokenizer_2, text_encoder_2)
+
+
+def sdxl_inputs(unet, batch_size, device):
+    """The U-Net's extra SDXL inputs (pooled text embedding, size/crop ids) for a batch, or {}."""
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return {}
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(added_cond_kwargs=dict(text_embeds=torch.zeros(batch_size, pooled, device=device),
+                                       time_ids=torch.zeros(batch_size, 6, device=device)))
 
 
 def model_flops(layout, batch_size):
@@ -87,17 +119,23 @@ def model_flops(layout, batch_size):
     from attndreambooth.config import paper_stages
     from attndreambooth.models import add_concept_token
     from attndreambooth.training import Models, set_trainable
-    tokenizer, te, _, unet, _ = build(layout, "meta")
+    tokenizer, te, _, unet, _, _, te2 = build(layout, "meta")
     unet.set_attn_processor(AttnProcessor())
     add_concept_token(tokenizer, te, "<v>", "toy")
     size, flops = unet.config.sample_size, {}
+    dim = unet.config.cross_attention_dim
     for name, stage in paper_stages().items():
         set_trainable(stage, Models(unet, te, None, None, None))
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
-            cond = te(ids)[0] if "embedding" in stage.train else torch.randn(1, 77, te.config.hidden_size, device="meta")
+            if "embedding" in stage.train:  # SDXL: both encoders run; the second's states fill the rest
+                cond = te(ids)[0] if te2 is None else torch.cat([te(ids)[0], te2(ids, output_hidden_states=True)
+                                                                 .hidden_states[-2]], dim=-1)
+            else:
+                cond = torch.randn(1, 77, dim, device="meta")
             x = torch.randn(batch_size, 4, size, size, device="meta")
-            out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1)).sample
+            out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1),
+                       **sdxl_inputs(unet, batch_size, "meta")).sample
             out.float().square().mean().backward()
         flops[name] = counter.get_total_flops()
     return flops
@@ -124,13 +162,17 @@ def run_variant(variant, preset, args):
     from attndreambooth.models import add_concept_token, encode_prompt
     from attndreambooth.reference import EncodeEveryStep, ReferenceCapture
     from attndreambooth.training import Models, run_stage
+    from attndreambooth.lora import add_adapters
+    from attndreambooth.plan import DTYPES, Plan
     flags = VARIANTS[variant]
-    memory = dict(MEMORY_PRESETS[preset])
+    memory = dict(MEMORY_PRESETS.get(preset) or LORA_PRESETS[preset])
     if args.no_8bit:
         memory["optimizer_8bit"] = False
     cfg = load_config(None, ["output_dir=unused", "data.instance_dir=.", "data.category=toy",
                              f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
-                             f"runtime.fused_adamw={flags.get('fused_adamw', True)}"], check=False)
+                             f"runtime.fused_adamw={flags.get('fused_adamw', True)}",
+                             *([f"stages.stage{i}.lora_rank=32" for i in (2, 3)] if preset in LORA_PRESETS else [])],
+                      check=False)
     AcceleratorState._reset_state(True)
     gc.collect()  # the previous variant's models must not count in this one's peak memory
     if torch.cuda.is_available():
@@ -139,9 +181,16 @@ def run_variant(variant, preset, args):
                               cpu=args.device == "cpu")
     device, B, res = accelerator.device, args.batch_size, LAYOUTS[args.layout]["resolution"]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    tokenizer, te, vae, unet, scheduler = build(args.layout, device)
+    tokenizer, te, vae, unet, scheduler, tokenizer_2, te2 = build(args.layout, device)
     token_id, cat_ids = add_concept_token(tokenizer, te, "<v>", "toy")
     input_ids, v_pos, cat_pos = encode_prompt(tokenizer, "a photo of a <v> toy", token_id, cat_ids)
+    ids_2 = None
+    if te2 is not None:  # SDXL: [V] in the second encoder too
+        ids_2 = encode_prompt(tokenizer_2, "a photo of a <v> toy", *add_concept_token(tokenizer_2, te2, "<v>", "toy"))[0]
+    if memory["half_frozen_weights"]:  # as the trainer: frozen encoders and the adapters' U-Net in half precision
+        for model in filter(None, (te, te2, unet)):
+            model.to(DTYPES[args.precision])
+    add_adapters(unet, Plan(cfg.stages))
     if memory["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     if flags.get("channels_last"):
@@ -155,13 +204,16 @@ def run_variant(variant, preset, args):
             mean, std = encode_pixels(vae, pixels, device)
         setup = _sync_time(device) - t0
         vae.to("cpu")  # leaves the training device, as in the trainer
-        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen)
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]] * mean.shape[0], dtype=torch.float32)
+        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen, time_ids)
     else:
         sampler = EncodeEveryStep(vae, pixels, vae.config.scaling_factor, gen, accelerator.autocast)
     capture_cls = ReferenceCapture if flags["capture"] == "reference" else CrossAttentionCapture
-    capture = capture_cls(unet, [v_pos, cat_pos])
+    capture = capture_cls(unet, [v_pos, cat_pos], None)  # every attn2 layer, however many
     ids = input_ids.to(device) if flags["cache_text"] else input_ids.repeat(B, 1).to(device)
-    models = Models(unet, te, scheduler, capture, ids, cache_text=flags["cache_text"])
+    ids_2 = None if ids_2 is None else ids_2.to(device).repeat(ids.shape[0], 1)
+    models = Models(unet, te, scheduler, capture, ids, cache_text=flags["cache_text"], text_encoder_2=te2,
+                    input_ids_2=ids_2)
     row = dict(variant=variant, preset=preset, precision=args.precision, batch_size=B, setup_s=setup)
     with capture:
         if flags.get("compile"):

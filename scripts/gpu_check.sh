@@ -11,7 +11,12 @@
 #                   channels_last
 #   bench_compile   `fast+compile` (channels_last + torch.compile), default preset, stage 3
 #   tiny_compile    the trainer with torch.compile and validation grids (sampled eagerly)
-# Each step gets at most its cap and the time left of BUDGET_S (default 440), logs to
+#   bench_sdxl      SDXL-base layout, 1024 px, batch 4, bf16, `fast`: LoRA with half-precision frozen weights,
+#                   LoRA, low, default (full weights last: it may not fit; an out-of-memory ends the step)
+#   tiny_sdxl       the trainer on the tiny SDXL model with LoRA stages, bf16 and half-precision frozen
+#                   weights, validation grids, then infer.py with attention maps
+# (The SDXL part alone: ONLY=bench_sdxl,tiny_sdxl.) Each step gets at most its cap and the time left of
+# BUDGET_S (default 440), logs to
 # RESULTS/<step>.log and a line in RESULTS/summary.txt; a failing step does not stop the others.
 # RESULTS/gpu_results.md gathers the tables; with $OUT set, RESULTS is packed to
 # $OUT/gpu_results.tgz after every step.
@@ -72,12 +77,18 @@ step bench_compile 200 $bench --precision bf16 --variants fast+compile --presets
   --warmup 2 --steps 5 --out "$RESULTS/bench_compile.json"  # stage 3 alone: one compilation fits the lease
 step tiny_compile 150 $tiny output_dir="$RUNS/compile" runtime.mixed_precision=bf16 runtime.compile=true \
   validation.every_steps=40
+step bench_sdxl 240 python3 scripts/benchmark.py --layout sdxl --device cuda --batch_size 4 --views 4 --repeats 1 \
+  --precision bf16 --variants fast --presets lora_half,lora,low,default $low_flags --warmup 2 --steps 3 \
+  --out "$RESULTS/bench_sdxl.json"
+step tiny_sdxl 90 bash -c "$tiny model.pretrained=tiny-sdxl output_dir=$RUNS/sdxl runtime.mixed_precision=bf16 \
+  stages.stage2.lora_rank=8 stages.stage3.lora_rank=8 runtime.half_frozen_weights=true validation.every_steps=20 \
+  && python3 infer.py $RUNS/sdxl --prompt 'a {} on the beach' --attention_maps --num_images 2"
 
 {
   echo "# GPU check: $(head -n 2 "$RESULTS/gpu.txt" | tail -n 1)"
   echo
   echo '```'; cat "$RESULTS/gpu.txt" "$RESULTS/summary.txt"; echo '```'
-  for t in bench_bf16 bench_fp32_ref bench_compile infer; do
+  for t in bench_bf16 bench_fp32_ref bench_compile infer bench_sdxl; do
     [ -f "$RESULTS/$t.md" ] && { echo; echo "## $t"; echo; cat "$RESULTS/$t.md"; }
   done
 } > "$RESULTS/gpu_results.md"

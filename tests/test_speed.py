@@ -123,3 +123,19 @@ def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
     assert ref["setup_s"] == 0 and fast["setup_s"] > 0  # only the fast path encodes its pool once
     assert fast["speedup"] == pytest.approx(ref["schedule_s"] / fast["schedule_s"])
     assert "| fast | default | fp32 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_times_sdxl_with_lora_and_half_precision_weights(tmp_path):
+    """The SDXL layout (two text encoders, size/crop conditioning) through the trainer's run_stage, with
+    LoRA stages over bf16 frozen weights; its FLOP count sees both encoders and the U-Net's extra inputs."""
+    import benchmark
+    out = tmp_path / "b.json"
+    benchmark.main(["--layout", "sdxl_small", "--variants", "fast", "--presets", "lora_half", "--precision", "bf16",
+                    "--repeats", "1", "--warmup", "0", "--steps", "1", "--batch_size", "1", "--images", "1",
+                    "--views", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert all(row[f"stage{i}_s_per_step"] > 0 for i in (1, 2, 3))
+    flops = result["model_flops_per_step"]
+    assert flops["stage3"] > max(flops["stage1"], flops["stage2"]) > 0  # stage 3: weight gradients everywhere
+    assert "| fast | lora_half | bf16 |" in out.with_suffix(".md").read_text()
