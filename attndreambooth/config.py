@@ -231,6 +231,10 @@ def validate(cfg: Config, card_pending=False):
     for key in ("rotate_prob", "flip_prob"):
         need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", f"{getattr(a, key)} is not a probability in [0, 1]")
     need(0 <= a.max_rotation_deg <= 180, "data.augment.max_rotation_deg", "must be in [0, 180]")
+    vae = cfg.model.vae
+    need(vae is None or os.path.isdir(os.path.expanduser(vae)) or (vae.count("/") == 1 and not vae.startswith(
+        (".", "/", "~")) and not os.path.exists(vae)), "model.vae",
+         f"{vae!r} is neither a diffusers VAE folder nor a hub id (owner/name)")
     need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
     need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
          f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")

@@ -38,6 +38,8 @@ def no_model_loading(monkeypatch):
     ("stages.stage1.lora_rank=4", "config key 'stages.stage1.lora_rank': LoRA adapts U-Net weights"),
     ("stages.stage3.lora_rank=4", r"every stage that trains U-Net weights must use LoRA, or none \(\{'stage2': False"),
     ("stages.stage3.lora_alpha=0", "config key 'stages.stage3.lora_alpha'"),
+    ("model.vae=/no/such/vae", "config key 'model.vae': '/no/such/vae' is neither a diffusers VAE folder"),
+    ("runtime.memory=8gb", "config key 'runtime.memory': '8gb' is not one of"),
 ])
 def test_bad_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
