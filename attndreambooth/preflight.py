@@ -234,7 +234,8 @@ def check_disk(cfg):
     bytes_per = DTYPES[cfg.runtime.pipeline_dtype].itemsize
     checkpoint = 4 * (trained + sizes["embedding"]) + 8 * largest_stage  # weights + AdamW moments, fp32
     pipeline = 0 if plan.lora and not cfg.runtime.save_merged_pipeline else sizes["pipeline"] * bytes_per
-    need = pipeline + 4 * max(sizes["cross_attention"], trained) + (cfg.runtime.keep_checkpoints + 1) * checkpoint
+    stage_files = 4 * trained * len(sizes["lora"]) if plan.lora else 4 * sizes["cross_attention"]  # attn2 / lora_<stage>
+    need = pipeline + stage_files + (cfg.runtime.keep_checkpoints + 1) * checkpoint
     parent = next(p for p in [Path(cfg.output_dir), *Path(cfg.output_dir).parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if need > free:

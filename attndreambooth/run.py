@@ -237,8 +237,8 @@ def run(cfg, state, paths, hooks=None):
                     save_atomic({n: p for n, p in models.unet.state_dict().items() if ".attn2." in n},
                                 out / f"attn2_{name}.safetensors")
                 if accelerator.is_main_process and "embedding" in stage.train:
-                    name = "learned_embeds.safetensors"
-                    save_atomic(embedding_files(cfg, pipe)[name], out / name)
+                    save_atomic(embedding_files(cfg, pipe)["learned_embeds.safetensors"],
+                                out / "learned_embeds.safetensors")
                 save_checkpoint(run_state)
                 hooks.at(f"{name}:end")
         reporter.close()
