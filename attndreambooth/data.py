@@ -187,7 +187,8 @@ class LatentSampler:
     pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor."""
 
     def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, time_ids=None):
-        self.mean, self.std, self.scale, self.gen, self.time_ids = mean, std, scaling_factor, generator, time_ids
+        self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
+        self.time_ids = None if time_ids is None else time_ids.to(mean.device)  # moved once, not per step
         self.num_images, self.views = num_images, mean.shape[0] // num_images
         self.order = []
 
@@ -211,4 +212,4 @@ class LatentSampler:
         mean, std = self.mean[index], self.std[index]
         eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
         latents = (mean + std * eps) * self.scale
-        return (latents, self.time_ids[index.cpu()].to(mean.device)) if with_time_ids else latents
+        return (latents, self.time_ids[index]) if with_time_ids else latents

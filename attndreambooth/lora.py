@@ -7,6 +7,7 @@ and the stages add up as full-weight stages do (stage 3 trains on top of stage 2
 run's LoRA file is the sum of the adapters, written exactly: per module the factors are concatenated, the
 scales folded into A, so `pipe.load_lora_weights(run_dir)` (alpha = rank, scale 1) rebuilds the same U-Net.
 """
+import os
 import re
 import warnings
 
@@ -76,8 +77,6 @@ def summed_lora_state_dict(unet, adapters):
 def save_lora(unet, adapters, path):
     """Write the sum of `adapters` as a diffusers LoRA file (the format `load_lora_weights` reads), written
     under a temporary name and renamed."""
-    import os
-
     from diffusers import StableDiffusionPipeline
 
     state = summed_lora_state_dict(unet, adapters)  # peft's key names, which diffusers reads as they are
@@ -96,9 +95,9 @@ def merge_adapters(unet):
     return unet
 
 
-def lora_parameter_count(unet, stage):
-    """Trainable parameters of a LoRA stage's adapter on `unet` (meta device is fine): rank x (in + out) for
-    every linear layer its targets match (a plain Linear, or one that peft wraps already)."""
-    pattern = re.compile(TARGETS[adapter_part(stage)])
-    return sum(stage.lora_rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
+def lora_parameter_count(unet, part, rank=1):
+    """Trainable parameters of an adapter of `rank` on `part`'s targets (meta device is fine): rank x (in +
+    out) for every linear layer the targets match (a plain Linear, or one that peft wraps already)."""
+    pattern = re.compile(TARGETS[part])
+    return sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
                if hasattr(m, "in_features") and pattern.fullmatch(n))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attndreambooth.sdxl import extra_unet_inputs
+
 log = logging.getLogger(__name__)
 GIB = 2**30
 CARDS = {"12gb": 12, "16gb": 16, "24gb": 24}  # GiB on the card
@@ -57,12 +59,8 @@ def activation_elements(unet, resolution):
     try:
         with torch.device("meta"), torch.no_grad():
             c = unet.config
-            extra = {}
-            if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop conditioning
-                pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-                extra = dict(added_cond_kwargs=dict(text_embeds=torch.zeros(1, pooled), time_ids=torch.zeros(1, 6)))
             unet(torch.zeros(1, c.in_channels, side, side), torch.zeros(1), torch.zeros(1, 77, c.cross_attention_dim),
-                 **extra)
+                 **extra_unet_inputs(unet, 1))
     finally:
         for h in handles:
             h.remove()
@@ -72,6 +70,7 @@ def activation_elements(unet, resolution):
 def stage_peaks(sizes, plan, savers, mixed_precision):
     """{stage: estimated peak GiB} from preflight.memory_sizes (parameters, activations per sample, LoRA
     parameters per unit of rank)."""
+    from attndreambooth.lora import adapter_part
     from attndreambooth.plan import UNET_PARTS
     half = savers.half_frozen_weights and mixed_precision != "no"
     full_unet = not savers.lora and any(UNET_PARTS & set(s.config.train) for s in plan)
@@ -80,8 +79,7 @@ def stage_peaks(sizes, plan, savers, mixed_precision):
     for s in plan:
         train = set(s.config.train)
         if savers.lora and UNET_PARTS & train:
-            part = "unet" if "unet" in train else "cross_attention"
-            trained = sizes["lora_per_rank"][part] * (s.config.lora_rank or LORA_RANK)
+            trained = sizes["lora_per_rank"][adapter_part(s.config)] * (s.config.lora_rank or LORA_RANK)
             trained += sizes["embedding"] * ("embedding" in train)
         else:
             trained = sum(sizes[p] for p in train)
@@ -103,7 +101,7 @@ def fit_card(cfg, sizes, bitsandbytes):
     """The first way to train on LADDER whose estimated peak fits `runtime.memory`'s card; sets the runtime
     switches the config leaves unset (null) and, when it takes LoRA, a rank for the U-Net stages that have
     none (a rank set in the config stays). Returns (savers, peaks)."""
-    from attndreambooth.plan import Plan
+    from attndreambooth.plan import UNET_PARTS, Plan
     budget = CARDS[cfg.runtime.memory] * HEADROOM
     plan = Plan(cfg.stages)
     usable = [s for s in LADDER if (bitsandbytes or not s.optimizer_8bit)
@@ -122,6 +120,6 @@ def fit_card(cfg, sizes, bitsandbytes):
         if getattr(r, key) is None:
             setattr(r, key, getattr(savers, key))
     for stage in cfg.stages.values():
-        if savers.lora and not stage.lora_rank and {"unet", "cross_attention"} & set(stage.train):
+        if savers.lora and not stage.lora_rank and UNET_PARTS & set(stage.train):
             stage.lora_rank = LORA_RANK
     return savers, peaks

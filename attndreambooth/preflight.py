@@ -15,7 +15,7 @@ from attndreambooth.checkpoint import size_text
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
 from attndreambooth.models import is_known_word, model_source, regularised_layers
-from attndreambooth.lora import lora_parameter_count
+from attndreambooth.lora import adapter_part, lora_parameter_count
 from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
 log = logging.getLogger(__name__)
@@ -56,25 +56,20 @@ def parameter_sizes(cfg, models=None):
     """Parameter counts: [V]'s row(s), attn2, U-Net, text encoder(s), whole pipeline, each LoRA stage's adapter."""
     source, unet, texts, vae = models or meta_models(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    lora = {s.name: lora_parameter_count(unet, s.config) for s in Plan(cfg.stages) if s.lora}
+    per_rank = {part: lora_parameter_count(unet, part) for part in UNET_PARTS}
+    lora = {s.name: per_rank[adapter_part(s.config)] * s.config.lora_rank for s in Plan(cfg.stages) if s.lora}
     text = sum(count(t) for t in texts)
     return source, dict(embedding=sum(t.config.hidden_size for t in texts), unet=count(unet), text=text,
                         cross_attention=sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n),
-                        pipeline=count(unet) + text + count(vae), lora=lora)
+                        pipeline=count(unet) + text + count(vae), lora=lora, lora_per_rank=per_rank)
 
 
 def memory_sizes(cfg, models=None):
-    """parameter_sizes plus what the memory estimate needs: activations per sample at data.resolution and
-    LoRA parameters per unit of rank by part."""
-    from types import SimpleNamespace
-
+    """parameter_sizes plus the U-Net's activations per sample at data.resolution (the memory estimate)."""
     from attndreambooth.memory import activation_elements
     models = models or meta_models(cfg)
     source, sizes = parameter_sizes(cfg, models)
-    unet = models[1]
-    sizes["activations"] = activation_elements(unet, cfg.data.resolution)
-    sizes["lora_per_rank"] = {part: lora_parameter_count(unet, SimpleNamespace(train=[part], lora_rank=1))
-                              for part in UNET_PARTS}
+    sizes["activations"] = activation_elements(models[1], cfg.data.resolution)
     return source, sizes
 
 
@@ -222,9 +217,9 @@ def config_changes(old, new, prefix=""):
     return changes
 
 
-def check_disk(cfg):
+def check_disk(cfg, models=None):
     """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
-    _, sizes = parameter_sizes(cfg)
+    _, sizes = parameter_sizes(cfg, models)
     plan = Plan(cfg.stages)
     parts = plan.trained_parts()
     trained = sizes["unet"] if "unet" in parts else sizes["cross_attention"] if "cross_attention" in parts else 0
@@ -253,11 +248,12 @@ def preflight(cfg):
     paths = list_images(cfg.data)
     model_source(cfg.model)
     check_tokens(cfg)
-    if cfg.reg.enabled:  # the layer selection against the model's layout (meta device), before weights load
-        regularised_layers(meta_models(cfg)[1], cfg.reg.map_sizes, cfg.data.resolution)
+    models = meta_models(cfg)  # the model's layout on the meta device, built once for the checks below
+    if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
+        regularised_layers(models[1], cfg.reg.map_sizes, cfg.data.resolution)
     state = run_folder_state(cfg)
     if state != "finished":
-        check_disk(cfg)
+        check_disk(cfg, models)
     if state == "finished":  # nothing will be written
         return state, paths, None
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher, rank 0 claims the folder for all

@@ -54,6 +54,17 @@ def is_sdxl(pipe):
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+def extra_unet_inputs(unet, batch_size, device=None):
+    """Placeholder SDXL inputs of the U-Net (zero pooled embedding and size/crop ids) for shape-only work (FLOP
+    and activation counts); {} for a U-Net without text_time conditioning."""
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return {}
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(added_cond_kwargs=dict(text_embeds=torch.zeros(batch_size, pooled, device=device),
+                                       time_ids=torch.zeros(batch_size, 6, device=device)))
+
+
 def time_ids(original_size, crop_top_left, target_size):
     """SDXL's micro-conditioning for one image: (orig h, orig w, crop top, crop left, target h, target w)."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)

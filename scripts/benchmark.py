@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attndreambooth.models import SD21_TEXT, SD21_UNET, SD21_VAE  # noqa: E402
-from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET  # noqa: E402
+from attndreambooth.memory import LADDER, LORA_RANK  # noqa: E402
+from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET, extra_unet_inputs  # noqa: E402
 
 # SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
 # U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:
@@ -58,10 +59,10 @@ LAYOUTS = {
                        text_2=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, projection_dim=256), resolution=128),
 }
-# Memory presets beyond the trainer's default and low: the U-Net stages as LoRA (rank 32) with gradient
-# checkpointing, and that with the frozen weights in the autocast dtype (runtime.half_frozen_weights).
-LORA_PRESETS = {"lora": dict(gradient_checkpointing=True, optimizer_8bit=False, half_frozen_weights=False),
-                "lora_half": dict(gradient_checkpointing=True, optimizer_8bit=False, half_frozen_weights=True)}
+# Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.memory):
+# the U-Net stages as LoRA (rank 32) with gradient checkpointing, and that with half-precision frozen weights.
+LORA_PRESETS = {name: {k: getattr(savers, k) for k in ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights")}
+                for name, savers in (("lora", LADDER[3]), ("lora_half", LADDER[4]))}
 VARIANTS = {
     "reference": dict(capture="reference", latents="every_step", cache_text=False, fused_adamw=False),
     "+sdpa": dict(capture="fast", latents="every_step", cache_text=False, fused_adamw=False),
@@ -100,16 +101,6 @@ def build(layout, device, seed=0):
             text_encoder_2 and tokenizer_2, text_encoder_2)
 
 
-def sdxl_inputs(unet, batch_size, device):
-    """The U-Net's extra SDXL inputs (pooled text embedding, size/crop ids) for a batch, or {}."""
-    c = unet.config
-    if c.addition_embed_type != "text_time":
-        return {}
-    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return dict(added_cond_kwargs=dict(text_embeds=torch.zeros(batch_size, pooled, device=device),
-                                       time_ids=torch.zeros(batch_size, 6, device=device)))
-
-
 def model_flops(layout, batch_size):
     """FLOPs of one training step per stage (U-Net forward + backward, text encoder in stage 1),
     counted on the meta device with eager attention, so every matrix product is seen."""
@@ -135,7 +126,7 @@ def model_flops(layout, batch_size):
                 cond = torch.randn(1, 77, dim, device="meta")
             x = torch.randn(batch_size, 4, size, size, device="meta")
             out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1),
-                       **sdxl_inputs(unet, batch_size, "meta")).sample
+                       **extra_unet_inputs(unet, batch_size, "meta")).sample
             out.float().square().mean().backward()
         flops[name] = counter.get_total_flops()
     return flops
@@ -171,7 +162,7 @@ def run_variant(variant, preset, args):
     cfg = load_config(None, ["output_dir=unused", "data.instance_dir=.", "data.category=toy",
                              f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
                              f"runtime.fused_adamw={flags.get('fused_adamw', True)}",
-                             *([f"stages.stage{i}.lora_rank=32" for i in (2, 3)] if preset in LORA_PRESETS else [])],
+                             *([f"stages.stage{i}.lora_rank={LORA_RANK}" for i in (2, 3)] if preset in LORA_PRESETS else [])],
                       check=False)
     AcceleratorState._reset_state(True)
     gc.collect()  # the previous variant's models must not count in this one's peak memory

@@ -52,7 +52,7 @@ def lora_run(tmp_path_factory):
 
 def test_lora_stage_trains_only_its_adapter(tiny_pipe):
     from attndreambooth.config import load_config
-    from attndreambooth.lora import add_adapters, lora_parameter_count
+    from attndreambooth.lora import add_adapters, adapter_part, lora_parameter_count
     from attndreambooth.models import add_concept_token
     from attndreambooth.plan import Plan
     from attndreambooth.training import Models, set_trainable
@@ -67,7 +67,8 @@ def test_lora_stage_trains_only_its_adapter(tiny_pipe):
         trainable = trained[name] = {n for n, p in tiny_pipe.unet.named_parameters() if p.requires_grad}
         assert trainable and all(f".lora_A.{name}." in n or f".lora_B.{name}." in n for n in trainable)
         assert not any(p.requires_grad for p in tiny_pipe.text_encoder.parameters())
-        assert sum(p.numel() for p in params) == lora_parameter_count(tiny_pipe.unet, cfg.stages[name]) > 0
+        assert sum(p.numel() for p in params) == lora_parameter_count(
+            tiny_pipe.unet, adapter_part(cfg.stages[name]), RANK) > 0
     assert all(".attn2." in n for n in trained["stage2"])  # stage 2: the cross-attention projections
     for module in (".attn1.to_q.", ".attn2.to_out.0.", ".ff.net.0.proj.", ".ff.net.2."):  # stage 3: the blocks
         assert sum(module in n for n in trained["stage3"]) == 16 * 2  # every block, A and B
