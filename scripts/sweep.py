@@ -13,8 +13,10 @@
 A method is a config name under configs/ ("attndreambooth", "baselines/dreambooth", "ablations/no_stage2",
 or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/[seed_N/] as run/, samples/
 and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run
-in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each), one at a time in this process
-on a CPU. The gathered table, sweep.json and the identity-vs-text scatter (one point per method) land in
+in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a CPU one at a time in this
+process, or --jobs N at once (a subprocess each, the cores shared out: small models use two cores badly,
+so two 1-thread cells finish ~1.6x more work than one 2-thread cell). Cells go seed by seed, so an
+interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter (one point per method) land in
 OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over concepts x seeds), scatter.png with
 the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
 """
@@ -71,7 +73,7 @@ def world_cells(args):
     for c in names:
         (prompt_dir / f"{c}.txt").write_text("\n".join(bench_prompts(c, args.num_prompts)) + "\n")
     return [(c, ROOT / "data" / "shapes" / c, CONCEPTS[c][0], m, seed)
-            for c in names for m in args.methods.split(",") for seed in args.seeds]
+            for seed in args.seeds for c in names for m in args.methods.split(",")]
 
 
 def scaled_steps(method, scale):
@@ -127,9 +129,21 @@ def call_in_process(script, argv, log):
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # the console again
 
 
-def run_cell(concept, folder, category, method, seed, args, gpu):
-    """Train, generate, evaluate one cell (in subprocesses on a GPU, in this process on a CPU); returns its
-    metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
+def slots(args):
+    """Where cells run: one slot per GPU (its CUDA_VISIBLE_DEVICES), else --jobs CPU slots; a slot is the
+    environment of its subprocesses, None for this process (one CPU job: no import cost per script)."""
+    gpus = ([int(g) for g in args.gpus.split(",")] if args.gpus else list(range(torch.cuda.device_count())))
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus]
+    if args.jobs == 1:
+        return [None]
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * args.jobs
+
+
+def run_cell(concept, folder, category, method, seed, args, slot):
+    """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or in this process);
+    returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
     cell = Path(args.out) / concept / method.replace("/", "_")
     cell = cell / f"seed_{seed}" if seed is not None else cell
     metrics = cell / "eval" / "metrics.json"
@@ -137,15 +151,13 @@ def run_cell(concept, folder, category, method, seed, args, gpu):
     if metrics.is_file():
         print(f"[{name}] done before: skipped", flush=True)
         return json.loads(metrics.read_text())
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
     cell.mkdir(parents=True, exist_ok=True)
     with open(cell / "sweep.log", "a") as log:
         for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
             print(f"[{name}] {Path(script).name}", flush=True)
             try:
-                if gpu is None:
+                if slot is None:
                     call_in_process(script, argv, log)
                 elif subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], env=env, cwd=ROOT,
                                     stdout=log, stderr=subprocess.STDOUT).returncode:
@@ -231,7 +243,10 @@ def main(argv=None):
     p.add_argument("--clip", default="openai/clip-vit-base-patch32")
     p.add_argument("--dino", default="facebook/dino-vits16")
     p.add_argument("--gpus", help="GPU indices to use (default: all visible; none on a CPU machine)")
+    p.add_argument("--jobs", type=int, default=1, help="without a GPU: cells at once, the cores shared out")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.out)
     if args.world:
         from attndreambooth.shapes.bench import METHODS, QUICK_METHODS
@@ -260,21 +275,20 @@ def main(argv=None):
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for c, (folder, cat) in concepts.items() for m in methods for seed in seeds]
-    gpus = ([int(g) for g in args.gpus.split(",")] if args.gpus
-            else list(range(torch.cuda.device_count())) or [None])
+    where = slots(args)
     free = queue.Queue()
-    for g in gpus:
-        free.put(g)
+    for slot in where:
+        free.put(slot)
 
     def task(cell):
-        gpu = free.get()
+        slot = free.get()
         try:
-            return run_cell(*cell, args, gpu)
+            return run_cell(*cell, args, slot)
         finally:
-            free.put(gpu)
+            free.put(slot)
 
     out.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(len(gpus)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(where)) as pool:
         results = dict(zip([(c, m, seed) for c, _, _, m, seed in cells], pool.map(task, cells)))
     if args.world:
         text = gather_world(results, out, cells)

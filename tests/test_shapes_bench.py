@@ -89,6 +89,20 @@ def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
         infer.main(["--base", str(tiny_dir), "--prompt", "a {} on the beach"])
 
 
+def test_sweep_slots(monkeypatch):
+    """--jobs shares the cores out between subprocesses; one job runs in this process; GPUs one cell each."""
+    import argparse
+
+    import sweep
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 0)
+    assert sweep.slots(argparse.Namespace(gpus=None, jobs=1)) == [None]
+    assert sweep.slots(argparse.Namespace(gpus=None, jobs=3)) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
+    assert sweep.slots(argparse.Namespace(gpus="1,3", jobs=4)) == [{"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "3"}]
+    with pytest.raises(SystemExit):
+        sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])
+
+
 def test_world_sweep_end_to_end(tmp_path):
     """A reduced comparison (one concept, one seed, two methods, a few steps, two prompts) through the one
     command: every cell's metrics are read from its images, the report has its parts, a rerun skips."""
@@ -97,8 +111,8 @@ def test_world_sweep_end_to_end(tmp_path):
     import sweep
     args = ["--world", "shapes", "--concepts", "split_circle", "--seeds", "0", "--out", str(tmp_path / "s"),
             "--methods", "shapes/attndreambooth,shapes/textual_inversion", "--num_prompts", "7", "--num_images", "1",
-            "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2"]
-    results = sweep.main(args)
+            "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2", "--jobs", "2"]
+    results = sweep.main(args)  # two cells at once, each in its own processes (the in-process path: test_evaluate)
     assert set(results) == {("split_circle", "reference", None), ("split_circle", "shapes/attndreambooth", 0),
                             ("split_circle", "shapes/textual_inversion", 0)}
     report = json.loads((tmp_path / "s" / "comparison.json").read_text())
