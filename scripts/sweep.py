@@ -141,11 +141,15 @@ def slots(args):
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * args.jobs
 
 
+def cell_dir(out, concept, method, seed):
+    cell = Path(out) / concept / method.replace("/", "_")
+    return cell / f"seed_{seed}" if seed is not None else cell
+
+
 def run_cell(concept, folder, category, method, seed, args, slot):
     """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or in this process);
     returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
-    cell = Path(args.out) / concept / method.replace("/", "_")
-    cell = cell / f"seed_{seed}" if seed is not None else cell
+    cell = cell_dir(args.out, concept, method, seed)
     metrics = cell / "eval" / "metrics.json"
     name = f"{concept} / {method}" + ("" if seed is None else f" / seed {seed}")
     if metrics.is_file():
@@ -244,6 +248,8 @@ def main(argv=None):
     p.add_argument("--dino", default="facebook/dino-vits16")
     p.add_argument("--gpus", help="GPU indices to use (default: all visible; none on a CPU machine)")
     p.add_argument("--jobs", type=int, default=1, help="without a GPU: cells at once, the cores shared out")
+    p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
+                   "(of a sweep stopped or still running) and say how many are missing")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
@@ -275,6 +281,12 @@ def main(argv=None):
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for c, (folder, cat) in concepts.items() for m in methods for seed in seeds]
+    if args.report_only:
+        done = [cell for cell in cells if (cell_dir(out, cell[0], cell[3], cell[4]) / "eval" / "metrics.json").is_file()]
+        if not done:
+            raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
+        print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
+        cells = done  # each read back below, none run
     where = slots(args)
     free = queue.Queue()
     for slot in where:

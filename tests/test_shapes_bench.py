@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from attndreambooth.shapes import read as R
-from attndreambooth.shapes.bench import T975, bench_prompts, mean_ci, summarise
+from attndreambooth.shapes.bench import T975, bench_prompts, mean_ci, summarise, table
 from attndreambooth.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
 from attndreambooth.shapes.score import parse_caption
 
@@ -61,6 +61,9 @@ def test_mean_ci_by_hand():
     s = summarise(cells)
     assert s["m"]["n"] == 2 and s["m"]["identity"][0] == pytest.approx(0.2)
     assert s["m"]["text"][1] == pytest.approx(12.706 * statistics.stdev([1.0, 0.5]) / np.sqrt(2))
+    rows = table(s).splitlines()
+    assert rows[2] == "| m | 2 | 0.200 ± 1.271 | 0.750 ± 3.176 | n/a | n/a |"  # 12.706 x 0.1414 / 1.414; 12.706 x 0.3536 / 1.414
+    assert rows[3] == "| r | 1 | 0.000 ± n/a | 0.900 ± n/a | n/a | n/a |"  # one cell: no interval
 
 
 def test_patterned_vae_scenes_are_deterministic_and_varied():
@@ -103,7 +106,7 @@ def test_sweep_slots(monkeypatch):
         sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])
 
 
-def test_world_sweep_end_to_end(tmp_path):
+def test_world_sweep_end_to_end(tmp_path, capsys):
     """A reduced comparison (one concept, one seed, two methods, a few steps, two prompts) through the one
     command: every cell's metrics are read from its images, the report has its parts, a rerun skips."""
     import json
@@ -134,3 +137,8 @@ def test_world_sweep_end_to_end(tmp_path):
     assert table.count("\n") == 5 and "± " in table
     assert (tmp_path / "s" / "scatter.png").is_file() and Image.open(tmp_path / "s" / "grid.png").size[0] > 300
     assert sweep.main(args) == results  # every cell done before: skipped, same numbers
+    more = [*args, "--report_only"]
+    more[more.index("--methods") + 1] += ",shapes/dreambooth"
+    capsys.readouterr()
+    assert sweep.main(more) == results and not (tmp_path / "s" / "split_circle" / "shapes_dreambooth").exists()
+    assert "3 of 4 cells finished" in capsys.readouterr().out  # the missing cell is counted, not trained

@@ -63,7 +63,8 @@ def summarise(cells):
 def table(summary):
     lines = ["| method | cells | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method, row in summary.items():
-        cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if k in row else "n/a" for k in METRICS]
+        spread = (lambda ci: f"{ci:.3f}") if row["n"] > 1 else (lambda ci: "n/a")  # one cell: no interval
+        cells = [f"{row[k][0]:.3f} ± {spread(row[k][1])}" if k in row else "n/a" for k in METRICS]
         lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
