@@ -15,10 +15,11 @@ or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/
 and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run
 in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a CPU one at a time in this
 process, or --jobs N at once (a subprocess each, the cores shared out: small models use two cores badly,
-so two 1-thread cells finish ~1.6x more work than one 2-thread cell). Cells go seed by seed, so an
-interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter (one point per method) land in
-OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over concepts x seeds), scatter.png with
-the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
+so two 1-thread cells do 1.7x the work of one 2-thread cell). Cells go seed by seed, so an
+interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter
+(one point per method) land in OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over
+concepts x seeds, AttnDreamBooth's paired differences to each method, per-concept means), scatter.png
+with the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
 """
 import argparse
 import concurrent.futures
@@ -196,14 +197,23 @@ def gather(results, out):
 def gather_world(results, out, cells):
     """The world's report: table (mean and 95 % CI over concepts x seeds per method), scatter, grid, JSON."""
     from attndreambooth.scatter import scatter
-    from attndreambooth.shapes.bench import REFERENCE, grid, scatter_points, summarise, table
+    from attndreambooth.shapes.bench import (REFERENCE, grid, paired_differences, per_concept, scatter_points,
+                                             summarise, table)
     overall = {(c, REFERENCE if m == "reference" else m.split("/")[-1], seed): r["overall"]
                for (c, m, seed), r in results.items()}
-    summary = summarise(overall)
+    summary, paired = summarise(overall), paired_differences(overall)
     text = table(summary)
-    (out / "comparison.md").write_text(text + "\n")
+    parts = [text]
+    if paired:
+        parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
+                  "differences; > 0: AttnDreamBooth higher):", table(paired, ("attndreambooth minus", "pairs"), "+")]
+    parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(overall)]
+    (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
+
+    def as_lists(rows):
+        return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
     (out / "comparison.json").write_text(json.dumps(dict(
-        methods={m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in summary.items()},
+        methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(overall.items(), key=str)]),
         indent=1))
     scatter(scatter_points(summary), out / "scatter.png", size=520, x_label="text alignment", y_label="identity",
@@ -282,7 +292,8 @@ def main(argv=None):
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for c, (folder, cat) in concepts.items() for m in methods for seed in seeds]
     if args.report_only:
-        done = [cell for cell in cells if (cell_dir(out, cell[0], cell[3], cell[4]) / "eval" / "metrics.json").is_file()]
+        done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
+                if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]
         if not done:
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)

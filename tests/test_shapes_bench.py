@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from attndreambooth.shapes import read as R
-from attndreambooth.shapes.bench import T975, bench_prompts, mean_ci, summarise, table
+from attndreambooth.shapes.bench import (T975, bench_prompts, mean_ci, paired_differences, per_concept, summarise,
+                                         table)
 from attndreambooth.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
 from attndreambooth.shapes.score import parse_caption
 
@@ -61,8 +62,18 @@ def test_mean_ci_by_hand():
     s = summarise(cells)
     assert s["m"]["n"] == 2 and s["m"]["identity"][0] == pytest.approx(0.2)
     assert s["m"]["text"][1] == pytest.approx(12.706 * statistics.stdev([1.0, 0.5]) / np.sqrt(2))
+    cells[("b", "m", 1)] = dict(identity=0.5, text=0.5)
+    cells[("b", "r", None)] = dict(identity=0.1, text=0.7)
+    cells[("b", "n", 1)] = dict(identity=0.2, text=0.9)  # pairs with m's seed 1 only
+    d = paired_differences(cells, against="m")
+    assert d["n"]["n"] == 1 and d["n"]["identity"] == pytest.approx((0.3, 0.0))
+    assert d["n"]["text"][0] == pytest.approx(-0.4)
+    # the reference pairs by concept with every seed of m: a 0.1-0.0, b seed 0 0.3-0.1, b seed 1 0.5-0.1
+    assert d["r"]["n"] == 3 and d["r"]["identity"] == pytest.approx(mean_ci([0.1, 0.2, 0.4]))
+    assert per_concept(cells).splitlines()[3] == "| b | 0.400 / 0.500 | 0.100 / 0.700 | 0.200 / 0.900 |"
     rows = table(s).splitlines()
-    assert rows[2] == "| m | 2 | 0.200 ± 1.271 | 0.750 ± 3.176 | n/a | n/a |"  # 12.706 x 0.1414 / 1.414; 12.706 x 0.3536 / 1.414
+    # 12.706 x stdev / sqrt(2): stdev 0.1414 (identity), 0.3536 (text)
+    assert rows[2] == "| m | 2 | 0.200 ± 1.271 | 0.750 ± 3.176 | n/a | n/a |"
     assert rows[3] == "| r | 1 | 0.000 ± n/a | 0.900 ± n/a | n/a | n/a |"  # one cell: no interval
 
 
@@ -101,7 +112,8 @@ def test_sweep_slots(monkeypatch):
     monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 0)
     assert sweep.slots(argparse.Namespace(gpus=None, jobs=1)) == [None]
     assert sweep.slots(argparse.Namespace(gpus=None, jobs=3)) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
-    assert sweep.slots(argparse.Namespace(gpus="1,3", jobs=4)) == [{"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "3"}]
+    gpus = sweep.slots(argparse.Namespace(gpus="1,3", jobs=4))
+    assert gpus == [{"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "3"}]
     with pytest.raises(SystemExit):
         sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])
 
@@ -134,7 +146,14 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert metrics["prompts"][0]["identity"] == pytest.approx(identity(image, "split_circle"))
     assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
     table = (tmp_path / "s" / "comparison.md").read_text()
-    assert table.count("\n") == 5 and "± " in table
+    main, _, paired, _, concepts = table.strip().split("\n\n")
+    assert main.count("\n") == 4 and "± " in main  # header, rule, reference and the two methods
+    diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
+    ours, ti = (metrics["overall"]["identity"],
+                json.loads((cell.parent.parent / "shapes_textual_inversion" / "seed_0" / "eval" / "metrics.json")
+                           .read_text())["overall"]["identity"])
+    assert diff.split(" | ")[2] == f"{ours - ti:+.3f} ± n/a"  # the pair's difference, from the two cells
+    assert concepts.splitlines()[2].startswith(f"| split_circle | ") and f"{ours:.3f} / " in concepts
     assert (tmp_path / "s" / "scatter.png").is_file() and Image.open(tmp_path / "s" / "grid.png").size[0] > 300
     assert sweep.main(args) == results  # every cell done before: skipped, same numbers
     more = [*args, "--report_only"]

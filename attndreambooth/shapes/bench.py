@@ -60,12 +60,46 @@ def summarise(cells):
             for m, rows in by_method.items()}
 
 
-def table(summary):
-    lines = ["| method | cells | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
+def table(summary, head=("method", "cells"), sign=""):
+    """Markdown: one row per method, mean ± 95 % half-width per metric (`sign`="+" for differences)."""
+    lines = [f"| {head[0]} | {head[1]} | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method, row in summary.items():
         spread = (lambda ci: f"{ci:.3f}") if row["n"] > 1 else (lambda ci: "n/a")  # one cell: no interval
-        cells = [f"{row[k][0]:.3f} ± {spread(row[k][1])}" if k in row else "n/a" for k in METRICS]
+        cells = [f"{row[k][0]:{sign}.3f} ± {spread(row[k][1])}" if k in row else "n/a" for k in METRICS]
         lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(cells, against="attndreambooth"):
+    """{method: {metric: (mean, ci), "n": pairs}}: `against` minus each other method over the (concept, seed)
+    cells both have (the reference, trained on nothing, pairs by concept with every seed). The concept's
+    difficulty, most of the spread between cells, cancels within a pair, so these intervals are the ones
+    that say whether two methods differ."""
+    mine = {(c, s): o for (c, m, s), o in cells.items() if m == against}
+    pairs = {}
+    for (c, m, s), o in cells.items():
+        if m == against:
+            continue
+        for (c2, s2), a in mine.items():
+            if c2 == c and (s is None or s2 == s):
+                pairs.setdefault(m, []).append((a, o))
+    return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
+                                  if all(k in a and k in o for a, o in ps)})
+            for m, ps in pairs.items()}
+
+
+def per_concept(cells):
+    """Markdown: per concept and method, identity / text alignment, each the mean over the seeds."""
+    methods = list(dict.fromkeys(m for _, m, _ in cells))
+    concepts = list(dict.fromkeys(c for c, _, _ in cells))
+    lines = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for c in concepts:
+        row = []
+        for m in methods:
+            os_ = [o for (c2, m2, _), o in cells.items() if (c2, m2) == (c, m)]
+            means = [statistics.mean(o[k] for o in os_) for k in ("identity", "text")] if os_ else None
+            row.append(f"{means[0]:.3f} / {means[1]:.3f}" if means else "")
+        lines.append(f"| {c} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
