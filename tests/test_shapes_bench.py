@@ -153,7 +153,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
                 json.loads((cell.parent.parent / "shapes_textual_inversion" / "seed_0" / "eval" / "metrics.json")
                            .read_text())["overall"]["identity"])
     assert diff.split(" | ")[2] == f"{ours - ti:+.3f} ± n/a"  # the pair's difference, from the two cells
-    assert concepts.splitlines()[2].startswith(f"| split_circle | ") and f"{ours:.3f} / " in concepts
+    assert concepts.splitlines()[2].startswith("| split_circle | ") and f"{ours:.3f} / " in concepts
     assert (tmp_path / "s" / "scatter.png").is_file() and Image.open(tmp_path / "s" / "grid.png").size[0] > 300
     assert sweep.main(args) == results  # every cell done before: skipped, same numbers
     more = [*args, "--report_only"]
