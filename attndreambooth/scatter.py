@@ -12,7 +12,8 @@ def scatter(points, path, size=420, x_label="text alignment (CLIP-T)", y_label="
     draw = ImageDraw.Draw(image)
     points = [(p[0], p[1], p[2], *(p[3:] or (0.0, 0.0))) for p in points]
     fit = lambda v: (min(v) - 0.05 * (max(v) - min(v) or 1), max(v) + 0.05 * (max(v) - min(v) or 1))  # noqa: E731
-    (x0, x1), (y0, y1) = (span, span) if span else (fit([p[1] for p in points]), fit([p[2] for p in points]))
+    ends = lambda i: [p[i] + s * p[i + 2] for p in points for s in (-1, 1)]  # noqa: E731  (the bars fit too)
+    (x0, x1), (y0, y1) = (span, span) if span else (fit(ends(1)), fit(ends(2)))
     px = lambda x: pad + (x - x0) / (x1 - x0) * (size - 2 * pad)  # noqa: E731
     py = lambda y: size - pad - (y - y0) / (y1 - y0) * (size - 2 * pad)  # noqa: E731
     draw.rectangle([pad, pad, size - pad, size - pad], outline="black")

@@ -216,8 +216,8 @@ def gather_world(results, out, cells):
         methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(overall.items(), key=str)]),
         indent=1))
-    scatter(scatter_points(summary), out / "scatter.png", size=520, x_label="text alignment", y_label="identity",
-            span=(0.0, 1.0), grey=[REFERENCE])
+    scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
+            grey=[REFERENCE])  # axes fit the intervals: the methods lie close together
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, REFERENCE if m == "reference" else m.split("/")[-1]):
                out / c / m.replace("/", "_") / ("" if m == "reference" else f"seed_{first_seed}") / "samples"
