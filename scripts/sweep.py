@@ -195,35 +195,14 @@ def gather(results, out):
 
 
 def gather_world(results, out, cells):
-    """The world's report: table (mean and 95 % CI over concepts x seeds per method), scatter, grid, JSON."""
-    from attndreambooth.scatter import scatter
-    from attndreambooth.shapes.bench import (REFERENCE, grid, paired_differences, per_concept, scatter_points,
-                                             summarise, table)
-    overall = {(c, REFERENCE if m == "reference" else m.split("/")[-1], seed): r["overall"]
-               for (c, m, seed), r in results.items()}
-    summary, paired = summarise(overall), paired_differences(overall)
-    text = table(summary)
-    parts = [text]
-    if paired:
-        parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
-                  "differences; > 0: AttnDreamBooth higher):", table(paired, ("attndreambooth minus", "pairs"), "+")]
-    parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(overall)]
-    (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
-
-    def as_lists(rows):
-        return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
-    (out / "comparison.json").write_text(json.dumps(dict(
-        methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
-        cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(overall.items(), key=str)]),
-        indent=1))
-    scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
-            grey=[REFERENCE])  # axes fit the intervals: the methods lie close together
+    """The world's report (attndreambooth.shapes.bench.write_report) from the cells' metrics and, for the
+    grid, the samples of the first seed."""
+    from attndreambooth.shapes.bench import REFERENCE, write_report
+    name = lambda m: REFERENCE if m == "reference" else m.split("/")[-1]  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
-    samples = {(c, REFERENCE if m == "reference" else m.split("/")[-1]):
-               out / c / m.replace("/", "_") / ("" if m == "reference" else f"seed_{first_seed}") / "samples"
+    samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
-    grid(samples, out / "grid.png")
-    return text
+    return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples)
 
 
 def parse_seeds(parser, text):
@@ -290,7 +269,7 @@ def main(argv=None):
         for m in methods:
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
-        cells = [(c, folder, cat, m, seed) for c, (folder, cat) in concepts.items() for m in methods for seed in seeds]
+        cells = [(c, folder, cat, m, seed) for seed in seeds for c, (folder, cat) in concepts.items() for m in methods]
     if args.report_only:
         done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
                 if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]

@@ -155,3 +155,30 @@ def grid(samples, path, prompts=3, side=96):
                     sheet.paste(_attention_panel(first, record["placeholder"], _first_image(first), side),
                                 (label_w + (j * cols + prompts) * side, y))
     sheet.save(path)
+
+
+def write_report(cells, out, samples):
+    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means), scatter.png
+    and grid.png in `out`, from {(concept, method, seed): overall metrics} and {(concept, method): samples
+    folder}; returns the table."""
+    from attndreambooth.scatter import scatter
+    out = Path(out)
+    summary, paired = summarise(cells), paired_differences(cells)
+    text = table(summary)
+    parts = [text]
+    if paired:
+        parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
+                  "differences; > 0: AttnDreamBooth higher):", table(paired, ("attndreambooth minus", "pairs"), "+")]
+    parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
+    (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
+
+    def as_lists(rows):
+        return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
+    (out / "comparison.json").write_text(json.dumps(dict(
+        methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
+        cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
+        indent=1))
+    scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
+            grey=[REFERENCE])  # axes fit the intervals: the methods lie close together
+    grid(samples, out / "grid.png")
+    return text
