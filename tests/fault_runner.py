@@ -36,6 +36,9 @@ class FaultHooks(Hooks):
 
 
 if __name__ == "__main__":
+    # Ctrl-C as in a terminal: a shell that starts the test suite in the background (`cmd &`) passes SIGINT
+    # on ignored, and Python then installs no KeyboardInterrupt handler, so the injected Ctrl-C did nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser()
     for name in ("kill", "interrupt", "disk_full", "nan"):
         p.add_argument(f"--{name}")
