@@ -61,8 +61,9 @@ LAYOUTS = {
 }
 # Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.memory):
 # the U-Net stages as LoRA (rank 32) with gradient checkpointing, and that with half-precision frozen weights.
-LORA_PRESETS = {name: {k: getattr(savers, k) for k in ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights")}
-                for name, savers in (("lora", LADDER[3]), ("lora_half", LADDER[4]))}
+SWITCHES = ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights")
+LORA_PRESETS = {name: {k: getattr(savers, k) for k in SWITCHES} for name, savers in (("lora", LADDER[3]),
+                                                                                     ("lora_half", LADDER[4]))}
 VARIANTS = {
     "reference": dict(capture="reference", latents="every_step", cache_text=False, fused_adamw=False),
     "+sdpa": dict(capture="fast", latents="every_step", cache_text=False, fused_adamw=False),
@@ -162,7 +163,8 @@ def run_variant(variant, preset, args):
     cfg = load_config(None, ["output_dir=unused", "data.instance_dir=.", "data.category=toy",
                              f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
                              f"runtime.fused_adamw={flags.get('fused_adamw', True)}",
-                             *([f"stages.stage{i}.lora_rank={LORA_RANK}" for i in (2, 3)] if preset in LORA_PRESETS else [])],
+                             *([f"stages.stage{i}.lora_rank={LORA_RANK}" for i in (2, 3)]
+                               if preset in LORA_PRESETS else [])],
                       check=False)
     AcceleratorState._reset_state(True)
     gc.collect()  # the previous variant's models must not count in this one's peak memory

@@ -15,7 +15,7 @@ or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/
 and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run
 in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a CPU one at a time in this
 process, or --jobs N at once (a subprocess each, the cores shared out: small models use two cores badly,
-so two 1-thread cells do 1.7x the work of one 2-thread cell). Cells go seed by seed, so an
+so two 1-thread trainings did 1.7x the work of one 2-thread training). Cells go seed by seed, so an
 interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter
 (one point per method) land in OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over
 concepts x seeds, AttnDreamBooth's paired differences to each method, per-concept means), scatter.png

@@ -64,8 +64,8 @@ def table(summary, head=("method", "cells"), sign=""):
     """Markdown: one row per method, mean ± 95 % half-width per metric (`sign`="+" for differences)."""
     lines = [f"| {head[0]} | {head[1]} | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method, row in summary.items():
-        spread = (lambda ci: f"{ci:.3f}") if row["n"] > 1 else (lambda ci: "n/a")  # one cell: no interval
-        cells = [f"{row[k][0]:{sign}.3f} ± {spread(row[k][1])}" if k in row else "n/a" for k in METRICS]
+        ci = lambda k: f"{row[k][1]:.3f}" if row["n"] > 1 else "n/a"  # noqa: E731  (one cell: no interval)
+        cells = [f"{row[k][0]:{sign}.3f} ± {ci(k)}" if k in row else "n/a" for k in METRICS]
         lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -78,11 +78,8 @@ def paired_differences(cells, against="attndreambooth"):
     mine = {(c, s): o for (c, m, s), o in cells.items() if m == against}
     pairs = {}
     for (c, m, s), o in cells.items():
-        if m == against:
-            continue
-        for (c2, s2), a in mine.items():
-            if c2 == c and (s is None or s2 == s):
-                pairs.setdefault(m, []).append((a, o))
+        if m != against:
+            pairs.setdefault(m, []).extend((a, o) for (c2, s2), a in mine.items() if c2 == c and s in (None, s2))
     return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
                                   if all(k in a and k in o for a, o in ps)})
             for m, ps in pairs.items()}
@@ -90,15 +87,15 @@ def paired_differences(cells, against="attndreambooth"):
 
 def per_concept(cells):
     """Markdown: per concept and method, identity / text alignment, each the mean over the seeds."""
-    methods = list(dict.fromkeys(m for _, m, _ in cells))
-    concepts = list(dict.fromkeys(c for c, _, _ in cells))
+    seeds = {}
+    for (c, m, _), o in cells.items():
+        seeds.setdefault((c, m), []).append(o)
+    methods = list(dict.fromkeys(m for _, m in seeds))
+    mean = lambda os_, k: statistics.mean(o[k] for o in os_)  # noqa: E731
     lines = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for c in concepts:
-        row = []
-        for m in methods:
-            os_ = [o for (c2, m2, _), o in cells.items() if (c2, m2) == (c, m)]
-            means = [statistics.mean(o[k] for o in os_) for k in ("identity", "text")] if os_ else None
-            row.append(f"{means[0]:.3f} / {means[1]:.3f}" if means else "")
+    for c in dict.fromkeys(c for c, _ in seeds):
+        row = [f"{mean(seeds[c, m], 'identity'):.3f} / {mean(seeds[c, m], 'text'):.3f}" if (c, m) in seeds else ""
+               for m in methods]
         lines.append(f"| {c} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
