@@ -161,3 +161,29 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main(more) == results and not (tmp_path / "s" / "split_circle" / "shapes_dreambooth").exists()
     assert "3 of 4 cells finished" in capsys.readouterr().out  # the missing cell is counted, not trained
+
+
+def test_readme_and_docs_tables_are_the_committed_report():
+    """The README's and docs' comparison tables are pasted from docs/shapes_results/comparison.md (what the
+    one command wrote); a table with one of the report's headers must repeat the report's rows exactly."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+
+    def tables(text):
+        found, rows = {}, []
+        for line in [*text.splitlines(), ""]:
+            if line.startswith("|"):
+                rows.append(line.rstrip())
+            elif rows:
+                found.setdefault(rows[0], []).append(rows[2:])
+                rows = []
+        return found
+
+    report = {header: bodies[0] for header, bodies in
+              tables((root / "docs" / "shapes_results" / "comparison.md").read_text()).items()}
+    assert len(report) == 3
+    for page in ("README.md", "docs/shapes_comparison.md"):
+        copies = [(h, b) for h, bodies in tables((root / page).read_text()).items() if h in report for b in bodies]
+        assert len(copies) >= 2, page  # the main table and the paired differences at least
+        for header, body in copies:
+            assert body == report[header], f"{page}: the table under {header[:40]!r} differs from the report"
