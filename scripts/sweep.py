@@ -12,7 +12,8 @@
 
 A method is a config name under configs/ ("attndreambooth", "baselines/dreambooth", "ablations/no_stage2",
 or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/[seed_N/] as run/, samples/
-and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes. Cells run
+and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes (with the
+options OUT/protocol.json records: a rerun measuring otherwise, e.g. --quick, is refused). Cells run
 in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a CPU one at a time in this
 process, or --jobs N at once (a subprocess each, the cores shared out: small models use two cores badly,
 so two 1-thread trainings did 1.7x the work of one 2-thread training). Cells go seed by seed, so an
@@ -58,23 +59,6 @@ def method_config(name):
     if not path.is_file():
         raise SystemExit(f"error: method {name!r}: no config {path}")
     return path
-
-
-def world_cells(args):
-    """The shapes world's grid: (concept, folder, category, method, seed) cells, and the prompt file of each
-    concept (held-out prompts, written once into OUT/prompts)."""
-    from attndreambooth.shapes.bench import bench_prompts
-    from attndreambooth.shapes.scene import CONCEPTS
-    names = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
-    unknown = [c for c in names if c not in CONCEPTS]
-    if unknown:
-        raise SystemExit(f"error: --concepts {unknown} are not concepts of the shapes world ({', '.join(CONCEPTS)})")
-    prompt_dir = Path(args.out) / "prompts"
-    prompt_dir.mkdir(parents=True, exist_ok=True)
-    for c in names:
-        (prompt_dir / f"{c}.txt").write_text("\n".join(bench_prompts(c, args.num_prompts)) + "\n")
-    return [(c, ROOT / "data" / "shapes" / c, CONCEPTS[c][0], m, seed)
-            for seed in args.seeds for c in names for m in args.methods.split(",")]
 
 
 def scaled_steps(method, scale):
@@ -205,6 +189,25 @@ def gather_world(results, out, cells):
     return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples)
 
 
+PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model", "step_scale", "set", "infer_args",
+            "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
+
+
+def check_protocol(args):
+    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json, a later
+    run (or report) with other options is refused before anything is trained or overwritten."""
+    path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
+    now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
+    before = json.loads(path.read_text()) if path.is_file() else None
+    if before is not None and before != now:
+        keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
+        raise SystemExit(f"error: {args.out} holds cells measured with other options ({keys}); use the same "
+                         "options to resume or report it, or another --out")
+    if before is None and not args.report_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def parse_seeds(parser, text):
     try:
         return [int(x) for x in text.split(",")]
@@ -244,7 +247,7 @@ def main(argv=None):
         p.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.out)
     if args.world:
-        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS
+        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS, world_cells, write_prompts
         if args.quick:
             args.concepts = args.concepts or "checker_star"
             args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
@@ -253,8 +256,11 @@ def main(argv=None):
         args.seeds = parse_seeds(p, args.seeds or "0,1,2")
         for m in args.methods.split(","):
             method_config(m)
-        cells = world_cells(args)
-        cells = [(c, f, cat, "reference", None) for c, f, cat in dict.fromkeys(x[:3] for x in cells)] + cells
+        from attndreambooth.shapes.scene import CONCEPTS
+        concepts = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
+        if unknown := [c for c in concepts if c not in CONCEPTS]:
+            raise SystemExit(f"error: --concepts {unknown}: not concepts of the shapes world ({', '.join(CONCEPTS)})")
+        cells = world_cells(concepts, args.methods.split(","), args.seeds)
     else:
         concepts = {}
         for item in filter(None, args.concepts.split(",")):
@@ -270,6 +276,7 @@ def main(argv=None):
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for seed in seeds for c, (folder, cat) in concepts.items() for m in methods]
+    check_protocol(args)
     if args.report_only:
         done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
                 if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]
@@ -277,6 +284,8 @@ def main(argv=None):
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
         cells = done  # each read back below, none run
+    elif args.world:
+        write_prompts(out, concepts, args.num_prompts)
     where = slots(args)
     free = queue.Queue()
     for slot in where:

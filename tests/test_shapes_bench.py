@@ -161,6 +161,14 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main(more) == results and not (tmp_path / "s" / "split_circle" / "shapes_dreambooth").exists()
     assert "3 of 4 cells finished" in capsys.readouterr().out  # the missing cell is counted, not trained
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "s").rglob("*")}
+    other = [*args]
+    other[other.index("--num_prompts") + 1] = "5"  # measured otherwise: refused before anything is written
+    with pytest.raises(SystemExit, match="--num_prompts 7 before, 5 now"):
+        sweep.main(other)
+    with pytest.raises(SystemExit, match="--num_prompts 7 before, 5 now"):
+        sweep.main([*other, "--report_only"])
+    assert before == {f: f.stat().st_mtime_ns for f in (tmp_path / "s").rglob("*")}
 
 
 def test_readme_and_docs_tables_are_the_committed_report():

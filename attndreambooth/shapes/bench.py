@@ -16,6 +16,7 @@ from attndreambooth.shapes.scene import CONCEPTS, random_scene
 METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db", "no_stage1", "no_stage2", "no_stage3",
            "no_reg", "pooled")  # configs/shapes/<name>.yaml
 QUICK_METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db")
+DATA = Path(__file__).resolve().parents[2] / "data" / "shapes"  # each concept's five photos
 REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
 METRICS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
            "attention_iou": "[V] attention IoU"}
@@ -40,6 +41,21 @@ def bench_prompts(concept, n=20, seed=0):
         if text not in out:
             out.append(text)
     return out
+
+
+def world_cells(concepts, methods, seeds):
+    """The grid, seed by seed (an interrupted sweep leaves whole seeds): (concept, its photos' folder,
+    category, method, seed) cells, each concept's base-model reference first (method "reference", no seed)."""
+    cell = lambda c, m, seed: (c, DATA / c, CONCEPTS[c][0], m, seed)  # noqa: E731
+    return ([cell(c, "reference", None) for c in concepts]
+            + [cell(c, m, seed) for seed in seeds for c in concepts for m in methods])
+
+
+def write_prompts(out, concepts, n):
+    """OUT/prompts/<concept>.txt: the held-out prompts each concept's cells sample."""
+    (Path(out) / "prompts").mkdir(parents=True, exist_ok=True)
+    for c in concepts:
+        (Path(out) / "prompts" / f"{c}.txt").write_text("\n".join(bench_prompts(c, n)) + "\n")
 
 
 def mean_ci(values):
