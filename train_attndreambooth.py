@@ -16,7 +16,6 @@ from pathlib import Path
 
 from attndreambooth.checkpoint import CheckpointError
 from attndreambooth.config import ConfigError, load_config, to_yaml
-from attndreambooth.data import list_images
 from attndreambooth.training import NonFiniteLoss
 
 log = logging.getLogger("attndreambooth")
@@ -32,14 +31,14 @@ def parse_args(argv=None):
 
 def main(argv=None, hooks=None):
     """The command line; `hooks` (attndreambooth.training.Hooks) let tests step into the run."""
-    from attndreambooth.preflight import fit_memory, plan_text, preflight
+    from attndreambooth.preflight import check_inputs, fit_memory, plan_text, preflight
     from attndreambooth.run import Interrupted, run
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = fit_memory(load_config(args.config, args.overrides))  # a card preset is resolved for the model
         if args.dry_run:
-            list_images(cfg.data)
+            check_inputs(cfg, download=False)  # the same mistakes as a real run reports, nothing written
             print(to_yaml(cfg))
             print(plan_text(cfg))
             return None

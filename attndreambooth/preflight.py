@@ -241,16 +241,25 @@ def check_disk(cfg, models=None):
     return need
 
 
+def check_inputs(cfg, download=True):
+    """The checks that need no weights and write nothing (also --dry-run's): images, model path, tokens, the
+    regularised layers. Returns the images and the model's layout on the meta device. download=False skips
+    the token check for a hub id (it would fetch the tokenizer)."""
+    paths = list_images(cfg.data)
+    kind, _ = model_source(cfg.model)
+    if download or kind != "hub":
+        check_tokens(cfg)
+    models = meta_models(cfg)  # built once for the checks below
+    if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
+        regularised_layers(models[1], cfg.reg.map_sizes, cfg.data.resolution)
+    return paths, models
+
+
 def preflight(cfg):
     """All checks that need no weights, then the run folder claimed (locked; for resume=false the earlier
     run moved aside, only now that everything else passed). Returns the folder's state ('new', 'resume',
     'finished'), the checked instance images and the lock (keep it for the process's life)."""
-    paths = list_images(cfg.data)
-    model_source(cfg.model)
-    check_tokens(cfg)
-    models = meta_models(cfg)  # the model's layout on the meta device, built once for the checks below
-    if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
-        regularised_layers(models[1], cfg.reg.map_sizes, cfg.data.resolution)
+    paths, models = check_inputs(cfg)
     state = run_folder_state(cfg)
     if state != "finished":
         check_disk(cfg, models)

@@ -1,4 +1,5 @@
 """Config and input errors: named keys and files, raised before any model loads."""
+import re
 import shutil
 
 import pytest
@@ -122,6 +123,19 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert "stage2: train cross_attention (50,352,320 parameters), 100 steps" in out
     assert "stage3: train unet (865,910,724 parameters), 500 steps" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reg.map_sizes=[7]", r"'reg.map_sizes': \[7\] matches no cross-attention layer.*\[4, 2\] px"),
+    ("data.placeholder=dog", "'data.placeholder': 'dog' is already a word"),
+])
+def test_dry_run_reports_what_the_run_would_refuse(tmp_path, capsys, override, message):
+    """The weight-free checks of a real run (tokens, the regularised layers on SDXL's layout) also stop a
+    dry run, before it prints a plan that could not run."""
+    msg = run_main(["--config", str(ROOT / "configs/tiny.yaml"), "model.pretrained=tiny-sdxl", override,
+                    f"output_dir={tmp_path}/run", "--dry-run"], capsys)
+    assert re.search(message, msg) and msg.startswith("error: config key") and "\n" not in msg
+    assert "stage1:" not in capsys.readouterr().out and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text", ["runtime: {mixed_precision: no}", "runtime: {mixed_precision: off}",
