@@ -12,6 +12,7 @@
 per-token figure `attention.png` and the maps `attention_maps.npz`.
 """
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from attention_reg import cross_attention_layers
 from attndreambooth.attention_maps import figure, token_labels
 from attndreambooth.config import ModelConfig, load_config
 from attndreambooth.lora import LORA_FILE
@@ -34,6 +36,9 @@ log = logging.getLogger("infer")
 def stage_sources(run_dir, cfg, stage):
     """What the state after the `stage`-th stage (1-based, config order) is made of:
     (pipeline folder, []) for the final state, else (None, attn2 weight files) over the base model."""
+    if isinstance(stage, str):  # a stage's name, as in the config: its 1-based number
+        names = Plan(cfg.stages).all_names
+        stage = names.index(stage) + 1 if stage in names else stage
     kind, files = Plan(cfg.stages).state_after(stage)
     if kind == "pipeline" and Plan(cfg.stages).lora and not (run_dir / "pipeline").is_dir():
         kind, files = "base", [LORA_FILE]  # a LoRA run without a merged pipeline/: base + embedding + LoRA
@@ -49,12 +54,52 @@ def stage_sources(run_dir, cfg, stage):
     return None, [run_dir / f for f in files]
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """diffusers' and transformers' warnings off while loading an embedding or a LoRA: they describe their
+    internals (rows initialised before being overwritten, encoders without LoRA keys), not the user's files."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error(), transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0]), transformers_logging.set_verbosity(levels[1])
+
+
+def safetensors_keys(path, flag):
+    """The tensor names of a safetensors file; a file that is not one is refused naming the option."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{flag} {path} is not a readable safetensors file ({e})") from None
+
+
+def check_embedding_kind(base, embeds):
+    """An SDXL embedding ({clip_l, clip_g}) needs an SDXL base and an SD one a non-XL base; said before loading
+    (diffusers would fail later with the tensors in its message)."""
+    from attndreambooth.models import model_source
+    from attndreambooth.sdxl import is_sdxl_model
+    if Path(embeds).suffix != ".safetensors":
+        return
+    file_xl = {"clip_l", "clip_g"} <= safetensors_keys(embeds, "--embeds")
+    base_xl = is_sdxl_model(*model_source(base), base)
+    if file_xl != base_xl:
+        kinds = ("an SDXL embedding (clip_l, clip_g)", "an SD embedding (one text encoder)")
+        raise ValueError(f"--embeds {embeds} is {kinds[not file_xl]} but --base {base.pretrained} is "
+                         f"{'an SDXL' if base_xl else 'not an SDXL'} model; give the base the embedding was trained on")
+
+
 def load_unet_weights(pipe, path):
     """Load a full or partial (e.g. attn2-only) U-Net state dict, or a LoRA file, from a safetensors file."""
     from safetensors.torch import load_file
     state, unet = load_file(path), pipe.unet
     if any(".lora" in k for k in state):  # diffusers' LoRA format (this trainer's, or any other)
-        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+        with quiet_libraries():  # else SDXL warns that text_encoder_2 has no LoRA keys (none are trained)
+            pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
         return
     unknown = sorted(set(state) - set(unet.state_dict()))
     if unknown:
@@ -89,15 +134,18 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         pipe = load_pipeline(ModelConfig(pretrained=str(folder)), DTYPES[dtype])
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
+        if embeds is not None:
+            check_embedding_kind(base, embeds)
         pipe = load_pipeline(base, DTYPES[dtype])
-        if embeds is None:  # the base model alone: `{}` is the category word (a reference without the concept)
-            concept = category
-        elif Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
-            pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
-        elif is_sdxl(pipe):  # {"clip_l", "clip_g"}: one row for each encoder, under the run's placeholder
-            load_embedding(pipe, embeds, cfg.data.placeholder if run_dir is not None else "<v>")
-        else:
-            pipe.load_textual_inversion(str(embeds))
+        with quiet_libraries():
+            if embeds is None:  # the base model alone: `{}` is the category word (a reference without the concept)
+                concept = category
+            elif Path(embeds).suffix in (".bin", ".pt"):  # older files: tensors only, never arbitrary pickled objects
+                pipe.load_textual_inversion(torch.load(embeds, map_location="cpu", weights_only=True))
+            elif is_sdxl(pipe):  # {"clip_l", "clip_g"}: one row for each encoder, under the run's placeholder
+                load_embedding(pipe, embeds, cfg.data.placeholder if run_dir is not None else "<v>")
+            else:
+                pipe.load_textual_inversion(str(embeds))
         for path in unet_weights:
             load_unet_weights(pipe, path)
     if embeds is not None or run_dir is not None:
@@ -152,7 +200,8 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
             labels = token_labels(pipe.tokenizer, ids)
             np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
                                 positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
-            title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, 16 layers, steps"
+            layers = len(cross_attention_layers(pipe.unet))  # 16 on SD 2.1 and 1.5, 70 on SDXL-base
+            title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, {layers} layers, steps"
             figure(images, maps, labels, title).save(folder / "attention.png")
         results[prompt] = images
         log.info("%s: %d images in %s", prompt, len(images), folder)
@@ -168,7 +217,7 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.stage is not None and args.stage < 1:
+    if isinstance(args.stage, int) and args.stage < 1:
         raise ValueError(f"--stage must be 1 or more, got {args.stage}")
     if args.prompt_file:
         path = Path(args.prompt_file).expanduser()
@@ -185,6 +234,16 @@ def check_args(args):
                          "base model alone), or --embeds with --category")
     if args.run_dir is not None and not Path(args.run_dir).expanduser().is_dir():
         raise FileNotFoundError(f"run folder {args.run_dir} does not exist")
+    given = [f"--{n}" for n in ("base", "embeds", "unet_weights") if getattr(args, n)]
+    if args.run_dir is not None and given:  # else they would be ignored without a word
+        raise ValueError(f"{', '.join(given)}: for a base model without a run folder; a run folder brings its own "
+                         "base, embedding and weights (--stage picks a stage's); drop one or the other")
+    for flag, paths in (("--embeds", [args.embeds] if args.embeds else []), ("--unet_weights", args.unet_weights)):
+        for path in map(Path, paths):
+            if not path.expanduser().is_file():
+                raise FileNotFoundError(f"{flag} {path} " + ("is a folder" if path.is_dir() else "does not exist"))
+            if flag == "--unet_weights" or path.suffix not in (".bin", ".pt"):
+                safetensors_keys(path, flag)  # a truncated or foreign file, named before any model loads
 
 
 def parse_args(argv=None):
@@ -203,7 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--stage", type=int, help="state after this stage (1, 2, ...; default: the final one)")
+    p.add_argument("--stage", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
+                   help="state after this stage: its number (1, 2, ...) or name (stage2); default: the final one")
     p.add_argument("--base", help="without a run folder: base model id, folder or file")
     p.add_argument("--embeds", help="without a run folder: learned_embeds.safetensors")
     p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors: full, partial, or a diffusers LoRA file)")

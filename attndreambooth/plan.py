@@ -67,7 +67,7 @@ class Plan:
     def state_after(self, number):
         """What the state after config stage `number` (1-based) is made of: ("pipeline", []) when it is the
         final state, else ("base", [attn2 files]) over the base model with the learned embedding."""
-        if not 1 <= number <= len(self.all_names):
+        if not isinstance(number, int) or not 1 <= number <= len(self.all_names):
             raise ValueError(f"--stage {number}: the run has stages 1..{len(self.all_names)} "
                              f"({', '.join(self.all_names)})")
         done = [s for s in self.stages if s.number <= number]

@@ -183,6 +183,9 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--stage", "0"], "--stage must be 1 or more"),
     (["--stage", "9"], "--stage 9: the run has stages 1..3"),
     (["--prompt_file", "/no/such/prompts.txt"], "--prompt_file /no/such/prompts.txt does not exist"),
+    (["--stage", "stage9"], "--stage stage9: the run has stages 1..3 (stage1, stage2, stage3)"),
+    (["--unet_weights", "w.safetensors"], "--unet_weights: for a base model without a run folder"),
+    (["--embeds", "e.safetensors", "--base", "tiny"], "--base, --embeds: for a base model without a run folder"),
 ])
 def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, message):
     import attndreambooth.models as M
@@ -192,6 +195,25 @@ def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, messa
     with pytest.raises(SystemExit) as e:
         infer.main([str(runs[1]), "--prompt", "a {}", *args])
     assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+
+
+def test_missing_or_corrupt_weight_files_are_named_before_loading(runs, tiny_dir, tmp_path, monkeypatch):
+    import attndreambooth.models as M
+    monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    (tmp_path / "cut.safetensors").write_bytes((runs[1] / "learned_embeds.safetensors").read_bytes()[:40])
+    (tmp_path / "notes.txt").write_text("not weights")
+    embeds = str(runs[1] / "learned_embeds.safetensors")
+    base = ["--base", str(tiny_dir), "--category", "toy", "--prompt", "a {}", "--out", str(tmp_path / "o")]
+    for args, message in (
+            (["--embeds", str(tmp_path / "gone.safetensors")], "--embeds {}/gone.safetensors does not exist"),
+            (["--embeds", str(tmp_path / "cut.safetensors")], "--embeds {}/cut.safetensors is not a readable safetensors"),
+            (["--embeds", embeds, "--unet_weights", str(tmp_path)], "--unet_weights {} is a folder"),
+            (["--embeds", embeds, "--unet_weights", str(tmp_path / "notes.txt")],
+             "--unet_weights {}/notes.txt is not a readable safetensors")):
+        with pytest.raises(SystemExit) as e:
+            infer.main(base + args)
+        assert str(e.value.code).startswith("error: " + message.format(tmp_path)), e.value.code
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_or_folder_prompt_file_is_named(tmp_path, runs):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_attndreambooth as T
 from conftest import ROOT, SAMPLE, tiny_overrides
@@ -123,8 +123,24 @@ def test_infer_on_an_sdxl_run_with_attention_maps_and_its_stages(run, tmp_path):
     maps = np.load(folder / "attention_maps.npz")
     arrays = [maps[k] for k in maps.files]
     assert (folder / "000.png").is_file() and (folder / "attention.png").is_file() and arrays
-    after_stage2, _, _ = load_pipe(run, stage=2)  # the base + both rows + stage 2's attn2 weights
+    after_stage2, _, _ = load_pipe(run, stage="stage2")  # the base + both rows + stage 2's attn2 weights
     assert "<v>" in after_stage2.tokenizer_2.get_added_vocab()
     attn2 = load_file(run / "attn2_stage2.safetensors")
     name = next(iter(attn2))
     torch.testing.assert_close(after_stage2.unet.state_dict()[name], attn2[name])
+
+
+def test_an_embedding_for_the_other_kind_of_base_is_refused_before_loading(run, tmp_path, monkeypatch):
+    import attndreambooth.models as M
+    import infer
+    monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    sd_file = tmp_path / "sd.safetensors"  # the SD format: one row under the token
+    save_file({"<v>": torch.zeros(1, 32)}, sd_file)
+    for base, embeds, message in (
+            ("tiny", run / "learned_embeds.safetensors", "is an SDXL embedding (clip_l, clip_g) but --base tiny is "
+                                                         "not an SDXL model"),
+            ("tiny-sdxl", sd_file, "is an SD embedding (one text encoder) but --base tiny-sdxl is an SDXL model")):
+        with pytest.raises(SystemExit) as e:
+            infer.main(["--base", base, "--embeds", str(embeds), "--category", "toy", "--prompt", "a {}",
+                        "--out", str(tmp_path / "o")])
+        assert str(e.value.code) == f"error: --embeds {embeds} {message}; give the base the embedding was trained on"
