@@ -27,7 +27,6 @@ import concurrent.futures
 import json
 import os
 import queue
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,21 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
-LIVE_CLASSES = {"dog", "cat"}  # DreamBench: live subjects get the live-subject prompts
 
-
-def dreambench_concepts(root, subjects):
-    """{subject: (folder, class)} from the DreamBooth data set's prompts_and_classes.txt."""
-    root = Path(root)
-    classes = {}
-    for line in (root / "prompts_and_classes.txt").read_text().splitlines():
-        name, sep, cls = line.partition(",")
-        if sep and name != "subject_name" and (root / name).is_dir():
-            classes[name] = cls.strip()
-    missing = [s for s in subjects if s not in classes]
-    if missing:
-        raise SystemExit(f"error: --subjects {missing} not in {root} (known: {', '.join(sorted(classes))})")
-    return {s: (root / s, classes[s]) for s in subjects}
+from attndreambooth import dreambench  # noqa: E402
 
 
 def method_config(name):
@@ -71,9 +57,8 @@ def scaled_steps(method, scale):
 def cell_commands(concept, folder, category, method, seed, args, cell):
     """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
     world = args.world == "shapes"
-    dreambench = "dreambench_live.txt" if category in LIVE_CLASSES else "dreambench_object.txt"
     prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
-               else args.prompt_file or ROOT / "data" / "prompts" / dreambench)
+               else args.prompt_file or dreambench.prompt_file(category))
     infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
              *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
     evaluate = (["--world", "shapes", "--concept", concept] if world
@@ -154,28 +139,6 @@ def run_cell(concept, folder, category, method, seed, args, slot):
             except Exception as e:
                 raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
     return json.loads(metrics.read_text())
-
-
-def gather(results, out):
-    """The table (one row per cell, then the mean of each method) and the scatter of method means."""
-    from evaluate import scatter
-    lines = ["| concept | method | CLIP-I | CLIP-T | DINO |", "|---|---|---|---|---|"]
-    by_method = {}
-    for (concept, method), r in sorted(results.items()):
-        o = r["overall"]
-        by_method.setdefault(method, []).append(o)
-        lines.append(f"| {concept} | {method} | {o['clip_i']:.3f} | {o['clip_t']:.3f} | {o['dino']:.3f} |")
-    means = {m: {k: statistics.mean(o[k] for o in os_) for k in ("clip_i", "clip_t", "dino")}
-             for m, os_ in by_method.items()}
-    for m, o in means.items():
-        lines.append(f"| **mean of {len(by_method[m])}** | **{m}** | {o['clip_i']:.3f} | {o['clip_t']:.3f} | {o['dino']:.3f} |")
-    table = "\n".join(lines)
-    (out / "sweep.md").write_text(table + "\n")
-    (out / "sweep.json").write_text(json.dumps(dict(
-        cells=[dict(concept=c, method=m, **r["overall"]) for (c, m), r in sorted(results.items())],
-        methods=means), indent=1))
-    scatter([(m, o["clip_t"], o["dino"]) for m, o in means.items()], out / "scatter.png")
-    return table
 
 
 def gather_world(results, out, cells):
@@ -268,7 +231,7 @@ def main(argv=None):
             folder, _, category = rest.rpartition(":")
             concepts[name] = (Path(folder), category)
         if args.dreambench:
-            concepts.update(dreambench_concepts(args.dreambench, list(filter(None, args.subjects.split(",")))))
+            concepts.update(dreambench.concepts(args.dreambench, list(filter(None, args.subjects.split(",")))))
         if not concepts:
             raise SystemExit("error: give --concepts or --dreambench with --subjects (or --world shapes)")
         methods = (args.methods or "attndreambooth").split(",")
@@ -304,7 +267,7 @@ def main(argv=None):
     if args.world:
         text = gather_world(results, out, cells)
     else:
-        text = gather({(c, m if seed is None else f"{m} seed {seed}"): r for (c, m, seed), r in results.items()}, out)
+        text = dreambench.write_table({(c, m if seed is None else f"{m} seed {seed}"): r for (c, m, seed), r in results.items()}, out)
     print(text)
     return results
 
