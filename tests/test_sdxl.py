@@ -144,3 +144,21 @@ def test_an_embedding_for_the_other_kind_of_base_is_refused_before_loading(run, 
             infer.main(["--base", base, "--embeds", str(embeds), "--category", "toy", "--prompt", "a {}",
                         "--out", str(tmp_path / "o")])
         assert str(e.value.code) == f"error: --embeds {embeds} {message}; give the base the embedding was trained on"
+
+
+def test_an_sdxl_base_is_recognised_in_every_form(base, tiny_dir, tmp_path):
+    """A folder by its model_index.json, a single .safetensors file by its second text encoder's keys (as
+    SDXL checkpoints are laid out), a .ckpt through model.single_file_config."""
+    from attndreambooth.config import ModelConfig
+    from attndreambooth.models import model_source
+    from attndreambooth.sdxl import is_sdxl_model
+    def xl(pretrained, **kw):
+        cfg = ModelConfig(pretrained=str(pretrained), **kw)
+        return is_sdxl_model(*model_source(cfg), cfg)
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
+               "conditioner.embedders.1.model.y": torch.zeros(1)}, tmp_path / "xl.safetensors")
+    save_file({"cond_stage_model.transformer.x": torch.zeros(1)}, tmp_path / "sd.safetensors")
+    (tmp_path / "xl.ckpt").write_bytes(b"")
+    assert [xl(base[0]), xl(tiny_dir), xl("tiny-sdxl"), xl("tiny")] == [True, False, True, False]
+    assert [xl(tmp_path / "xl.safetensors"), xl(tmp_path / "sd.safetensors")] == [True, False]
+    assert [xl(tmp_path / "xl.ckpt"), xl(tmp_path / "xl.ckpt", single_file_config=str(base[0]))] == [False, True]
