@@ -186,6 +186,9 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--stage", "stage9"], "--stage stage9: the run has stages 1..3 (stage1, stage2, stage3)"),
     (["--unet_weights", "w.safetensors"], "--unet_weights: for a base model without a run folder"),
     (["--embeds", "e.safetensors", "--base", "tiny"], "--base, --embeds: for a base model without a run folder"),
+    (["--device", "gpu"], "--device 'gpu' is not a device name; use cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["--out", "{run}/config.yaml/samples"], "--out {run}/config.yaml/samples: {run}/config.yaml is a file"),
 ])
 def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, message):
     import attndreambooth.models as M
@@ -193,8 +196,8 @@ def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, messa
     monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(SystemExit) as e:
-        infer.main([str(runs[1]), "--prompt", "a {}", *args])
-    assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+        infer.main([str(runs[1]), "--prompt", "a {}", *(a.replace("{run}", str(runs[1])) for a in args)])
+    assert message.replace("{run}", str(runs[1])) in str(e.value.code) and str(e.value.code).startswith("error: ")
 
 
 def test_missing_or_corrupt_weight_files_are_named_before_loading(runs, tiny_dir, tmp_path, monkeypatch):
