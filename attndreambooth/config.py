@@ -182,6 +182,10 @@ def load_config(config_file=None, overrides=(), check=True):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.category=dog)")
+        parts = key.strip().split(".")
+        if parts[0] == "stages" and len(parts) >= 2 and parts[1] not in cfg.stages:  # OmegaConf's words are cryptic
+            raise ConfigError(f"override {item!r}: the config has no stage {parts[1]!r} (it has "
+                              f"{', '.join(cfg.stages)}); a typo? A new stage goes in the YAML file under `stages:`")
         try:
             OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
         except OmegaConfBaseException as e:
@@ -281,7 +285,9 @@ def validate(cfg: Config, card_pending=False):
          "hold full-weight changes; give them all a lora_rank or set it to 0")
     need(not any(unet_stages.values()) or importlib.util.find_spec("peft") is not None, "stages.<name>.lora_rank",
          "LoRA stages need peft: pip install peft")
-    need(not os.path.isfile(cfg.output_dir), "output_dir", f"{cfg.output_dir} is a file; give a folder")
+    existing = next(p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists())
+    need(existing.is_dir(), "output_dir", f"{existing} is a file; give a folder" if existing == Path(cfg.output_dir)
+         else f"{cfg.output_dir} would be inside {existing}, which is a file; give a folder")
 
 
 def to_yaml(cfg: Config) -> str:
