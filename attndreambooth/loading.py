@@ -104,6 +104,8 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         label = cfg.model.pretrained
         base = None if folder else cfg.model
         embeds = None if folder else run_dir / "learned_embeds.safetensors"
+        for path in [embeds, *unet_weights] if embeds else []:  # e.g. cut short by a full disk or a partial copy
+            safetensors_keys(path, "the run's")
     elif base is None or (embeds is not None and category is None):
         raise ValueError("give a run folder, or --base with --embeds and --category (a concept), or --base alone "
                          "(the base model; {} then stands for --category)")

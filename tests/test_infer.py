@@ -1,6 +1,7 @@
 """infer.py and the run folder's interoperability, on a short tiny run."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,12 @@ def test_missing_or_corrupt_weight_files_are_named_before_loading(runs, tiny_dir
         with pytest.raises(SystemExit) as e:
             infer.main(base + args)
         assert str(e.value.code).startswith("error: " + message.format(tmp_path)), e.value.code
+    run = tmp_path / "run"  # a run folder with a file cut short
+    shutil.copytree(runs[1], run, ignore=shutil.ignore_patterns("pipeline"))
+    (run / "attn2_stage2.safetensors").write_bytes((run / "attn2_stage2.safetensors").read_bytes()[:100])
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(run), "--stage", "2", "--prompt", "a {}", "--out", str(tmp_path / "o")])
+    assert str(e.value.code).startswith(f"error: the run's {run}/attn2_stage2.safetensors is not a readable")
     assert not (tmp_path / "o").exists()
 
 
@@ -228,7 +235,6 @@ def test_empty_or_folder_prompt_file_is_named(tmp_path, runs):
 
 
 def test_unfinished_run_says_so(runs, tmp_path):
-    import shutil
     run = tmp_path / "unfinished"
     shutil.copytree(runs[1], run)
     shutil.rmtree(run / "pipeline")
