@@ -185,19 +185,20 @@ def run_folder_state(cfg):
     return "finished" if (out / "finished.json").is_file() else "resume"
 
 
-def hold_run_folder(out):
+def hold_folder(out, option="output_dir", holder="a running training"):
     """An exclusive OS lock on out/.lock for as long as this process lives (the kernel drops it when the
-    process dies, so a killed run never blocks); refuses a folder that a live run holds."""
+    process dies, so a killed run never blocks); refuses a folder that a live process holds (a training's run
+    folder; a sweep's --out)."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_NAME, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        who = handle.read().strip() or "another process"
         handle.close()
-        raise ConfigError(f"output_dir {out} is in use by a running training ({holder}); wait for it to end, "
-                          "or choose another output_dir") from None
+        raise ConfigError(f"{option} {out} is in use by {holder} ({who}); wait for it to end, or choose "
+                          f"another {option}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -268,12 +269,12 @@ def preflight(cfg):
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher, rank 0 claims the folder for all
         return ("new" if state == "replace" else state), paths, None
     out = Path(cfg.output_dir)
-    lock = hold_run_folder(out)
+    lock = hold_folder(out)
     if state == "replace":
         aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)  # the lock file moves with it; this process still holds it
         lock.close()
-        lock = hold_run_folder(out)
+        lock = hold_folder(out)
         log.warning("resume=false: the earlier run in %s was moved to %s", out, aside)
         state = "new"
     return state, paths, lock

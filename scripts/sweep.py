@@ -156,9 +156,9 @@ PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model",
             "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
 
 
-def check_protocol(args):
-    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json, a later
-    run (or report) with other options is refused before anything is trained or overwritten."""
+def check_protocol(args, write=True):
+    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json (with
+    `write`), a later run (or report) with other options is refused before anything is trained or overwritten."""
     path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
     now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
     before = json.loads(path.read_text()) if path.is_file() else None
@@ -166,7 +166,7 @@ def check_protocol(args):
         keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
         raise SystemExit(f"error: {args.out} holds cells measured with other options ({keys}); use the same "
                          "options to resume or report it, or another --out")
-    if before is None and not args.report_only:
+    if before is None and write and not args.report_only:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=1) + "\n")
 
@@ -210,7 +210,7 @@ def main(argv=None):
         p.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.out)
     if args.world:
-        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS, world_cells, write_prompts
+        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS, world_cells
         if args.quick:
             args.concepts = args.concepts or "checker_star"
             args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
@@ -239,7 +239,27 @@ def main(argv=None):
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for seed in seeds for c, (folder, cat) in concepts.items() for m in methods]
-    check_protocol(args)
+    check_protocol(args, write=False)  # a refusal writes nothing, not even the lock
+    lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
+    try:
+        return sweep(args, out, concepts, cells)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def hold_out(out):
+    """Two sweeps on one OUT would train and sample the same cells at once: the second is refused."""
+    from attndreambooth.preflight import hold_folder
+    try:
+        return hold_folder(out, "--out", "a running sweep")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def sweep(args, out, concepts, cells):
+    """Run (or with --report_only, read back) the cells, then write the report."""
+    check_protocol(args)  # again, now that OUT is this process's: the first run writes protocol.json
     if args.report_only:
         done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
                 if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]
@@ -248,6 +268,7 @@ def main(argv=None):
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
         cells = done  # each read back below, none run
     elif args.world:
+        from attndreambooth.shapes.bench import write_prompts
         write_prompts(out, concepts, args.num_prompts)
     where = slots(args)
     free = queue.Queue()

@@ -186,17 +186,17 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     import signal
 
     from attndreambooth.config import ConfigError
-    from attndreambooth.preflight import hold_run_folder
+    from attndreambooth.preflight import hold_folder
     out = tmp_path / "run"
-    lock = hold_run_folder(out)
+    lock = hold_folder(out)
     with pytest.raises(ConfigError, match=f"in use by a running training \\(pid {os.getpid()} on "):
-        hold_run_folder(out)
+        hold_folder(out)
     second = train(out)
     assert second.returncode == 1 and f"is in use by a running training (pid {os.getpid()}" in second.stderr
     lock.close()
     # a holder killed with SIGKILL leaves its lock file, never its lock
     code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from attndreambooth.preflight import "
-            "hold_run_folder; h = hold_run_folder(__import__('pathlib').Path(sys.argv[1])); os.kill(os.getpid(), 9)")
+            "hold_folder; h = hold_folder(__import__('pathlib').Path(sys.argv[1])); os.kill(os.getpid(), 9)")
     killed = subprocess.run([sys.executable, "-c", code, str(out), str(ROOT)], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL and (out / ".lock").exists()
-    hold_run_folder(out).close()
+    hold_folder(out).close()
