@@ -14,7 +14,6 @@ per-token figure `attention.png` and the maps `attention_maps.npz`.
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from attention_reg import cross_attention_layers
 from attndreambooth.attention_maps import figure, token_labels
+from attndreambooth.config import folder_problem
 from attndreambooth.loading import load_pipe, safetensors_keys
 from attndreambooth.plan import DTYPES
 from attndreambooth.sampling import SCHEDULERS, image_grid, sample
@@ -130,11 +130,8 @@ def check_place(device, out):
     if kind.type == "cuda" and not (torch.cuda.is_available() and (kind.index or 0) < torch.cuda.device_count()):
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (torch "
                          f"{torch.__version__}); use --device cpu, or another cuda:N")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, not a folder; give a folder for the images")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"--out {out}: {existing} is not writable; give a folder you can write to")
+    if problem := folder_problem(out):
+        raise ValueError(f"--out: {problem}")
 
 
 def parse_args(argv=None):

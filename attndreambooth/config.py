@@ -285,9 +285,21 @@ def validate(cfg: Config, card_pending=False):
          "hold full-weight changes; give them all a lora_rank or set it to 0")
     need(not any(unet_stages.values()) or importlib.util.find_spec("peft") is not None, "stages.<name>.lora_rank",
          "LoRA stages need peft: pip install peft")
-    existing = next(p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists())
-    need(existing.is_dir(), "output_dir", f"{existing} is a file; give a folder" if existing == Path(cfg.output_dir)
-         else f"{cfg.output_dir} would be inside {existing}, which is a file; give a folder")
+    problem = folder_problem(cfg.output_dir)
+    need(problem is None, "output_dir", problem)
+
+
+def folder_problem(path):
+    """Why `path` cannot be, or become, a folder this process writes into (None: it can); for every output
+    option, said before anything loads."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return (f"{path} is a file; give a folder" if existing == path
+                else f"{path} would be inside {existing}, which is a file; give a folder")
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable; give a folder you can write to"
+    return None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -141,6 +141,33 @@ def markdown(result):
     return "\n".join(lines)
 
 
+def check_args(args, out):
+    """Folders, models and the concept, each named when wrong, before any model loads."""
+    from attndreambooth.config import folder_problem
+    samples = Path(args.samples)
+    if not samples.is_dir():
+        raise ValueError(f"--samples {samples} " + ("is a file" if samples.exists() else "does not exist")
+                         + "; give infer.py's output folder (one folder per prompt)")
+    if not any((p / "prompt.json").is_file() for p in samples.iterdir()):
+        raise ValueError(f"--samples: {samples} holds no prompt folders (with prompt.json), as infer.py writes them")
+    if args.world:
+        from attndreambooth.shapes.scene import CONCEPTS
+        if args.concept is not None and args.concept not in CONCEPTS:
+            raise ValueError(f"--concept {args.concept!r} is not one of {sorted(CONCEPTS)}")
+    else:
+        if args.real is None:
+            raise ValueError("--real is required (the concept's photos), unless --world is given")
+        if not Path(args.real).is_dir():
+            raise ValueError(f"--real {args.real} " + ("is a file" if Path(args.real).exists() else "does not exist")
+                             + "; give the folder of the concept's photos")
+        for flag, name in (("--clip", args.clip), ("--dino", args.dino)):
+            hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            if name != "tiny" and not Path(name).is_dir() and not hub_id:
+                raise ValueError(f"{flag} {name!r} is neither a model folder nor a hub id (owner/name)")
+    if problem := folder_problem(out):
+        raise ValueError(f"--out: {problem}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
@@ -155,12 +182,14 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: SAMPLES/../eval)")
     args = p.parse_args(argv)
     out = Path(args.out or Path(args.samples).parent / "eval")
+    try:
+        check_args(args, out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if args.world:
         from attndreambooth.shapes.score import score_samples
         result = score_samples(args.samples, args.concept, args.placeholder)
         point, labels = (result["overall"]["text"], result["overall"].get("identity", 0.0)), ("text alignment", "identity")
-    elif args.real is None:
-        p.error("--real is required (the concept's photos), unless --world is given")
     else:
         result = evaluate(args.samples, args.real, Encoders(args.clip, args.dino, args.device), args.placeholder)
         result.update(clip_model=str(args.clip), dino_model=str(args.dino))

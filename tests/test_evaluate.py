@@ -48,6 +48,25 @@ def test_clip_t_reads_the_prompt_without_placeholder():
     assert evaluate.text_prompt({"prompt": "a <v> dog"}, placeholder="<v>") == "a dog"
 
 
+def test_bad_arguments_are_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "Encoders", lambda *a, **k: pytest.fail("a model loaded"))
+    write_samples(tmp_path / "samples", {"a <v> toy": [Image.new("RGB", (8, 8))]})
+    (tmp_path / "notes.txt").write_text("x")
+    ok = {"--samples": str(tmp_path / "samples"), "--real": str(SAMPLE), "--clip": "tiny", "--dino": "tiny"}
+    for change, message in (
+            ({"--samples": "/no/such"}, "--samples /no/such does not exist"),
+            ({"--samples": str(tmp_path)}, f"--samples: {tmp_path} holds no prompt folders"),
+            ({"--real": "/no/such"}, "--real /no/such does not exist"),
+            ({"--clip": "/no/such"}, "--clip '/no/such' is neither a model folder nor a hub id"),
+            ({"--out": str(tmp_path / "notes.txt" / "eval")}, f"--out: {tmp_path / 'notes.txt' / 'eval'} would be inside"),
+            ({"--world": "shapes", "--concept": "nope"}, "--concept 'nope' is not one of")):
+        args = [x for flag, value in {**ok, **change}.items() for x in (flag, value)]
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(args)
+        assert str(e.value.code).startswith(f"error: {message}"), e.value.code
+    assert not (tmp_path / "samples").parent.joinpath("eval").exists()
+
+
 def test_metrics_against_an_independent_computation(encoders, tmp_path):
     photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE.iterdir())]
     real = tmp_path / "real"

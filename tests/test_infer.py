@@ -189,7 +189,7 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--embeds", "e.safetensors", "--base", "tiny"], "--base, --embeds: for a base model without a run folder"),
     (["--device", "gpu"], "--device 'gpu' is not a device name; use cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),
-    (["--out", "{run}/config.yaml/samples"], "--out {run}/config.yaml/samples: {run}/config.yaml is a file"),
+    (["--out", "{run}/config.yaml/samples"], "--out: {run}/config.yaml/samples would be inside {run}/config.yaml, which is a file"),
 ])
 def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, message):
     import attndreambooth.models as M
