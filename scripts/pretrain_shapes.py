@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attndreambooth.config import folder_problem  # noqa: E402
 from attndreambooth.shapes.model import build  # noqa: E402
 from attndreambooth.shapes.scene import OMITTABLE, random_scene  # noqa: E402
 from attndreambooth.shapes.textures import random_textured_image  # noqa: E402
@@ -189,6 +190,8 @@ def main(argv=None):
     out = Path(args.out)
     if not args.eval_only and (out / "model_index.json").is_file() and not args.overwrite:
         p.error(f"--out {out} already holds a model; choose another folder, or pass --overwrite to replace it")
+    if not args.eval_only and (problem := folder_problem(out)):
+        p.error(f"--out: {problem}")
     if args.eval_only and not (out / "model_index.json").is_file():
         p.error(f"--eval_only: {out} holds no model (no model_index.json)")
     if args.eval_only:

@@ -137,7 +137,7 @@ def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
     assert "<v>" in trained.tokenizer.get_added_vocab()
 
 
-def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+def test_pretraining_is_reproducible_from_its_seed(tmp_path, capsys):
     """The pretraining script twice with one seed (a few steps of each phase): the same weights, bit for bit;
     another seed: other weights."""
     import pretrain_shapes
@@ -150,3 +150,11 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     read = lambda name, f: (tmp_path / name / f).read_bytes()  # noqa: E731
     assert all(read("a", f) == read("b", f) for f in files)
     assert all(read("a", f) != read("c", f) for f in files)
+    stamp = {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in files}
+    (tmp_path / "notes.txt").write_text("x")
+    for out, message in ((tmp_path / "a", "already holds a model; choose another folder, or pass --overwrite"),
+                         (tmp_path / "notes.txt" / "m", "would be inside")):
+        with pytest.raises(SystemExit):  # argparse's one line (its exit status 2), before any training
+            pretrain_shapes.main(["--out", str(out), "--seed", "0", *small])
+        assert message in capsys.readouterr().err
+    assert stamp == {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in files}  # the model is untouched
