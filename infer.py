@@ -24,7 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from attention_reg import cross_attention_layers
 from attndreambooth.attention_maps import figure, token_labels
-from attndreambooth.config import folder_problem
+from attndreambooth.config_checks import folder_problem
 from attndreambooth.loading import load_pipe, safetensors_keys
 from attndreambooth.plan import DTYPES
 from attndreambooth.sampling import SCHEDULERS, image_grid, sample

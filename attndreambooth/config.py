@@ -4,19 +4,16 @@ The YAML holds *what* (the method's hyper-parameters per stage); `runtime` holds
 (precision, memory savers, logging). Unknown keys, wrong types and impossible values
 fail here, before any model loads.
 """
-import importlib.util
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
-from PIL import ImageColor
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from attention_reg import REDUCTIONS
-from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
 
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -163,8 +160,40 @@ def _config_chain(path, seen=()):
                           "(e.g. `data: {category: dog}`)")
     base = layer.pop("base", None)
     if base is None:
-        return [layer]
-    return _config_chain(path.parent / base, (*seen, path.resolve())) + [layer]
+        return [(path, layer)]
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"config file {path}: `base: {base}` is {path.parent / base}, which does not exist "
+                          "(a base path is relative to the file naming it)")
+    return _config_chain(path.parent / base, (*seen, path.resolve())) + [(path, layer)]
+
+
+def _not_a_mapping(layer, schema, prefix=""):
+    """(key, value) of the first section in a YAML layer given a value where `schema` has a group of keys (OmegaConf
+    names no key for these)."""
+    types = {f.name: f.type for f in dataclasses.fields(schema)}
+    for key, value in layer.items():
+        kind = types.get(key)
+        groups = {name: StageConfig for name in value} if kind == Dict[str, StageConfig] and isinstance(value, dict) \
+            else {key: kind} if dataclasses.is_dataclass(kind) else {}
+        for name, group in groups.items():
+            here, inner = (f"{prefix}{key}", value) if name == key else (f"{prefix}{key}.{name}", value[name])
+            if not isinstance(inner, dict):
+                return here, inner
+            if found := _not_a_mapping(inner, group, here + "."):
+                return found
+        if kind == Dict[str, StageConfig] and not isinstance(value, dict):
+            return prefix + key, value
+    return None
+
+
+def _plain(e):
+    """OmegaConf's message in the config's own terms."""
+    text = str(e).splitlines()[0]
+    if "is not a ListConfig" in text:
+        return "must be a list, e.g. [a, b] (one item: [a])"
+    if re.search(r"is not a subclass of|Cannot assign \w+ to Dict", text):
+        return "is a group of keys, not one value (YAML: `key: {name: value}`; command line: key.name=value)"
+    return text
 
 
 def load_config(config_file=None, overrides=(), check=True):
@@ -172,12 +201,13 @@ def load_config(config_file=None, overrides=(), check=True):
     e.g. to read a finished run's config elsewhere); return a typed config."""
     cfg = OmegaConf.structured(Config)
     if config_file is not None:
-        for layer in _config_chain(Path(config_file).expanduser()):
+        for path, layer in _config_chain(Path(config_file).expanduser()):
             try:
                 cfg = OmegaConf.merge(cfg, layer)
             except OmegaConfBaseException as e:
-                raise ConfigError(f"config key {getattr(e, 'full_key', None)!r} in {config_file}: "
-                                  f"{str(e).splitlines()[0]}") from None
+                key, value = (e.full_key, None) if getattr(e, "full_key", None) else _not_a_mapping(layer, Config)
+                what = _plain(e) if value is None else f"must be a group of keys, not {value!r}"
+                raise ConfigError(f"config key {key!r} in {path}: {what}") from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -189,7 +219,7 @@ def load_config(config_file=None, overrides=(), check=True):
         try:
             OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"override {item!r}: {_plain(e)}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)} "
@@ -207,99 +237,9 @@ def load_config(config_file=None, overrides=(), check=True):
             if getattr(cfg.runtime, key) is None:
                 setattr(cfg.runtime, key, value)
     if check:
+        from attndreambooth.config_checks import validate  # it imports this module's names
         validate(cfg, card_pending=cfg.runtime.memory in CARD_PRESETS)
     return cfg
-
-
-def validate(cfg: Config, card_pending=False):
-    """Impossible values, each named by its key. Cheap checks only: no model is loaded. `card_pending`: a card
-    preset is still to give the U-Net stages their LoRA ranks (preflight.fit_memory checks again after)."""
-    def need(ok, key, what):
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {what}")
-
-    d = cfg.data
-    need(bool(d.category.strip()), "data.category", "is empty; give the class word, e.g. dog")
-    need(d.placeholder.strip() and not any(ch.isspace() for ch in d.placeholder), "data.placeholder",
-         f"{d.placeholder!r} must be one word without spaces, e.g. <v>")
-    need(d.prompt_template.count("{placeholder}") == 1, "data.prompt_template",
-         f"{d.prompt_template!r} must contain {{placeholder}} exactly once")
-    t = d.prompt_template
-    need(not cfg.reg.enabled or t.find("{category}") > t.find("{placeholder}"), "data.prompt_template",
-         f"{t!r} needs {{category}} after {{placeholder}}: the regulariser compares their attention maps")
-    need(not os.path.isfile(d.instance_dir), "data.instance_dir", f"{d.instance_dir} is a file; give the folder of photos")
-    need(os.path.isdir(d.instance_dir), "data.instance_dir", f"folder {d.instance_dir} does not exist")
-    need(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", f"{d.resolution} must be a positive multiple of 8")
-    need(d.views_per_image >= 1, "data.views_per_image", f"{d.views_per_image} must be >= 1")
-    a = d.augment
-    for key in ("rotate_prob", "flip_prob"):
-        need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", f"{getattr(a, key)} is not a probability in [0, 1]")
-    need(0 <= a.max_rotation_deg <= 180, "data.augment.max_rotation_deg", "must be in [0, 180]")
-    vae = cfg.model.vae
-    need(vae is None or os.path.isdir(os.path.expanduser(vae)) or (vae.count("/") == 1 and not vae.startswith(
-        (".", "/", "~")) and not os.path.exists(vae)), "model.vae",
-         f"{vae!r} is neither a diffusers VAE folder nor a hub id (owner/name)")
-    need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
-    need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
-         f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
-    need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
-         f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
-    need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
-    need(cfg.runtime.memory in (*MEMORY_PRESETS, *CARD_PRESETS), "runtime.memory",
-         f"{cfg.runtime.memory!r} is not one of {(*MEMORY_PRESETS, *CARD_PRESETS)}")
-    need(not cfg.runtime.half_frozen_weights or cfg.runtime.mixed_precision != "no", "runtime.half_frozen_weights",
-         "keeps frozen weights in the autocast dtype; set runtime.mixed_precision=bf16 (or fp16)")
-    need(not cfg.runtime.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
-         "runtime.optimizer_8bit", "8-bit AdamW needs bitsandbytes: pip install bitsandbytes, "
-         "or set runtime.optimizer_8bit=false (the low preset then only checkpoints gradients)")
-    need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype",
-         f"{cfg.runtime.pipeline_dtype!r} is not one of {tuple(DTYPES)}")
-    v = cfg.validation
-    need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",
-         "every_steps must be >= 0, num_images and steps >= 1")
-    need(cfg.runtime.checkpoint_every_steps >= 0, "runtime.checkpoint_every_steps", "must be >= 0")
-    need(cfg.runtime.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be >= 1")
-    need(d.min_image_size >= 1, "data.min_image_size", "must be >= 1")
-    try:
-        ImageColor.getrgb(d.alpha_background)
-    except ValueError:
-        need(False, "data.alpha_background", f"{d.alpha_background!r} is not a colour (e.g. white or #808080)")
-    need(cfg.runtime.log_every_steps >= 1, "runtime.log_every_steps", "must be >= 1")
-    need(bool(Plan(cfg.stages)), "stages", "no stage is enabled with steps > 0")
-    for name, s in cfg.stages.items():
-        key = f"stages.{name}"
-        need(s.steps >= 0, f"{key}.steps", f"{s.steps} is negative")
-        need(s.lr > 0, f"{key}.lr", f"{s.lr} must be > 0")
-        need(s.batch_size >= 1, f"{key}.batch_size", f"{s.batch_size} must be >= 1")
-        need(s.reg_mean_weight >= 0 and s.reg_var_weight >= 0, f"{key}.reg_*_weight", "weights must be >= 0")
-        need(s.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
-        need(len(s.train) > 0 and all(p in TRAINABLE_PARTS for p in s.train), f"{key}.train",
-             f"{s.train} must list parts from {TRAINABLE_PARTS}")
-        need(s.lora_rank >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
-        need(not s.lora_rank or UNET_PARTS & set(s.train), f"{key}.lora_rank",
-             f"LoRA adapts U-Net weights, but this stage trains only {s.train}; set it to 0")
-        need(s.lora_alpha is None or s.lora_alpha > 0, f"{key}.lora_alpha", "must be > 0 or null (= the rank)")
-    unet_stages = {s.name: s.lora for s in Plan(cfg.stages) if UNET_PARTS & set(s.config.train)}
-    need(card_pending or len(set(unet_stages.values())) <= 1, "stages.<name>.lora_rank",
-         f"every stage that trains U-Net weights must use LoRA, or none ({unet_stages}): a LoRA file cannot "
-         "hold full-weight changes; give them all a lora_rank or set it to 0")
-    need(not any(unet_stages.values()) or importlib.util.find_spec("peft") is not None, "stages.<name>.lora_rank",
-         "LoRA stages need peft: pip install peft")
-    problem = folder_problem(cfg.output_dir)
-    need(problem is None, "output_dir", problem)
-
-
-def folder_problem(path):
-    """Why `path` cannot be, or become, a folder this process writes into (None: it can); for every output
-    option, said before anything loads."""
-    path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        return (f"{path} is a file; give a folder" if existing == path
-                else f"{path} would be inside {existing}, which is a file; give a folder")
-    if not os.access(existing, os.W_OK):
-        return f"{existing} is not writable; give a folder you can write to"
-    return None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -77,7 +77,8 @@ def fit_memory(cfg):
     """Resolve a card preset (runtime.memory=12gb|16gb|24gb) for this model, then check the config again."""
     import importlib.util
 
-    from attndreambooth.config import CARD_PRESETS, validate
+    from attndreambooth.config import CARD_PRESETS
+    from attndreambooth.config_checks import validate
     from attndreambooth.memory import fit_card
     if cfg.runtime.memory in CARD_PRESETS:
         _, sizes = memory_sizes(cfg)

@@ -143,7 +143,7 @@ def markdown(result):
 
 def check_args(args, out):
     """Folders, models and the concept, each named when wrong, before any model loads."""
-    from attndreambooth.config import folder_problem
+    from attndreambooth.config_checks import folder_problem
     samples = Path(args.samples)
     if not samples.is_dir():
         raise ValueError(f"--samples {samples} " + ("is a file" if samples.exists() else "does not exist")

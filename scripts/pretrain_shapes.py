@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attndreambooth.config import folder_problem  # noqa: E402
+from attndreambooth.config_checks import folder_problem  # noqa: E402
 from attndreambooth.shapes.model import build  # noqa: E402
 from attndreambooth.shapes.scene import OMITTABLE, random_scene  # noqa: E402
 from attndreambooth.shapes.textures import random_textured_image  # noqa: E402

@@ -41,6 +41,8 @@ def no_model_loading(monkeypatch):
     ("stages.stage3.lora_alpha=0", "config key 'stages.stage3.lora_alpha'"),
     ("model.vae=/no/such/vae", "config key 'model.vae': '/no/such/vae' is neither a diffusers VAE folder"),
     ("runtime.memory=8gb", "config key 'runtime.memory': '8gb' is not one of"),
+    ("data=5", r"override 'data=5': is a group of keys, not one value"),
+    ("stages.stage1.train=embedding", r"override 'stages.stage1.train=embedding': must be a list, e.g. \[a, b\]"),
     ("stages.stag3.steps=3", r"no stage 'stag3' \(it has stage1, stage2, stage3\); a typo\?"),
     (f"output_dir={ROOT / 'README.md' / 'run'}", re.escape(f"config key 'output_dir': {ROOT / 'README.md' / 'run'} "
                                                            f"would be inside {ROOT / 'README.md'}, which is a file")),
@@ -148,6 +150,27 @@ def test_yaml11_booleans_mean_no_mixed_precision(tmp_path, text):
     f.write_text(text + "\n")  # unquoted `no` is YAML 1.1's false
     assert load_config(f, REQUIRED).runtime.mixed_precision == "no"
     assert load_config(None, REQUIRED + ["runtime.mixed_precision=no"]).runtime.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: [1, 2]\n", "config key 'data' in {f}: must be a group of keys, not [1, 2]"),
+    ("data: {augment: 3}\n", "config key 'data.augment' in {f}: must be a group of keys, not 3"),
+    ("stages:\n  stage1: 5\n", "config key 'stages.stage1' in {f}: must be a group of keys, not 5"),
+    ("stages: 5\n", "config key 'stages' in {f}: is a group of keys, not one value"),
+    ("stages:\n  stage1: {train: embedding}\n", "config key 'stages.stage1.train' in {f}: must be a list, e.g. [a, b]"),
+    ("base: nowhere.yaml\n", "config file {f}: `base: nowhere.yaml` is {d}/nowhere.yaml, which does not exist"),
+])
+def test_misshapen_yaml_names_key_and_file(tmp_path, text, message):
+    """Where OmegaConf names no key (a value where a group of keys belongs) or speaks of its own types, the
+    message names the key, the file of the layer that holds it, and what belongs there."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    top = tmp_path / "top.yaml"  # the mistake sits in the base file: that file is named
+    top.write_text("base: c.yaml\n")
+    for config in (f, top):
+        with pytest.raises(ConfigError) as e:
+            load_config(config, REQUIRED)
+        assert str(e.value).startswith(message.format(f=f, d=tmp_path)), str(e.value)
 
 
 @pytest.mark.parametrize("text, message", [
