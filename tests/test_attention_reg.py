@@ -185,32 +185,39 @@ def test_gradient_checkpointing_records_once_and_gives_same_gradients(tiny_pipe)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_compiled_unet_is_one_graph_with_the_capture_inside(tiny_pipe):
+@pytest.mark.parametrize("model, layers", [("tiny", 16), ("tiny-sdxl", 17)])
+def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
     """torch.compile with the capture and gradient checkpointing (the low-memory preset): one graph, no
     graph break (a break per attn2 layer made dynamo hit its recompile limit and run the U-Net eagerly),
-    each map recorded once, and the eager step's loss and gradients. `aot_eager` traces exactly what
-    inductor would compile, without a C++ or CUDA compiler."""
+    each map recorded once, and the eager step's loss and gradients; on SDXL's layout too (its pooled text and
+    size/crop inputs). `aot_eager` traces exactly what inductor would compile, without a C++ or CUDA compiler."""
     import torch._dynamo
+    from diffusers import UNet2DConditionModel
     from torch._dynamo.utils import counters
 
     from attention_reg import compile_unet
-    unet = tiny_pipe.unet
+    from attndreambooth.models import tiny_model_dir
+    from attndreambooth.sdxl import extra_unet_inputs
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(model), subfolder="unet")
     unet.train()
     unet.enable_gradient_checkpointing()
     x, t, cond = unet_inputs(unet)
+    extra = extra_unet_inputs(unet, len(x))  # {} for SD; for SDXL a pooled embedding and the size/crop ids
+    for value in extra.get("added_cond_kwargs", {}).values():
+        value.normal_(generator=torch.Generator().manual_seed(1))
     params = [p for n, p in unet.named_parameters() if ".attn2." in n]
 
     def step(cap):
         cap.clear()
         unet.zero_grad(set_to_none=True)
-        out = unet(x, t, cond).sample
+        out = unet(x, t, cond, **extra).sample
         loss = attention_reg_loss(cap.maps, 2.0, 5.0) * 1e6 + out.square().mean()
         loss.backward()
         return loss.item(), len(cap.maps), [p.grad.clone() for p in params]
 
     torch._dynamo.reset()
     counters.clear()
-    with CrossAttentionCapture(unet, [5, 6]) as cap:
+    with CrossAttentionCapture(unet, [5, 6], expected_layers=layers) as cap:
         # torch 2.11's dynamo breaks the graph on a bound builtin (list.append): recording must be Python code
         processor = next(p for n, p in unet.attn_processors.items() if ".attn2." in n)
         assert not isinstance(processor.record, types.BuiltinMethodType)
@@ -220,7 +227,7 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(tiny_pipe):
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1
     for loss, n_maps, grads in results:
-        assert n_maps == eager_maps == 16
+        assert n_maps == eager_maps == layers
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         for a, b in zip(grads, eager_grads):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
