@@ -158,10 +158,7 @@ def concept_position(tokenizer, template, placeholder):
 def run_folder_state(cfg):
     """'new', 'replace' (resume=false over an earlier run), 'resume' or 'finished' for cfg.output_dir, without
     touching it; refuses a folder that is not this run's."""
-    out = Path(cfg.output_dir)
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"config key 'output_dir': cannot write in {parent}; choose a folder you can write to")
+    out = Path(cfg.output_dir)  # that it can be written in is checked with the config (config_checks.folder_problem)
     if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_NAME]:
         return "new"
     if not (out / "config.yaml").is_file():

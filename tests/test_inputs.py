@@ -103,7 +103,7 @@ def test_output_folder_problems(data, tmp_path, monkeypatch):
     assert "is a file" in str(e.value.code)
     import attndreambooth.preflight as P
     monkeypatch.setattr(P.os, "access", lambda *a: False)
-    assert "cannot write in" in fail(data, tmp_path)
+    assert f"config key 'output_dir': {tmp_path} is not writable; give a folder you can write to" in fail(data, tmp_path)
     monkeypatch.undo()
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
