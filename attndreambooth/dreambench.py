@@ -14,6 +14,9 @@ LIVE_CLASSES = {"dog", "cat"}  # live subjects get the live-subject prompts, as 
 def concepts(root, subjects):
     """{subject: (folder, class)} from the data set's prompts_and_classes.txt."""
     root = Path(root)
+    if not (root / "prompts_and_classes.txt").is_file():
+        raise SystemExit(f"error: --dreambench {root} has no prompts_and_classes.txt; give the DreamBooth data set's "
+                         "folder (github.com/google/dreambooth, dataset/)")
     classes = {}
     for line in (root / "prompts_and_classes.txt").read_text().splitlines():
         name, sep, cls = line.partition(",")

@@ -38,13 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from attndreambooth import dreambench  # noqa: E402
-
-
-def method_config(name):
-    path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"error: method {name!r}: no config {path}")
-    return path
+from sweep_checks import cell_dir, check_cells, check_protocol, hold_out, method_config, parse_concepts  # noqa: E402
 
 
 def scaled_steps(method, scale):
@@ -111,11 +105,6 @@ def slots(args):
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * args.jobs
 
 
-def cell_dir(out, concept, method, seed):
-    cell = Path(out) / concept / method.replace("/", "_")
-    return cell / f"seed_{seed}" if seed is not None else cell
-
-
 def run_cell(concept, folder, category, method, seed, args, slot):
     """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or in this process);
     returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
@@ -150,25 +139,6 @@ def gather_world(results, out, cells):
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
     return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples)
-
-
-PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model", "step_scale", "set", "infer_args",
-            "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
-
-
-def check_protocol(args, write=True):
-    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json (with
-    `write`), a later run (or report) with other options is refused before anything is trained or overwritten."""
-    path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
-    now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
-    before = json.loads(path.read_text()) if path.is_file() else None
-    if before is not None and before != now:
-        keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
-        raise SystemExit(f"error: {args.out} holds cells measured with other options ({keys}); use the same "
-                         "options to resume or report it, or another --out")
-    if before is None and write and not args.report_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(now, indent=1) + "\n")
 
 
 def parse_seeds(parser, text):
@@ -225,11 +195,7 @@ def main(argv=None):
             raise SystemExit(f"error: --concepts {unknown}: not concepts of the shapes world ({', '.join(CONCEPTS)})")
         cells = world_cells(concepts, args.methods.split(","), args.seeds)
     else:
-        concepts = {}
-        for item in filter(None, args.concepts.split(",")):
-            name, _, rest = item.partition("=")
-            folder, _, category = rest.rpartition(":")
-            concepts[name] = (Path(folder), category)
+        concepts = parse_concepts(args.concepts)
         if args.dreambench:
             concepts.update(dreambench.concepts(args.dreambench, list(filter(None, args.subjects.split(",")))))
         if not concepts:
@@ -239,6 +205,8 @@ def main(argv=None):
             method_config(m)
         seeds = parse_seeds(p, args.seeds) if args.seeds else [None]
         cells = [(c, folder, cat, m, seed) for seed in seeds for c, (folder, cat) in concepts.items() for m in methods]
+    if not args.report_only:  # every cell's training config, and --out, before anything is written
+        check_cells(args, cells)
     check_protocol(args, write=False)  # a refusal writes nothing, not even the lock
     lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
     try:
@@ -246,15 +214,6 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.close()
-
-
-def hold_out(out):
-    """Two sweeps on one OUT would train and sample the same cells at once: the second is refused."""
-    from attndreambooth.preflight import hold_folder
-    try:
-        return hold_folder(out, "--out", "a running sweep")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def sweep(args, out, concepts, cells):

@@ -126,6 +126,26 @@ def test_baselines_and_ablations_train_what_they_claim(name, tiny_dir, tmp_path)
     assert (row_changed, attn2_changed, rest_changed) == CLAIMS[name]
 
 
+def test_sweep_refuses_mistakes_before_writing_anything(tmp_path):
+    """Concepts given wrongly, a --set typo, a missing folder and an --out under a file stop the sweep with one
+    line before it trains or writes anything (a typo used to surface only when its first cell trained)."""
+    toy = f"toy={SAMPLE}:toy"
+    (tmp_path / "notes.txt").write_text("x")
+    for args, message in (
+            (["--concepts", f"toy={SAMPLE}"], f"--concepts 'toy={SAMPLE}': give name=folder:category"),
+            (["--concepts", f"{toy},{toy}"], "--concepts: 'toy' is given twice"),
+            (["--concepts", toy, "--set", "stages.stage3.stpes=3"], "cell toy / attndreambooth: override "
+                                                                   "'stages.stage3.stpes=3': Key 'stpes'"),
+            (["--concepts", "toy=/no/such:toy"], "cell toy / attndreambooth: config key 'data.instance_dir': folder "
+                                                 "/no/such does not exist"),
+            (["--concepts", toy, "--out", str(tmp_path / "notes.txt" / "s")], "--out: "),
+            (["--dreambench", str(tmp_path), "--subjects", "dog"], f"--dreambench {tmp_path} has no prompts_and_classes")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main([*args, "--set", "model.pretrained=tiny"] + ([] if "--out" in args else ["--out", str(tmp_path / "s")]))
+        assert str(e.value.code).startswith(f"error: {message}"), e.value.code
+        assert not (tmp_path / "s").exists()
+
+
 def test_sweep_two_concepts_two_methods_and_resume(tmp_path, capsys):
     if (DREAMBENCH / "prompts_and_classes.txt").is_file():
         where = ["--dreambench", str(DREAMBENCH), "--subjects", "dog,backpack"]

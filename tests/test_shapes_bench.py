@@ -127,7 +127,10 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     args = ["--world", "shapes", "--concepts", "split_circle", "--seeds", "0", "--out", str(tmp_path / "s"),
             "--methods", "shapes/attndreambooth,shapes/textual_inversion", "--num_prompts", "7", "--num_images", "1",
             "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2", "--jobs", "2"]
+    (tmp_path / "s").mkdir()  # a first try that finished no cell (stopped by a bad photo, say) under other options:
+    (tmp_path / "s" / "protocol.json").write_text(json.dumps({"num_prompts": 3}))  # nothing to mix, not refused
     results = sweep.main(args)  # two cells at once, each in its own processes (the in-process path: test_evaluate)
+    assert json.loads((tmp_path / "s" / "protocol.json").read_text())["num_prompts"] == 7
     assert set(results) == {("split_circle", "reference", None), ("split_circle", "shapes/attndreambooth", 0),
                             ("split_circle", "shapes/textual_inversion", 0)}
     report = json.loads((tmp_path / "s" / "comparison.json").read_text())

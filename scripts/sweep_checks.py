@@ -1,0 +1,83 @@
+"""What scripts/sweep.py refuses before it trains or writes anything: concepts given wrongly, a training
+config that would fail in its first cell (a --set typo, a missing folder), an --out it cannot write, an --out
+measured with other options, and an --out another sweep is running in."""
+import json
+from pathlib import Path
+
+from attndreambooth.config import ConfigError, load_config
+from attndreambooth.config_checks import folder_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def method_config(name):
+    """A method's config file: a name under configs/ (e.g. baselines/dreambooth) or a .yaml path."""
+    path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: method {name!r}: no config {path}")
+    return path
+
+
+def cell_dir(out, concept, method, seed):
+    """OUT/<concept>/<method>/[seed_N/]: one cell's run/, samples/ and eval/."""
+    cell = Path(out) / concept / method.replace("/", "_")
+    return cell / f"seed_{seed}" if seed is not None else cell
+
+
+def parse_concepts(text):
+    """--concepts name=folder:category,... as {name: (folder, category)}, each item checked."""
+    concepts = {}
+    for item in filter(None, text.split(",")):
+        name, _, rest = item.partition("=")
+        folder, _, category = rest.rpartition(":")
+        if not (name and folder and category):
+            raise SystemExit(f"error: --concepts {item!r}: give name=folder:category, e.g. dog=photos/dog:dog")
+        if name in concepts:
+            raise SystemExit(f"error: --concepts: {name!r} is given twice; each concept needs its own name")
+        concepts[name] = (Path(folder), category)
+    return concepts
+
+
+def check_cells(args, cells):
+    """Each method's training config as its cells will run it (the concept's folder and category, --set):
+    a mistake is named now, not hours in when its first cell starts."""
+    if problem := folder_problem(args.out):
+        raise SystemExit(f"error: --out: {problem}")
+    for concept, folder, category, method, seed in cells:
+        if method == "reference":
+            continue
+        run = cell_dir(args.out, concept, method, seed) / "run"
+        try:
+            load_config(method_config(method), [f"data.instance_dir={folder}", f"data.category={category}",
+                                                f"output_dir={run}", *args.set])
+        except ConfigError as e:
+            raise SystemExit(f"error: cell {concept} / {method}: {e}") from None
+
+
+PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model", "step_scale", "set", "infer_args",
+            "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
+
+
+def check_protocol(args, write=True):
+    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json (with
+    `write`), a later run (or report) with other options is refused before anything is trained or overwritten."""
+    path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
+    now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
+    before = json.loads(path.read_text()) if path.is_file() else None
+    finished = before is not None and any(Path(args.out).glob("**/eval/metrics.json"))
+    if before is not None and before != now and finished:
+        keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
+        raise SystemExit(f"error: {args.out} holds cells measured with other options ({keys}); use the same "
+                         "options to resume or report it, or another --out")
+    if (before is None or not finished) and write and not args.report_only:  # no cell to mix with: (re)write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=1) + "\n")
+
+
+def hold_out(out):
+    """Two sweeps on one OUT would train and sample the same cells at once: the second is refused."""
+    from attndreambooth.preflight import hold_folder
+    try:
+        return hold_folder(out, "--out", "a running sweep")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
