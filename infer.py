@@ -85,6 +85,9 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
 
 def check_args(args):
     """Counts, sizes and files, before anything loads."""
+    for name in ("run_dir", "out", "base", "embeds", "prompt_file", "category", "device"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():  # "$OUT" with OUT unset
+            raise ValueError(f"--{name} is empty (an unset shell variable?)".replace("--run_dir", "the run folder"))
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -227,6 +227,10 @@ def load_config(config_file=None, overrides=(), check=True):
     cfg = OmegaConf.to_object(cfg)
     if str(cfg.runtime.mixed_precision).lower() in ("false", "off", "none"):  # YAML 1.1 reads `no`/`off` as false
         cfg.runtime.mixed_precision = "no"
+    for key, value in (("output_dir", cfg.output_dir), ("data.instance_dir", cfg.data.instance_dir),
+                       ("model.pretrained", cfg.model.pretrained)):
+        if not value.strip():  # e.g. output_dir=$RUN with RUN unset: would be the current folder
+            raise ConfigError(f"config key {key!r}: is empty (an unset shell variable?); give a path")
     cfg.output_dir = os.path.normpath(os.path.expanduser(cfg.output_dir))  # "~/runs/x/" is "/home/me/runs/x"
     cfg.data.instance_dir = os.path.normpath(os.path.expanduser(cfg.data.instance_dir))
     cfg.model.pretrained = os.path.expanduser(cfg.model.pretrained)

@@ -42,6 +42,8 @@ def no_model_loading(monkeypatch):
     ("model.vae=/no/such/vae", "config key 'model.vae': '/no/such/vae' is neither a diffusers VAE folder"),
     ("runtime.memory=8gb", "config key 'runtime.memory': '8gb' is not one of"),
     ("data=5", r"override 'data=5': is a group of keys, not one value"),
+    ("output_dir=", r"config key 'output_dir': is empty \(an unset shell variable\?\)"),
+    ("data.instance_dir= ", r"config key 'data.instance_dir': is empty"),
     ("stages.stage1.train=embedding", r"override 'stages.stage1.train=embedding': must be a list, e.g. \[a, b\]"),
     ("stages.stag3.steps=3", r"no stage 'stag3' \(it has stage1, stage2, stage3\); a typo\?"),
     (f"output_dir={ROOT / 'README.md' / 'run'}", re.escape(f"config key 'output_dir': {ROOT / 'README.md' / 'run'} "

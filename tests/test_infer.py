@@ -188,6 +188,7 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--unet_weights", "w.safetensors"], "--unet_weights: for a base model without a run folder"),
     (["--embeds", "e.safetensors", "--base", "tiny"], "--base, --embeds: for a base model without a run folder"),
     (["--device", "gpu"], "--device 'gpu' is not a device name; use cpu, cuda or cuda:N"),
+    (["--out", ""], "--out is empty (an unset shell variable?)"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["--out", "{run}/config.yaml/samples"], "--out: {run}/config.yaml/samples would be inside {run}/config.yaml, which is a file"),
 ])
