@@ -1,6 +1,7 @@
 """What scripts/sweep.py refuses before it trains or writes anything: concepts given wrongly, a training
 config that would fail in its first cell (a --set typo, a missing folder), an --out it cannot write, an --out
-measured with other options, and an --out another sweep is running in."""
+measured with other options, and an --out another sweep is running in; and the two names those checks share
+with the sweep: a method's config file and a cell's folder."""
 import json
 from pathlib import Path
 
