@@ -1,6 +1,6 @@
 """Helper for test_train.py, run under torchrun: the tiny run, each rank saving what it trained after
 every stage; with a second argument "nan", rank 1 alone meets a NaN loss in stage 1; with "lora", stages 2
-and 3 train LoRA adapters."""
+and 3 train LoRA adapters; with "sdxl", the same on the tiny SDXL model ([V] has a row in each encoder)."""
 import os
 import sys
 from pathlib import Path
@@ -20,22 +20,29 @@ hooks = FaultHooks(nan="stage1:2") if sys.argv[2:] == ["nan"] and rank == 1 else
 seen, original_sample, original_run_stage = {}, D.LatentSampler.sample, TR.run_stage
 
 
-def sample(self, batch_size):
-    latents = original_sample(self, batch_size)
+def sample(self, batch_size, **kwargs):
+    result = original_sample(self, batch_size, **kwargs)
+    latents = result[0] if isinstance(result, tuple) else result  # SDXL: (latents, size/crop ids)
     seen.setdefault("first_latents", latents.clone().contiguous())
-    return latents
+    return result
 
 
 def run_stage(name, stage, models, *args, **kwargs):
     init = models.text_encoder.get_input_embeddings().row.detach().clone()
+    init_2 = {} if models.text_encoder_2 is None else {"init_2": models.text_encoder_2.get_input_embeddings().row}
+    init_2 = {k: v.detach().clone() for k, v in init_2.items()}
     result = original_run_stage(name, stage, models, *args, **kwargs)
     row = models.text_encoder.get_input_embeddings().row.detach().clone()
     unet = torch.cat([p.detach().flatten() for p in models.unet.parameters()])
-    save_file({"row": row, "init": init, "unet": unet, **seen}, out / f"rank{rank}_{name}.safetensors")
+    second = {} if models.text_encoder_2 is None else {"row_2": models.text_encoder_2.get_input_embeddings().row}
+    save_file({"row": row, "init": init, "unet": unet, **seen, **init_2,
+               **{k: v.detach().clone() for k, v in second.items()}}, out / f"rank{rank}_{name}.safetensors")
     return result
 
 
 D.LatentSampler.sample, TR.run_stage = sample, run_stage
 lora = {f"stages.stage{i}.{k}": v for i in (2, 3) for k, v in (("lora_rank", 4), ("lr", 1e-3))}
+sdxl = {"model.pretrained": "tiny-sdxl", **lora}
+mode = {"lora": lora, "sdxl": sdxl}.get(sys.argv[2] if sys.argv[2:] else "", {})
 T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(
-    out / "run", **{"runtime.tensorboard": "false", **(lora if sys.argv[2:] == ["lora"] else {})}), hooks=hooks)
+    out / "run", **{"runtime.tensorboard": "false", **mode}), hooks=hooks)

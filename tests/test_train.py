@@ -139,23 +139,30 @@ def torchrun(*args):
     return subprocess.run(cmd, env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "sdxl"])
 def test_two_processes_end_every_stage_with_identical_weights(tmp_path, mode):
     """torchrun, 2 CPU processes (gloo): different data per rank, the same weights on both after each
-    stage (the [V] row's gradient is all-reduced too, and LoRA adapters), and only rank 0 writes the run."""
-    done = torchrun(tmp_path, *([mode] if mode == "lora" else []))
+    stage (the [V] row's gradient is all-reduced too, and LoRA adapters; on SDXL both encoders' rows), and
+    only rank 0 writes the run."""
+    done = torchrun(tmp_path, *([mode] if mode != "full" else []))
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("stage1", "stage2", "stage3"):
         r0, r1 = (load_file(tmp_path / f"rank{r}_{stage}.safetensors") for r in (0, 1))
         assert not torch.equal(r0["first_latents"], r1["first_latents"])  # the ranks saw different batches
         torch.testing.assert_close(r0["row"], r1["row"], rtol=0, atol=0)
         torch.testing.assert_close(r0["unet"], r1["unet"], rtol=0, atol=0)
+        assert ("row_2" in r0) == (mode == "sdxl")
+        if mode == "sdxl":
+            torch.testing.assert_close(r0["row_2"], r1["row_2"], rtol=0, atol=0)
     first = load_file(tmp_path / "rank0_stage1.safetensors")
     assert not torch.equal(first["row"], first["init"])  # and trained
     last = load_file(tmp_path / "rank0_stage3.safetensors")["unet"]
     assert last.shape == first["unet"].shape and not torch.equal(last, first["unet"])  # stages 2-3 trained
-    if mode == "lora":
+    if mode != "full":
         assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    if mode == "sdxl":  # the second row trained in stage 1 as the first did, and is what the run saved
+        assert not torch.equal(first["row_2"], first["init_2"])
+        assert torch.equal(load_file(tmp_path / "run" / "learned_embeds.safetensors")["clip_g"][0], first["row_2"])
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 9  # one writer, 9 steps
 
 
