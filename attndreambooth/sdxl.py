@@ -41,9 +41,8 @@ def is_sdxl_model(kind, where, model_cfg):
             return is_sdxl_model("folder" if Path(model_cfg.single_file_config).is_dir() else "hub",
                                  model_cfg.single_file_config, model_cfg)
         if where.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(where, "pt") as f:
-                return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+            from attndreambooth.layouts import model_family
+            return model_family(kind, where) == "sdxl"
         return False
     from diffusers import DiffusionPipeline
     index = DiffusionPipeline.load_config(where, revision=model_cfg.revision if kind == "hub" else None)
