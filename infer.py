@@ -178,6 +178,8 @@ def main(argv=None):
                                          args.category, dtype, device, args.scheduler)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a hub id that cannot be fetched: the library's first line says which file
+        sys.exit(f"error: the model cannot be loaded: {str(e).splitlines()[0]}")
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
                     batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)

@@ -221,7 +221,15 @@ def check_inputs(cfg, download=True):
     regularised layers. Returns the images and the model's layout on the meta device. download=False skips
     the token check for a hub id (it would fetch the tokenizer)."""
     paths = list_images(cfg.data)
-    kind, _ = model_source(cfg.model)
+    kind, where = model_source(cfg.model)
+    if kind == "hub" and download:  # a typo'd id, no network or a gated model: said before the folder is claimed
+        from diffusers import DiffusionPipeline
+        try:
+            DiffusionPipeline.load_config(where, revision=cfg.model.revision)  # model_index.json, a few hundred bytes
+        except OSError as e:
+            raise ConfigError(f"config key 'model.pretrained': {where!r} cannot be fetched ({str(e).splitlines()[0]}); "
+                              "check the hub id, the network (or HF_TOKEN for a gated model), or give a local "
+                              "diffusers folder") from None
     if download or kind != "hub":
         check_tokens(cfg)
     models = meta_models(cfg)  # built once for the checks below

@@ -122,6 +122,22 @@ def test_empty_folder_bad_model_and_existing_run_refused(tmp_path, capsys):
     assert (tmp_path / "run" / "mine.txt").read_text() == "keep me"
 
 
+def test_a_hub_model_that_cannot_be_fetched_is_one_line_before_the_run_folder(tmp_path, capsys, monkeypatch):
+    """A typo'd hub id (or no network): said before the run folder is claimed, so the corrected rerun is not
+    refused as "a run with another config"."""
+    from diffusers import DiffusionPipeline
+
+    def unreachable(name, **kwargs):
+        raise OSError(f"{name} does not appear to have a file named model_index.json.\nmore lines")
+    monkeypatch.setattr(DiffusionPipeline, "load_config", unreachable)
+    msg = run_main(["--config", str(ROOT / "configs/tiny.yaml"), "model.pretrained=nobody/no-such-model",
+                    f"output_dir={tmp_path}/run"], capsys)
+    assert msg == ("error: config key 'model.pretrained': 'nobody/no-such-model' cannot be fetched (nobody/no-such-"
+                   "model does not appear to have a file named model_index.json.); check the hub id, the network "
+                   "(or HF_TOKEN for a gated model), or give a local diffusers folder")
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     T.main(["--config", str(ROOT / "configs/attndreambooth.yaml"), f"data.instance_dir={SAMPLE}",
             "data.category=toy", f"output_dir={tmp_path}/run", "--dry-run"])

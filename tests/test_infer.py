@@ -267,3 +267,16 @@ def test_concept_past_77_tokens_is_warned(runs, tmp_path, caplog):
     long = "a photo of a red toy " * 16 + "and {}"
     infer.generate(pipe, concept, [long], tmp_path / "s", num_images=1, **FAST)
     assert "falls past the text encoder's 77 tokens" in caplog.text
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
+    import attndreambooth.models as M
+
+    def unreachable(model_cfg, *a, **k):
+        raise OSError(f"{model_cfg.pretrained} does not appear to have a file named model_index.json.\nmore lines")
+    monkeypatch.setattr(M, "load_pipeline", unreachable)
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--base", "nobody/no-such-model", "--prompt", "a photo", "--out", str(tmp_path / "o")])
+    assert str(e.value.code) == ("error: the model cannot be loaded: nobody/no-such-model does not appear to have a "
+                                 "file named model_index.json.")
+    assert not (tmp_path / "o").exists()
