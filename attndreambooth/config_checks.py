@@ -37,8 +37,7 @@ def validate(cfg: Config, card_pending=False):
         need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", f"{getattr(a, key)} is not a probability in [0, 1]")
     need(0 <= a.max_rotation_deg <= 180, "data.augment.max_rotation_deg", "must be in [0, 180]")
     vae = cfg.model.vae
-    need(vae is None or os.path.isdir(os.path.expanduser(vae)) or (vae.count("/") == 1 and not vae.startswith(
-        (".", "/", "~")) and not os.path.exists(vae)), "model.vae",
+    need(vae is None or os.path.isdir(os.path.expanduser(vae)) or looks_like_hub_id(vae), "model.vae",
          f"{vae!r} is neither a diffusers VAE folder nor a hub id (owner/name)")
     need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
     need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
@@ -88,6 +87,11 @@ def validate(cfg: Config, card_pending=False):
          "LoRA stages need peft: pip install peft")
     problem = folder_problem(cfg.output_dir)
     need(problem is None, "output_dir", problem)
+
+
+def looks_like_hub_id(name):
+    """owner/name and not a path: one slash, no leading ., / or ~, and nothing of that name on disk."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
 def folder_problem(path):

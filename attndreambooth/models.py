@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attndreambooth.config_checks import looks_like_hub_id
+
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -147,7 +149,7 @@ def model_source(model_cfg):
         if not path.is_file():
             raise FileNotFoundError(f"model.pretrained: checkpoint file {path} does not exist")
         return "single_file", str(path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not looks_like_hub_id(name):
         raise FileNotFoundError(f"model.pretrained: {name!r} is neither a diffusers folder, a .safetensors/.ckpt "
                                 "file, nor a hub id of the form owner/name")
     return "hub", name

@@ -143,7 +143,7 @@ def markdown(result):
 
 def check_args(args, out):
     """Folders, models and the concept, each named when wrong, before any model loads."""
-    from attndreambooth.config_checks import folder_problem
+    from attndreambooth.config_checks import folder_problem, looks_like_hub_id
     samples = Path(args.samples)
     if not samples.is_dir():
         raise ValueError(f"--samples {samples} " + ("is a file" if samples.exists() else "does not exist")
@@ -161,8 +161,7 @@ def check_args(args, out):
             raise ValueError(f"--real {args.real} " + ("is a file" if Path(args.real).exists() else "does not exist")
                              + "; give the folder of the concept's photos")
         for flag, name in (("--clip", args.clip), ("--dino", args.dino)):
-            hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            if name != "tiny" and not Path(name).is_dir() and not hub_id:
+            if name != "tiny" and not Path(name).is_dir() and not looks_like_hub_id(name):
                 raise ValueError(f"{flag} {name!r} is neither a model folder nor a hub id (owner/name)")
     if problem := folder_problem(out):
         raise ValueError(f"--out: {problem}")
