@@ -87,7 +87,8 @@ def check_args(args):
     """Counts, sizes and files, before anything loads."""
     for name in ("run_dir", "out", "base", "embeds", "prompt_file", "category", "device"):
         if getattr(args, name) is not None and not getattr(args, name).strip():  # "$OUT" with OUT unset
-            raise ValueError(f"--{name} is empty (an unset shell variable?)".replace("--run_dir", "the run folder"))
+            what = "the run folder" if name == "run_dir" else f"--{name}"
+            raise ValueError(f"{what} is empty (an unset shell variable?)")
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -173,7 +174,7 @@ def main(argv=None):
     out = Path(args.out).expanduser() if args.out else (run_dir / "samples" if run_dir else Path("samples"))
     try:
         check_args(args)
-        check_place(device, out.absolute())
+        check_place(device, out)
         pipe, concept, model = load_pipe(run_dir, args.stage, args.base, args.embeds, args.unet_weights,
                                          args.category, dtype, device, args.scheduler)
     except (ValueError, FileNotFoundError) as e:

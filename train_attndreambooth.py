@@ -38,9 +38,9 @@ def main(argv=None, hooks=None):
     try:
         cfg = fit_memory(load_config(args.config, args.overrides))  # a card preset is resolved for the model
         if args.dry_run:
-            check_inputs(cfg, download=False)  # the same mistakes as a real run reports, nothing written
+            _, models = check_inputs(cfg, download=False)  # the same mistakes as a real run reports, nothing written
             print(to_yaml(cfg))
-            print(plan_text(cfg))
+            print(plan_text(cfg, models))
             return None
         state, paths, lock = preflight(cfg)  # data, tokens, run folder, disk: before any weights load
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:

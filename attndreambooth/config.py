@@ -168,21 +168,21 @@ def _config_chain(path, seen=()):
 
 
 def _not_a_mapping(layer, schema, prefix=""):
-    """(key, value) of the first section in a YAML layer given a value where `schema` has a group of keys (OmegaConf
-    names no key for these)."""
+    """(key, value) of the first place in a YAML layer with a value where `schema` has a group of keys (OmegaConf
+    names no key for these); None if there is none."""
+    def group(value, inner_schema, here):
+        return (here, value) if not isinstance(value, dict) else _not_a_mapping(value, inner_schema, here + ".")
+
     types = {f.name: f.type for f in dataclasses.fields(schema)}
     for key, value in layer.items():
-        kind = types.get(key)
-        groups = {name: StageConfig for name in value} if kind == Dict[str, StageConfig] and isinstance(value, dict) \
-            else {key: kind} if dataclasses.is_dataclass(kind) else {}
-        for name, group in groups.items():
-            here, inner = (f"{prefix}{key}", value) if name == key else (f"{prefix}{key}.{name}", value[name])
-            if not isinstance(inner, dict):
-                return here, inner
-            if found := _not_a_mapping(inner, group, here + "."):
-                return found
-        if kind == Dict[str, StageConfig] and not isinstance(value, dict):
-            return prefix + key, value
+        kind, here = types.get(key), prefix + key
+        if kind == Dict[str, StageConfig]:  # stages: a group of groups
+            found = (here, value) if not isinstance(value, dict) else next(
+                filter(None, (group(v, StageConfig, f"{here}.{name}") for name, v in value.items())), None)
+        else:
+            found = group(value, kind, here) if dataclasses.is_dataclass(kind) else None
+        if found:
+            return found
     return None
 
 

@@ -15,11 +15,11 @@ from attndreambooth.sampling import set_scheduler
 def stage_sources(run_dir, cfg, stage):
     """What the state after the `stage`-th stage (1-based, config order) is made of:
     (pipeline folder, []) for the final state, else (None, attn2 weight files) over the base model."""
-    if isinstance(stage, str):  # a stage's name, as in the config: its 1-based number
-        names = Plan(cfg.stages).all_names
-        stage = names.index(stage) + 1 if stage in names else stage
-    kind, files = Plan(cfg.stages).state_after(stage)
-    if kind == "pipeline" and Plan(cfg.stages).lora and not (run_dir / "pipeline").is_dir():
+    plan = Plan(cfg.stages)
+    if isinstance(stage, str) and stage in plan.all_names:  # a stage's name, as in the config: its 1-based number
+        stage = plan.all_names.index(stage) + 1
+    kind, files = plan.state_after(stage)
+    if kind == "pipeline" and plan.lora and not (run_dir / "pipeline").is_dir():
         kind, files = "base", [LORA_FILE]  # a LoRA run without a merged pipeline/: base + embedding + LoRA
     if kind == "pipeline":
         if not (run_dir / "pipeline" / "model_index.json").is_file():
@@ -115,7 +115,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
         pipe = load_pipeline(ModelConfig(pretrained=str(folder)), DTYPES[dtype])
     else:
         base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
-        if embeds is not None:
+        if embeds is not None and run_dir is None:  # a run's embedding is its own base's
             check_embedding_kind(base, embeds)
         pipe = load_pipeline(base, DTYPES[dtype])
         with quiet_libraries():

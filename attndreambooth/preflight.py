@@ -77,10 +77,10 @@ def stage_parameters(sizes, planned):
     return sum(sizes[p] for p in s.train)
 
 
-def plan_text(cfg):
+def plan_text(cfg, models=None):
     """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry-run."""
     from attndreambooth.memory import current_savers, stage_peaks
-    source, sizes = memory_sizes(cfg)
+    source, sizes = memory_sizes(cfg, models)
     planned = {s.name: s for s in Plan(cfg.stages)}
     peaks = stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), cfg.runtime.mixed_precision)
     lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "

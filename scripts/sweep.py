@@ -207,18 +207,17 @@ def main(argv=None):
         cells = [(c, folder, cat, m, seed) for seed in seeds for c, (folder, cat) in concepts.items() for m in methods]
     if not args.report_only:  # every cell's training config, and --out, before anything is written
         check_cells(args, cells)
-    check_protocol(args, write=False)  # a refusal writes nothing, not even the lock
+    protocol = check_protocol(args)  # a refusal writes nothing, not even the lock
     lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
     try:
-        return sweep(args, out, concepts, cells)
+        return sweep(args, out, concepts, cells, protocol)
     finally:
         if lock is not None:
             lock.close()
 
 
-def sweep(args, out, concepts, cells):
+def sweep(args, out, concepts, cells, protocol):
     """Run (or with --report_only, read back) the cells, then write the report."""
-    check_protocol(args)  # again, now that OUT is this process's: the first run writes protocol.json
     if args.report_only:
         done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
                 if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]
@@ -226,9 +225,11 @@ def sweep(args, out, concepts, cells):
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
         cells = done  # each read back below, none run
-    elif args.world:
-        from attndreambooth.shapes.bench import write_prompts
-        write_prompts(out, concepts, args.num_prompts)
+    else:  # OUT is this process's now (its lock): record what the cells are measured with
+        (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
+        if args.world:
+            from attndreambooth.shapes.bench import write_prompts
+            write_prompts(out, concepts, args.num_prompts)
     where = slots(args)
     free = queue.Queue()
     for slot in where:

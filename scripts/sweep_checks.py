@@ -59,9 +59,10 @@ PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model",
             "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
 
 
-def check_protocol(args, write=True):
-    """Cells of one OUT are comparable only if measured alike: the first run writes OUT/protocol.json (with
-    `write`), a later run (or report) with other options is refused before anything is trained or overwritten."""
+def check_protocol(args):
+    """Cells of one OUT are comparable only if measured alike: a run (or report) with other options than
+    OUT/protocol.json records is refused once a cell has finished, before anything is trained or overwritten.
+    Returns this run's protocol, for the sweep to record once OUT is its own."""
     path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
     now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
     before = json.loads(path.read_text()) if path.is_file() else None
@@ -70,9 +71,7 @@ def check_protocol(args, write=True):
         keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
         raise SystemExit(f"error: {args.out} holds cells measured with other options ({keys}); use the same "
                          "options to resume or report it, or another --out")
-    if (before is None or not finished) and write and not args.report_only:  # no cell to mix with: (re)write
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(now, indent=1) + "\n")
+    return now  # with no finished cell there is nothing to mix with: recorded anew
 
 
 def hold_out(out):
