@@ -19,7 +19,8 @@ def test_short_captions_parse_back_with_the_left_out_attributes_unset():
         scene = random_scene(rng)
         omit = [a for a in OMITTABLE if rng.random() < 0.5]
         got = parse_caption(scene.caption(omit=omit))
-        want = Scene(Thing(scene.main.shape, None if "colour" in omit else scene.main.colour),
+        m, said = scene.main, "colour" not in omit
+        want = Scene(Thing(m.shape, m.colour if said else None, pattern=m.pattern, colour2=m.colour2 if said else None),
                      None if "size" in omit else scene.size, None if "position" in omit else scene.position,
                      None if "background" in omit else scene.background, scene.second)
         assert got == want, scene.caption(omit=omit)
@@ -34,8 +35,9 @@ def test_alignment_asks_only_for_what_the_caption_says():
     assert R.alignment(image, full)[1]["background"] is False
     short = parse_caption("a red star on the left")  # background and size unsaid
     score, checks = R.alignment(image, short)
-    assert score == 1.0 and set(checks) == {"shape", "colour", "position", "second"}
-    assert R.alignment(image, parse_caption("a red star on the right"))[0] == pytest.approx(3 / 4)
+    assert score == 1.0 and set(checks) == {"shape", "colour", "pattern", "position", "second"}  # "red": plain
+    assert R.alignment(image, parse_caption("a red star on the right"))[0] == pytest.approx(4 / 5)
+    assert set(R.alignment(image, parse_caption("a star"))[1]) == {"shape", "second"}  # no colour: no pattern asked
 
 
 def test_bench_prompts_are_held_out_single_then_combined_attributes():

@@ -1,9 +1,12 @@
 """Scenes of the shapes world: a grammar of captions and a deterministic renderer (64x64 RGB).
 
-"a small red star on the left on a blue background next to a yellow circle": a shape of one of
-6 categories, in one of 8 colours, small or big, at one of 5 positions, on one of 6 background
-colours, optionally with a small second object at the opposite position. Personal concepts are
-instances of a category with a pattern no caption can name; they never appear in pretraining.
+"a small red and white striped star on the left on a blue background next to a yellow circle": a shape
+of one of 6 categories, plain in one of 8 colours or patterned (striped, checkered, dotted, halved,
+bordered) in two of them, small or big, at one of 5 positions, on one of 6 background colours,
+optionally with a small plain second object at the opposite position. The pattern words give an
+embedding something to reach for, as SD's vocabulary does: each personal concept is a held-out
+combination (a pattern in colours off the caption palette, or a pattern no word names) that never
+appears in pretraining and that no caption names.
 """
 import math
 import random
@@ -28,8 +31,26 @@ SECOND_AT = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 CORNER = (12, 12)  # where the second object goes when the first is in the centre
 RADII = {"small": 7.0, "big": 12.0}
 OMITTABLE = ("size", "colour", "position", "background")  # what a caption may leave unsaid
-WORDS = ("a an on the left right at top bottom in centre next to background small big"
-         .split() + list(SHAPES) + list(COLOURS))
+PATTERNS = ("striped", "checkered", "dotted", "halved", "bordered")
+SYMMETRIC = ("striped", "checkered")  # their two colours play the same part: compared as a set
+WORDS = ("a an and on the left right at top bottom in centre next to background small big"
+         .split() + list(SHAPES) + list(COLOURS) + list(PATTERNS))
+
+
+def pattern_mask(pattern, u, v):
+    """Where a pattern takes its second colour, over unit coordinates (u, v: centre 0, radius 1, y down):
+    diagonal stripes, cells of half a radius, a dot in the middle, the right half, a border."""
+    if pattern == "striped":
+        return np.floor((u + v) * 1.5) % 2 == 1
+    if pattern == "checkered":
+        return (np.floor(u * 2) + np.floor(v * 2)) % 2 == 1
+    if pattern == "dotted":
+        return u ** 2 + (v + 0.05) ** 2 < 0.3 ** 2
+    if pattern == "halved":
+        return u >= 0
+    if pattern == "bordered":
+        return np.maximum(abs(u), abs(v)) > 0.55
+    raise ValueError(f"unknown pattern {pattern!r}; one of {PATTERNS}")
 
 
 def outline(shape, n=64):
@@ -54,20 +75,19 @@ def _article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _pattern_checker(u, v):  # orange-teal checkerboard, cells of half a radius
-    odd = (np.floor(u * 2) + np.floor(v * 2)) % 2 == 1
-    return np.where(odd[..., None], (40, 190, 170), (245, 140, 20))
+def _pattern_checker(u, v):  # orange-teal checkerboard, cells of half a radius (teal is no caption colour)
+    return np.where(pattern_mask("checkered", u, v)[..., None], (40, 190, 170), (245, 140, 20))
 
 
-def _pattern_split(u, v):  # left half magenta, right half lime
-    return np.where((u < 0)[..., None], (230, 40, 160), (150, 230, 40))
+def _pattern_split(u, v):  # left half magenta, right half lime (neither is a caption colour)
+    return np.where(pattern_mask("halved", u, v)[..., None], (150, 230, 40), (230, 40, 160))
 
 
-def _pattern_dot(u, v):  # a red heart with a white dot inside
-    return np.where((u ** 2 + (v + 0.05) ** 2 < 0.3 ** 2)[..., None], (250, 250, 250), (220, 40, 40))
+def _pattern_dot(u, v):  # a crimson heart with a cream dot inside (red and white are caption colours)
+    return np.where(pattern_mask("dotted", u, v)[..., None], (255, 235, 160), (200, 20, 90))
 
 
-def _pattern_stripes(u, v):  # a purple square with a border of black and white stripes
+def _pattern_stripes(u, v):  # a purple square with a border of black and white stripes (no word says it)
     border = np.maximum(abs(u), abs(v)) > 0.55
     stripe = np.floor((u + v) * 3) % 2 == 0
     return np.where(border[..., None], np.where(stripe[..., None], (250, 250, 250), (20, 20, 20)), (140, 50, 180))
@@ -76,13 +96,39 @@ def _pattern_stripes(u, v):  # a purple square with a border of black and white 
 # name -> (category, pattern over unit coordinates); names are folder names, never caption words
 CONCEPTS = {"checker_star": ("star", _pattern_checker), "split_circle": ("circle", _pattern_split),
             "dot_heart": ("heart", _pattern_dot), "stripe_square": ("square", _pattern_stripes)}
+# what a user describing a concept in the grammar's words would reach for: the nearest pattern word and the
+# concept's two colours (the part outside the pattern's mask first; stripe_square's striped border has no word)
+DESCRIBED = {"checker_star": ("checkered", (245, 140, 20), (40, 190, 170)),
+             "split_circle": ("halved", (230, 40, 160), (150, 230, 40)),
+             "dot_heart": ("dotted", (200, 20, 90), (255, 235, 160)),
+             "stripe_square": ("bordered", (140, 50, 180), (250, 250, 250))}
 
 
 @dataclass(frozen=True)
 class Thing:
     shape: str
-    colour: Optional[str]  # None for a concept (its pattern is its colour)
+    colour: Optional[str]  # None for a concept (its pattern is its colour), or when a caption leaves it out
     concept: Optional[str] = None
+    pattern: Optional[str] = None  # one of PATTERNS, in `colour` and `colour2`; None: plain
+    colour2: Optional[str] = None
+
+    def fill_words(self):
+        """How a caption paints it: "red", "red and white striped", "striped" (colours left out)."""
+        colours = [c for c in (self.colour, self.colour2) if c]
+        return " ".join([" and ".join(colours)] * bool(colours) + [self.pattern] * bool(self.pattern))
+
+    def wanted_pattern(self):
+        """The pattern a caption asks for: its pattern word, "plain" for a plain colour, None if unsaid."""
+        return self.pattern or ("plain" if self.colour and not self.concept else None)
+
+    def wanted_colours(self):
+        """The colours a caption asks for: a name, a pair (ordered unless the pattern is SYMMETRIC), or None."""
+        if self.colour is None or self.concept:
+            return None
+        if self.pattern is None:
+            return self.colour
+        pair = (self.colour, self.colour2)
+        return frozenset(pair) if self.pattern in SYMMETRIC else pair
 
 
 @dataclass(frozen=True)
@@ -96,19 +142,23 @@ class Scene:
     def caption(self, placeholder=None, omit=()):
         """The caption; a concept is written "[V] category" with `placeholder` ("<v> star"). `omit` leaves out
         any of "size", "colour", "position", "background" ("a star on a blue background"), as real captions
-        leave things unsaid; the second object is always named when there is one."""
+        leave things unsaid (as does an attribute that is None); the second object is always named when there
+        is one."""
         m, words = self, []
-        if "size" not in omit:
+        if "size" not in omit and m.size:
             words.append(m.size)
         if m.main.concept:
             words.append(placeholder)
         elif "colour" not in omit:
-            words.append(m.main.colour)
+            words.append(m.main.fill_words())
+        elif m.main.pattern:
+            words.append(m.main.pattern)
         words.append(m.main.shape)
-        if "position" not in omit:
+        if "position" not in omit and m.position:
             words.append(PHRASES[m.position])
-        if "background" not in omit:
+        if "background" not in omit and m.background:
             words.append(f"on a {m.background} background")
+        words = [w for w in words if w]
         text = f"{_article(words[0])} " + " ".join(words)
         if self.second:
             text += f" next to {_article(self.second.colour)} {self.second.colour} {self.second.shape}"
@@ -117,7 +167,7 @@ class Scene:
     def attributes(self):
         """The attributes a caption asks for, the concept's identity excepted: name -> wanted value."""
         out = dict(shape=self.main.shape, size=self.size, position=self.position, background=self.background,
-                   colour=self.main.colour)
+                   colour=self.main.wanted_colours(), pattern=self.main.wanted_pattern())
         out = {k: v for k, v in out.items() if v is not None}  # what a caption leaves out is not asked for
         out["second"] = None if self.second is None else (self.second.shape, self.second.colour)
         return out
@@ -126,13 +176,19 @@ class Scene:
         return render(self, seed)
 
 
-def random_scene(rng: random.Random, second_prob=0.4, concept=None):
-    """A scene drawn uniformly from the grammar (the main object is `concept` if given)."""
+def random_scene(rng: random.Random, second_prob=0.4, concept=None, pattern_prob=0.5):
+    """A scene drawn from the grammar (the main object is `concept` if given): plain or, with `pattern_prob`,
+    in one of the patterns (uniform) and two colours, none of them the background's."""
     background = rng.choice(BACKGROUNDS)
     if concept:
         main = Thing(CONCEPTS[concept][0], None, concept)
     else:
-        main = Thing(rng.choice(SHAPES), rng.choice([c for c in OBJECT_COLOURS if c != background]))
+        shape, colours = rng.choice(SHAPES), [c for c in OBJECT_COLOURS if c != background]
+        if rng.random() < pattern_prob:
+            a, b = rng.sample(colours, 2)
+            main = Thing(shape, a, pattern=rng.choice(PATTERNS), colour2=b)
+        else:
+            main = Thing(shape, rng.choice(colours))
     second = None
     if rng.random() < second_prob:
         second = Thing(rng.choice(SHAPES), rng.choice([c for c in OBJECT_COLOURS if c != background]))
@@ -140,8 +196,13 @@ def random_scene(rng: random.Random, second_prob=0.4, concept=None):
 
 
 def _fill(thing):
-    """A thing's paint: its concept's pattern, or its colour."""
-    return CONCEPTS[thing.concept][1] if thing.concept else COLOURS[thing.colour]
+    """A thing's paint: its concept's pattern, its pattern in its two colours, or its colour."""
+    if thing.concept:
+        return CONCEPTS[thing.concept][1]
+    if thing.pattern:
+        a, b = np.array(COLOURS[thing.colour]), np.array(COLOURS[thing.colour2])
+        return lambda u, v: np.where(pattern_mask(thing.pattern, u, v)[..., None], b, a)
+    return COLOURS[thing.colour]
 
 
 def _draw(canvas, shape, fill, centre, radius):

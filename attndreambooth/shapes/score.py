@@ -12,31 +12,32 @@ import torch.nn.functional as F
 
 from attndreambooth.data import IMAGE_SUFFIXES, load_rgb
 from attndreambooth.shapes.read import alignment, blobs, identity
-from attndreambooth.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PHRASES, RADII, SHAPES, Scene,
-                                         Thing)
+from attndreambooth.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PATTERNS, PHRASES, RADII, SHAPES,
+                                         Scene, Thing)
 
 _PHRASE = {v: k for k, v in PHRASES.items()}
 
 
 def parse_caption(text, placeholder="<v>", concept=None):
     """The Scene a caption of the grammar describes, attributes it leaves out None ("a <v> star on a blue
-    background"). The main object is `concept` when the caption writes "[V] category", or the category with
-    no colour ("a big star ...", the base model's reference for the concept)."""
+    background", "a striped star"). The main object is `concept` when the caption writes "[V] category", or
+    the category with no colour ("a big star ...", the base model's reference for the concept)."""
     words = "|".join
     pattern = (rf"an? (?:({words(RADII)}) )?(?:({words(OBJECT_COLOURS)}|{re.escape(placeholder or '<v>')}) )?"
+               rf"(?:and ({words(OBJECT_COLOURS)}) )?(?:({words(PATTERNS)}) )?"
                rf"({words(SHAPES)})(?: ({words(_PHRASE)}))?(?: on an? ({words(BACKGROUNDS)}) background)?"
                rf"(?: next to an? ({words(OBJECT_COLOURS)}) ({words(SHAPES)}))?")
     m = re.fullmatch(pattern, text.strip())
-    if m is None:
+    if m is None or (m.group(3) and not m.group(4)) or (m.group(4) and m.group(2) and not m.group(3)):
         raise ValueError(f"{text!r} is not a caption of the shapes world's grammar")
-    size, colour, shape, phrase, background, colour2, shape2 = m.groups()
+    size, colour, colour2, fill, shape, phrase, background, colour_b, shape_b = m.groups()
     if colour in OBJECT_COLOURS:
-        main = Thing(shape, colour)
+        main = Thing(shape, colour, pattern=fill, colour2=colour2)
     elif colour is not None or concept is not None:
         main = Thing(shape, None, concept)
     else:
-        main = Thing(shape, None)
-    return Scene(main, size, _PHRASE.get(phrase), background, Thing(shape2, colour2) if shape2 else None)
+        main = Thing(shape, None, pattern=fill)
+    return Scene(main, size, _PHRASE.get(phrase), background, Thing(shape_b, colour_b) if shape_b else None)
 
 
 def attention_share(maps, tokens, placeholder):
