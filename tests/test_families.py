@@ -1,0 +1,51 @@
+"""The model families behind one seam, checked against the code before it: every family's short run, full and
+LoRA, saves the same bits as the digests recorded from that code (tests/data/family_digests.json), and run
+folders that code left half-done (tests/data/old_runs: killed in stage 2 of a full SD 2.x run, in stage 3 of
+an SDXL LoRA run) resume and end with the weights an uninterrupted run of that code saved."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from family_runs import digest
+
+DATA = ROOT / "tests" / "data"
+OLD_RUNS = {"tiny-full": ("tiny", []), "tiny-sdxl-lora": ("tiny-sdxl", ["stages.stage2.lora_rank=4",
+                                                                        "stages.stage3.lora_rank=4"])}
+
+
+def one_thread_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def test_every_family_saves_the_bits_the_code_before_the_seam_saved(tmp_path):
+    out = tmp_path / "digests.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tests/family_runs.py"), str(out)], env=one_thread_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = json.loads((DATA / "family_digests.json").read_text()), json.loads(out.read_text())
+    assert want.keys() == got.keys()
+    for run in want:
+        assert want[run].keys() == got[run].keys(), run
+        assert [k for k in want[run] if want[run][k] != got[run][k]] == [], run
+
+
+@pytest.mark.parametrize("name", sorted(OLD_RUNS))
+def test_a_run_folder_from_before_the_seam_resumes_to_its_weights(tmp_path, name):
+    layout, extra = OLD_RUNS[name]
+    out = tmp_path / name
+    shutil.copytree(DATA / "old_runs" / name, out)
+    cmd = [sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+           f"model.pretrained={layout}", "runtime.tensorboard=false", f"output_dir={out}", "stages.stage1.steps=3",
+           "stages.stage2.steps=3", "stages.stage3.steps=3", "data.views_per_image=2",
+           "runtime.checkpoint_every_steps=2", *extra]
+    done = subprocess.run(cmd, env=one_thread_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    want = json.loads((DATA / "old_runs" / "expected_digests.json").read_text())[name]
+    got = digest(out)
+    assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
