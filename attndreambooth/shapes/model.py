@@ -17,7 +17,7 @@ SHAPES_UNET = dict(SD21_UNET, sample_size=16, in_channels=LATENT_CHANNELS, out_c
 SHAPES_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77, hidden_act="gelu", projection_dim=128)
 SHAPES_VAE = dict(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, layers_per_block=1, sample_size=64,
-                  block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                  block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4)
 VOCABULARY = tuple(dict.fromkeys(WORDS + TINY_WORDS))  # the world's words and the tiny model's
 
