@@ -74,6 +74,14 @@ class CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def cross_attention_processors(model):
+    """The processor names of a model's cross-attention modules (diffusers' Attention built with a
+    cross_attention_dim), in forward order: found by what each module is, not by how a family names it."""
+    from diffusers.models.attention_processor import Attention
+    return [f"{name}.processor" for name, m in model.named_modules()
+            if isinstance(m, Attention) and m.is_cross_attention]
+
+
 class CrossAttentionCapture(AbstractContextManager):
     """Record cross-attention probabilities of `token_indices` in every `attn2` layer of a U-Net.
 
@@ -85,14 +93,14 @@ class CrossAttentionCapture(AbstractContextManager):
     """
 
     def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS, layers=None):
-        """`expected_layers`: how many attn2 layers the U-Net must have (None: any number); `layers`: the
-        processor names to hook (default: every attn2 layer)."""
+        """`expected_layers`: how many cross-attention layers the U-Net must have (None: any number); `layers`:
+        the processor names to hook (default: every cross-attention layer, as the U-Net's naming says)."""
         self.unet, self.token_indices, self.expected_layers = unet, token_indices, expected_layers
         self.layers, self.maps, self._original = layers, [], None
 
     def __enter__(self):
         self._original = dict(self.unet.attn_processors)
-        cross = [name for name in self._original if ".attn2." in name]
+        cross = cross_attention_processors(self.unet)
         if self.expected_layers is not None and len(cross) != self.expected_layers:
             raise ValueError(
                 f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
@@ -124,20 +132,6 @@ class CrossAttentionCapture(AbstractContextManager):
             yield self
         finally:
             self.unet.set_attn_processor(capturing)
-
-
-def cross_attention_layers(unet):
-    """{attn2 processor name: how many times smaller its query grid is than the latent (1, 2, 4, 8)}, in
-    forward order; at 512 px SD 2.x has 16 layers at 64/32/16/8, at 1024 px SDXL-base 70 at 64/32."""
-    def factor(name):
-        part, index = name.split(".")[:2]
-        if part == "down_blocks":
-            return 2 ** int(index)
-        if part == "up_blocks":
-            return 2 ** (len(unet.up_blocks) - 1 - int(index))
-        return 2 ** (len(unet.down_blocks) - 1)  # mid_block
-
-    return {name: factor(name) for name in unet.attn_processors if ".attn2." in name}
 
 
 def compile_unet(unet, **compile_kwargs):

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from attention_reg import cross_attention_layers
-from attndreambooth.attention_maps import figure, token_labels
-from attndreambooth.config_checks import folder_problem
-from attndreambooth.loading import load_pipe, safetensors_keys
-from attndreambooth.plan import DTYPES
-from attndreambooth.sampling import SCHEDULERS, image_grid, sample
+from attndreambooth.families import of_pipeline
+from attndreambooth.inference.attention_maps import figure, token_labels
+from attndreambooth.config.checks import folder_problem
+from attndreambooth.inference.loading import load_pipe, safetensors_keys
+from attndreambooth.config.plan import DTYPES
+from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample
 
 log = logging.getLogger("infer")
 
@@ -42,7 +42,7 @@ OUTPUT_FILES = ("[0-9][0-9][0-9].png", "grid.png", "prompt.json", "attention.png
 def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", **settings):
     """Sample `num_images` per prompt into out_dir/NN_slug/; returns {prompt: [PIL images]}. A prompt's
     folder is written only once its images exist, and what an earlier call wrote there is replaced."""
-    from attndreambooth.preflight import concept_position
+    from attndreambooth.trainer.preflight import concept_position
     out_dir, results = Path(out_dir), {}
     first = (concept or "").split(" ")[0]
     placeholder = first if first in pipe.tokenizer.get_added_vocab() else None  # None: a base model alone
@@ -75,7 +75,7 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
             labels = token_labels(pipe.tokenizer, ids)
             np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
                                 positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
-            layers = len(cross_attention_layers(pipe.unet))  # 16 on SD 2.1 and 1.5, 70 on SDXL-base
+            layers = len(of_pipeline(pipe).cross_attention_layers(pipe.unet))  # 16 on SD 2.x and 1.5, 70 on SDXL-base
             title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, {layers} layers, steps"
             figure(images, maps, labels, title).save(folder / "attention.png")
         results[prompt] = images

@@ -14,9 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from attndreambooth.checkpoint import CheckpointError
-from attndreambooth.config import ConfigError, load_config, to_yaml
-from attndreambooth.training import NonFiniteLoss
+from attndreambooth.trainer.checkpoint import CheckpointError
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.config.loading import load_config, to_yaml
+from attndreambooth.trainer.training import NonFiniteLoss
 
 log = logging.getLogger("attndreambooth")
 
@@ -30,9 +31,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None, hooks=None):
-    """The command line; `hooks` (attndreambooth.training.Hooks) let tests step into the run."""
-    from attndreambooth.preflight import check_inputs, fit_memory, plan_text, preflight
-    from attndreambooth.run import Interrupted, run
+    """The command line; `hooks` (attndreambooth.trainer.training.Hooks) let tests step into the run."""
+    from attndreambooth.trainer.preflight import check_inputs, fit_memory, plan_text, preflight
+    from attndreambooth.trainer.run import Interrupted, run
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

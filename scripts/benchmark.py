@@ -24,7 +24,6 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,25 +31,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attndreambooth.models import SD21_TEXT, SD21_UNET, SD21_VAE  # noqa: E402
-from attndreambooth.memory import LADDER, LORA_RANK  # noqa: E402
-from attndreambooth.sdxl import SDXL_TEXT, SDXL_UNET, extra_unet_inputs  # noqa: E402
+from attndreambooth import families# noqa: E402
+from attndreambooth.families.sd import SD21_TEXT, SD21_UNET, SD21_VAE# noqa: E402
+from attndreambooth.families.sdxl import SDXL_TEXT, SDXL_UNET# noqa: E402
+from attndreambooth.trainer.memory import LADDER, LORA_RANK# noqa: E402
 
 # SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
 # U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:
 # 804 GF, 1117 GF (1.39x), 45 GF (5.6 %). All 16 cross-attention layers are there.
 LAYOUTS = {
-    "sd21": dict(unet=SD21_UNET, vae=SD21_VAE, text=SD21_TEXT, resolution=512),
-    "small": dict(unet=dict(SD21_UNET, block_out_channels=(80, 160, 320, 320), cross_attention_dim=256,
+    "sd21": dict(family="sd", unet=SD21_UNET, vae=SD21_VAE, text=SD21_TEXT, resolution=512),
+    "small": dict(family="sd", unet=dict(SD21_UNET, block_out_channels=(80, 160, 320, 320), cross_attention_dim=256,
                             sample_size=16, norm_num_groups=16),
                   vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
                   text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                             num_attention_heads=4, projection_dim=256),
                   resolution=128),
-    "sdxl": dict(unet=SDXL_UNET, vae=dict(SD21_VAE, sample_size=1024), text=SDXL_TEXT[0], text_2=SDXL_TEXT[1],
+    "sdxl": dict(family="sdxl", unet=SDXL_UNET, vae=dict(SD21_VAE, sample_size=1024), text=SDXL_TEXT[0], text_2=SDXL_TEXT[1],
                  resolution=1024),
-    "sdxl_small": dict(unet=dict(SDXL_UNET, block_out_channels=(80, 160, 320), cross_attention_dim=512,
+    "sdxl_small": dict(family="sdxl", unet=dict(SDXL_UNET, block_out_channels=(80, 160, 320), cross_attention_dim=512,
                                  transformer_layers_per_block=(1, 2, 3), sample_size=16, norm_num_groups=16,
                                  projection_class_embeddings_input_dim=256 + 6 * 256),
                        vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
@@ -59,7 +58,7 @@ LAYOUTS = {
                        text_2=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, projection_dim=256), resolution=128),
 }
-# Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.memory):
+# Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.trainer.memory):
 # the U-Net stages as LoRA (rank 32) with gradient checkpointing, and that with half-precision frozen weights.
 SWITCHES = ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights")
 LORA_PRESETS = {name: {k: getattr(savers, k) for k in SWITCHES} for name, savers in (("lora", LADDER[3]),
@@ -80,26 +79,26 @@ PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 494}, "H200": {"bf16":
 
 
 def build(layout, device, seed=0):
-    """Tokenizer(s), text encoder(s), VAE, U-Net and noise scheduler of a layout, random weights; for SDXL
-    layouts also the second tokenizer and text encoder (None otherwise)."""
+    """(family, [tokenizers], [text encoders], VAE, U-Net, noise scheduler) of a layout, random weights (an
+    SDXL layout has two tokenizers and encoders, the second with its projection)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from attndreambooth.models import write_tiny_tokenizer
+    from attndreambooth.families.tokenizer import write_tiny_tokenizer
     spec = LAYOUTS[layout]
+    family = families.by_name(spec["family"])
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_tokenizer(tmp)
-        tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tmp), CLIPTokenizer.from_pretrained(tmp)
+        tokenizers = [CLIPTokenizer.from_pretrained(tmp) for _ in family.tokenizer_names]
     torch.manual_seed(seed)
     with torch.device(device):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text"]))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_2"])) if "text_2" in spec else None
+        encoders = [CLIPTextModel(CLIPTextConfig(**spec["text"]))]
+        if "text_2" in spec:
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_2"])))
         vae, unet = AutoencoderKL(**spec["vae"]), UNet2DConditionModel(**spec["unet"])
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    if text_encoder_2 is not None:
-        text_encoder_2.requires_grad_(False)
-    return (tokenizer, text_encoder.requires_grad_(False), vae.requires_grad_(False), unet, scheduler,
-            text_encoder_2 and tokenizer_2, text_encoder_2)
+    return (family, tokenizers, [e.requires_grad_(False) for e in encoders], vae.requires_grad_(False), unet,
+            scheduler)
 
 
 def model_flops(layout, batch_size):
@@ -108,26 +107,25 @@ def model_flops(layout, batch_size):
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attndreambooth.config import paper_stages
-    from attndreambooth.models import add_concept_token
-    from attndreambooth.training import Models, set_trainable
-    tokenizer, te, _, unet, _, _, te2 = build(layout, "meta")
+    from attndreambooth.trainer.concept import add_concept_token
+    from attndreambooth.config.schema import paper_stages
+    from attndreambooth.trainer.training import Models, set_trainable
+    family, tokenizers, encoders, _, unet, _ = build(layout, "meta")
     unet.set_attn_processor(AttnProcessor())
-    add_concept_token(tokenizer, te, "<v>", "toy")
+    add_concept_token(tokenizers[0], encoders[0], "<v>", "toy")
     size, flops = unet.config.sample_size, {}
     dim = unet.config.cross_attention_dim
     for name, stage in paper_stages().items():
-        set_trainable(stage, Models(unet, te, None, None, None))
+        set_trainable(stage, Models(family, unet, encoders[:1], None, None, None))
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
-            if "embedding" in stage.train:  # SDXL: both encoders run; the second's states fill the rest
-                cond = te(ids)[0] if te2 is None else torch.cat([te(ids)[0], te2(ids, output_hidden_states=True)
-                                                                 .hidden_states[-2]], dim=-1)
+            if "embedding" in stage.train:  # SDXL: both encoders run, side by side
+                cond = family.encode(encoders, [ids] * len(encoders)).hidden
             else:
                 cond = torch.randn(1, 77, dim, device="meta")
-            x = torch.randn(batch_size, 4, size, size, device="meta")
+            x = torch.randn(batch_size, unet.config.in_channels, size, size, device="meta")
             out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1),
-                       **extra_unet_inputs(unet, batch_size, "meta")).sample
+                       **family.placeholder_inputs(unet, batch_size, "meta")).sample
             out.float().square().mean().backward()
         flops[name] = counter.get_total_flops()
     return flops
@@ -149,13 +147,14 @@ def run_variant(variant, preset, args):
     from accelerate.state import AcceleratorState
 
     from attention_reg import CrossAttentionCapture, compile_unet
-    from attndreambooth.config import MEMORY_PRESETS, load_config
-    from attndreambooth.data import LatentSampler, encode_pixels
-    from attndreambooth.models import add_concept_token, encode_prompt
-    from attndreambooth.reference import EncodeEveryStep, ReferenceCapture
-    from attndreambooth.training import Models, run_stage
-    from attndreambooth.lora import add_adapters
-    from attndreambooth.plan import DTYPES, Plan
+    from attndreambooth.config.schema import MEMORY_PRESETS
+    from attndreambooth.config.loading import load_config
+    from attndreambooth.trainer.data import LatentSampler, encode_pixels
+    from attndreambooth.trainer.concept import add_concept_token, encode_prompt
+    from attndreambooth.bench.reference import EncodeEveryStep, ReferenceCapture
+    from attndreambooth.trainer.training import Models, run_stage
+    from attndreambooth.trainer.lora import add_adapters
+    from attndreambooth.config.plan import DTYPES, Plan
     flags = VARIANTS[variant]
     memory = dict(MEMORY_PRESETS.get(preset) or LORA_PRESETS[preset])
     if args.no_8bit:
@@ -174,16 +173,16 @@ def run_variant(variant, preset, args):
                               cpu=args.device == "cpu")
     device, B, res = accelerator.device, args.batch_size, LAYOUTS[args.layout]["resolution"]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    tokenizer, te, vae, unet, scheduler, tokenizer_2, te2 = build(args.layout, device)
-    token_id, cat_ids = add_concept_token(tokenizer, te, "<v>", "toy")
-    input_ids, v_pos, cat_pos = encode_prompt(tokenizer, "a photo of a <v> toy", token_id, cat_ids)
-    ids_2 = None
-    if te2 is not None:  # SDXL: [V] in the second encoder too
-        ids_2 = encode_prompt(tokenizer_2, "a photo of a <v> toy", *add_concept_token(tokenizer_2, te2, "<v>", "toy"))[0]
+    family, tokenizers, encoders, vae, unet, scheduler = build(args.layout, device)
+    input_ids = []
+    for tokenizer, encoder in zip(tokenizers, encoders):  # SDXL: [V] in the second encoder too
+        ids, v_pos, cat_pos = encode_prompt(tokenizer, "a photo of a <v> toy",
+                                            *add_concept_token(tokenizer, encoder, "<v>", "toy"))
+        input_ids.append(ids)
     if memory["half_frozen_weights"]:  # as the trainer: frozen encoders and the adapters' U-Net in half precision
-        for model in filter(None, (te, te2, unet)):
+        for model in (*encoders, unet):
             model.to(DTYPES[args.precision])
-    add_adapters(unet, Plan(cfg.stages))
+    add_adapters(unet, Plan(cfg.stages), family)
     if memory["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     if flags.get("channels_last"):
@@ -197,16 +196,14 @@ def run_variant(variant, preset, args):
             mean, std = encode_pixels(vae, pixels, device)
         setup = _sync_time(device) - t0
         vae.to("cpu")  # leaves the training device, as in the trainer
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]] * mean.shape[0], dtype=torch.float32)
-        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen, time_ids)
+        geometry = torch.tensor([[res, res, 0, 0, res, res]] * mean.shape[0], dtype=torch.float32)
+        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen, geometry)
     else:
         sampler = EncodeEveryStep(vae, pixels, vae.config.scaling_factor, gen, accelerator.autocast)
     capture_cls = ReferenceCapture if flags["capture"] == "reference" else CrossAttentionCapture
-    capture = capture_cls(unet, [v_pos, cat_pos], None)  # every attn2 layer, however many
-    ids = input_ids.to(device) if flags["cache_text"] else input_ids.repeat(B, 1).to(device)
-    ids_2 = None if ids_2 is None else ids_2.to(device).repeat(ids.shape[0], 1)
-    models = Models(unet, te, scheduler, capture, ids, cache_text=flags["cache_text"], text_encoder_2=te2,
-                    input_ids_2=ids_2)
+    capture = capture_cls(unet, [v_pos, cat_pos], None)  # every cross-attention layer, however many
+    ids = [i.to(device) if flags["cache_text"] else i.repeat(B, 1).to(device) for i in input_ids]
+    models = Models(family, unet, encoders, scheduler, capture, ids, cache_text=flags["cache_text"])
     row = dict(variant=variant, preset=preset, precision=args.precision, batch_size=B, setup_s=setup)
     with capture:
         if flags.get("compile"):

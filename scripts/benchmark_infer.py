@@ -19,8 +19,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def save_layout(layout, folder, dtype, device):
@@ -28,15 +26,15 @@ def save_layout(layout, folder, dtype, device):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from attndreambooth.models import TORCH_DTYPES
+    from attndreambooth.config.plan import DTYPES
     from benchmark import build
-    tokenizer, text_encoder, vae, unet, _ = build(layout, device)
+    _, (tokenizer,), (text_encoder,), vae, unet, _ = build(layout, device)  # an SD layout: one encoder
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to("cpu", TORCH_DTYPES[dtype]).save_pretrained(folder / "model", safe_serialization=True)
+    pipe.to("cpu", DTYPES[dtype]).save_pretrained(folder / "model", safe_serialization=True)
     row = text_encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("toy</w>")]
     save_file({"<v>": row.detach().float().cpu().contiguous()}, folder / "learned_embeds.safetensors")
 

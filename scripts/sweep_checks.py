@@ -5,8 +5,9 @@ with the sweep: a method's config file and a cell's folder."""
 import json
 from pathlib import Path
 
-from attndreambooth.config import ConfigError, load_config
-from attndreambooth.config_checks import folder_problem
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.config.loading import load_config
+from attndreambooth.config.checks import folder_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def check_protocol(args):
 
 def hold_out(out):
     """Two sweeps on one OUT would train and sample the same cells at once: the second is refused."""
-    from attndreambooth.preflight import hold_folder
+    from attndreambooth.trainer.preflight import hold_folder
     try:
         return hold_folder(out, "--out", "a running sweep")
     except ValueError as e:

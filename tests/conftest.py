@@ -1,5 +1,4 @@
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -7,8 +6,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 # The tiny model is built once per test session, in a private cache.
 os.environ.setdefault("ATTNDB_CACHE", tempfile.mkdtemp(prefix="attndb-test-cache-"))
 SAMPLE = ROOT / "data" / "sample_toy"
@@ -17,7 +14,7 @@ SHARED = ROOT.parent / "shared"
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    from attndreambooth.models import tiny_model_dir
+    from attndreambooth.families.source import tiny_model_dir
     return tiny_model_dir()
 
 

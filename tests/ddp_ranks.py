@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import attndreambooth.data as D  # noqa: E402
-import attndreambooth.training as TR  # noqa: E402
-import train_attndreambooth as T  # noqa: E402
-from conftest import ROOT, tiny_overrides  # noqa: E402
-from fault_runner import FaultHooks  # noqa: E402
+import attndreambooth.trainer.data as D
+import attndreambooth.trainer.training as TR
+import train_attndreambooth as T
+from conftest import ROOT, tiny_overrides
+from fault_runner import FaultHooks
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
 hooks = FaultHooks(nan="stage1:2") if sys.argv[2:] == ["nan"] and rank == 1 else None
@@ -28,13 +27,13 @@ def sample(self, batch_size, **kwargs):
 
 
 def run_stage(name, stage, models, *args, **kwargs):
-    init = models.text_encoder.get_input_embeddings().row.detach().clone()
-    init_2 = {} if models.text_encoder_2 is None else {"init_2": models.text_encoder_2.get_input_embeddings().row}
-    init_2 = {k: v.detach().clone() for k, v in init_2.items()}
+    rows = lambda: [e.get_input_embeddings().row.detach().clone() for e in models.text_encoders]  # noqa: E731
+    init, *init_2 = rows()
+    init_2 = {"init_2": init_2[0]} if init_2 else {}  # SDXL's second encoder
     result = original_run_stage(name, stage, models, *args, **kwargs)
-    row = models.text_encoder.get_input_embeddings().row.detach().clone()
+    row, *second = rows()
     unet = torch.cat([p.detach().flatten() for p in models.unet.parameters()])
-    second = {} if models.text_encoder_2 is None else {"row_2": models.text_encoder_2.get_input_embeddings().row}
+    second = {"row_2": second[0]} if second else {}
     save_file({"row": row, "init": init, "unet": unet, **seen, **init_2,
                **{k: v.detach().clone() for k, v in second.items()}}, out / f"rank{rank}_{name}.safetensors")
     return result

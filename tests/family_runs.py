@@ -28,7 +28,6 @@ def digest(folder):
 
 
 def main(path, names):
-    sys.path.insert(0, str(ROOT))
     import train_attndreambooth as T
     torch.set_num_threads(1)
     result = {}

@@ -10,11 +10,9 @@ import os
 import signal
 import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_attndreambooth  # noqa: E402
-from attndreambooth.training import Hooks  # noqa: E402
+import train_attndreambooth
+from attndreambooth.trainer.training import Hooks# noqa: E402
 
 
 class FaultHooks(Hooks):

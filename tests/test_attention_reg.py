@@ -140,8 +140,8 @@ def test_processors_restored_after_exit_and_exception(tiny_pipe):
 
 
 def test_sd21_layout_has_16_cross_attention_layers():
-    from attndreambooth.models import sd21_layout
-    unet, _ = sd21_layout("meta")
+    from attndreambooth.families.sd import sd_layout
+    unet, _ = sd_layout("meta")
     with CrossAttentionCapture(unet, [5, 6]) as cap:
         assert cap.layer_count == 16
     with pytest.raises(ValueError, match="found 16 cross-attention"):
@@ -196,13 +196,13 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
     from torch._dynamo.utils import counters
 
     from attention_reg import compile_unet
-    from attndreambooth.models import tiny_model_dir
-    from attndreambooth.sdxl import extra_unet_inputs
+    from attndreambooth.families import of_tiny
+    from attndreambooth.families.source import tiny_model_dir
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(model), subfolder="unet")
     unet.train()
     unet.enable_gradient_checkpointing()
     x, t, cond = unet_inputs(unet)
-    extra = extra_unet_inputs(unet, len(x))  # {} for SD; for SDXL a pooled embedding and the size/crop ids
+    extra = of_tiny(model).placeholder_inputs(unet, len(x))  # {} for SD; for SDXL a pooled embedding and size/crop ids
     for value in extra.get("added_cond_kwargs", {}).values():
         value.normal_(generator=torch.Generator().manual_seed(1))
     params = [p for n, p in unet.named_parameters() if ".attn2." in n]
@@ -236,8 +236,10 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
 def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
     """Each attn2 layer's factor, read from its name, equals its query grid in a real forward; a map-size
     selection hooks exactly those layers."""
-    from attention_reg import cross_attention_layers
-    from attndreambooth.models import regularised_layers
+    from attndreambooth.families import by_name
+    from attndreambooth.trainer.parts import regularised_layers
+    sd = by_name("sd")
+    cross_attention_layers = sd.cross_attention_layers
     unet = tiny_pipe.unet
     x, t, cond = unet_inputs(unet)
     factors = cross_attention_layers(unet)
@@ -247,22 +249,24 @@ def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
             with CrossAttentionCapture(unet, [5, 6], layers=[name]) as cap:
                 unet(x, t, cond)
             assert len(cap.maps) == 1 and cap.maps[0].shape[2] == (x.shape[-1] // factor) ** 2, name
-    chosen = regularised_layers(unet, [4, 1], 64)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
+    chosen = regularised_layers(sd, unet, [4, 1], 64)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
     with torch.no_grad(), CrossAttentionCapture(unet, [5, 6], layers=chosen) as cap:
         unet(x, t, cond)
     assert sorted(m.shape[2] for m in cap.maps) == [1] + [16] * 5
     with pytest.raises(ValueError, match=r"reg.map_sizes.*\[3\] matches no cross-attention layer.*\[8, 4, 2, 1\]"):
-        regularised_layers(unet, [3], 64)
+        regularised_layers(sd, unet, [3], 64)
 
 
 def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
     from diffusers import UNet2DConditionModel
 
-    from attention_reg import cross_attention_layers
-    from attndreambooth.models import regularised_layers
-    from attndreambooth.sdxl import SDXL_UNET
+    from attndreambooth.families import by_name
+    from attndreambooth.families.sdxl import SDXL_UNET
+    from attndreambooth.trainer.parts import regularised_layers
+    sdxl = by_name("sdxl")
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
-    sides = [128 // f for f in cross_attention_layers(unet).values()]  # 1024 px
+    sides = [128 // f for f in sdxl.cross_attention_layers(unet).values()]  # 1024 px
     assert len(sides) == 70 and sides.count(32) == 60 and sides.count(64) == 10
-    assert len(regularised_layers(unet, [32], 1024)) == 60 and len(regularised_layers(unet, None, 1024)) == 70
+    assert len(regularised_layers(sdxl, unet, [32], 1024)) == 60
+    assert len(regularised_layers(sdxl, unet, None, 1024)) == 70

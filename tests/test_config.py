@@ -5,8 +5,9 @@ import shutil
 import pytest
 
 import train_attndreambooth as T
-from attndreambooth import models
-from attndreambooth.config import ConfigError, load_config, paper_stages
+from attndreambooth.families import source as models
+from attndreambooth.config.schema import ConfigError, paper_stages
+from attndreambooth.config.loading import load_config
 from conftest import ROOT, SAMPLE
 
 REQUIRED = ["output_dir=/tmp/unused", f"data.instance_dir={SAMPLE}", "data.category=toy"]
@@ -105,7 +106,7 @@ def test_non_image_file_is_named_or_skipped(tmp_path, capsys):
     msg = run_main(args, capsys)  # every unusable file in one message, not only the first
     assert "2 file(s) cannot be used" in msg and "broken.jpg cannot be read as an image" in msg
     assert "notes.txt is not an image" in msg and "data.skip_invalid_files=true" in msg
-    from attndreambooth.data import list_images
+    from attndreambooth.trainer.data import list_images
     cfg = load_config(ROOT / "configs/tiny.yaml", args[2:] + ["data.skip_invalid_files=true"])
     assert [p.name for p in list_images(cfg.data)] == [f"toy_{i}.jpg" for i in range(5)]
 

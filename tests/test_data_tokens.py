@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from attndreambooth.config import AugmentConfig
-from attndreambooth.data import LatentSampler, augment, load_rgb, to_tensor
-from attndreambooth.models import ConceptEmbedding, add_concept_token, bake_concept, encode_prompt
+from attndreambooth.config.schema import AugmentConfig
+from attndreambooth.trainer.data import LatentSampler, augment, load_rgb, to_tensor
+from attndreambooth.trainer.concept import ConceptEmbedding, add_concept_token, bake_concept, encode_prompt
 from conftest import SHARED
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import infer
 import train_attndreambooth as T
-from attndreambooth.models import add_concept_token, encode_prompt
+from attndreambooth.trainer.concept import add_concept_token, encode_prompt
 from conftest import ROOT, tiny_overrides
 
 TINY = ["--config", str(ROOT / "configs/tiny.yaml")]
@@ -193,7 +193,7 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--out", "{run}/config.yaml/samples"], "--out: {run}/config.yaml/samples would be inside {run}/config.yaml, which is a file"),
 ])
 def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, message):
-    import attndreambooth.models as M
+    import attndreambooth.families.source as M
     from diffusers import StableDiffusionPipeline
     monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
@@ -203,7 +203,7 @@ def test_bad_arguments_are_refused_before_loading(runs, monkeypatch, args, messa
 
 
 def test_missing_or_corrupt_weight_files_are_named_before_loading(runs, tiny_dir, tmp_path, monkeypatch):
-    import attndreambooth.models as M
+    import attndreambooth.families.source as M
     monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     (tmp_path / "cut.safetensors").write_bytes((runs[1] / "learned_embeds.safetensors").read_bytes()[:40])
     (tmp_path / "notes.txt").write_text("not weights")
@@ -270,7 +270,7 @@ def test_concept_past_77_tokens_is_warned(runs, tmp_path, caplog):
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
-    import attndreambooth.models as M
+    import attndreambooth.families.source as M
 
     def unreachable(model_cfg, *a, **k):
         raise OSError(f"{model_cfg.pretrained} does not appear to have a file named model_index.json.\nmore lines")

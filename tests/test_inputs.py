@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 import train_attndreambooth as T
-from attndreambooth import models
-from attndreambooth.config import load_config
-from attndreambooth.data import list_images, load_rgb
+from attndreambooth.families import source as models
+from attndreambooth.config.loading import load_config
+from attndreambooth.trainer.data import list_images, load_rgb
 from conftest import ROOT, SAMPLE
 
 
@@ -90,7 +90,7 @@ def test_tokens_checked_with_the_tokenizer_alone(data, tmp_path, caplog):
     assert "'data.placeholder': 'toy' is already a word" in fail(data, tmp_path, "data.placeholder=toy")
     long = "a photo of " + "a very " * 40 + "{placeholder} {category}"
     assert "tokens, over the text encoder's 77; shorten it" in fail(data, tmp_path, f"data.prompt_template='{long}'")
-    from attndreambooth.preflight import check_tokens
+    from attndreambooth.trainer.preflight import check_tokens
     with caplog.at_level("WARNING"):
         check_tokens(load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={data}", "data.category=stuffed animal"]))
     assert "'stuffed animal' is 2 tokens" in caplog.text and "starts from the first, 'stuffed</w>'" in caplog.text
@@ -101,7 +101,7 @@ def test_output_folder_problems(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path}/afile"])
     assert "is a file" in str(e.value.code)
-    import attndreambooth.preflight as P
+    import attndreambooth.trainer.preflight as P
     monkeypatch.setattr(P.os, "access", lambda *a: False)
     assert f"config key 'output_dir': {tmp_path} is not writable; give a folder you can write to" in fail(data, tmp_path)
     monkeypatch.undo()
@@ -133,7 +133,7 @@ def test_no_test_switch_is_read_from_the_environment():
     """Faults are injected by tests through hooks; production code reads only these variables."""
     import re
     allowed = {"WORLD_SIZE", "RANK", "ATTNDB_CACHE"}
-    files = [*ROOT.glob("*.py"), *(ROOT / "attndreambooth").glob("*.py"), *(ROOT / "scripts").glob("*.py")]
+    files = [*ROOT.glob("*.py"), *(ROOT / "attndreambooth").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
     names = {m for f in files for m in re.findall(r"environ(?:\.get)?\(?\[?[\"']([A-Z_]+)", f.read_text())}
     assert names and names <= allowed, names - allowed
 

@@ -51,16 +51,18 @@ def lora_run(tmp_path_factory):
 
 
 def test_lora_stage_trains_only_its_adapter(tiny_pipe):
-    from attndreambooth.config import load_config
-    from attndreambooth.lora import add_adapters, adapter_part, lora_parameter_count
-    from attndreambooth.models import add_concept_token
-    from attndreambooth.plan import Plan
-    from attndreambooth.training import Models, set_trainable
+    from attndreambooth import families
+    from attndreambooth.config.loading import load_config
+    from attndreambooth.trainer.lora import add_adapters, adapter_part, lora_parameter_count
+    from attndreambooth.trainer.concept import add_concept_token
+    from attndreambooth.config.plan import Plan
+    from attndreambooth.trainer.training import Models, set_trainable
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={SAMPLE}", "output_dir=x",
                                             *[f"{k}={v}" for k, v in LORA.items()]])
     add_concept_token(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<v>", "toy")
-    assert add_adapters(tiny_pipe.unet, Plan(cfg.stages)) == ["stage2", "stage3"]
-    models = Models(tiny_pipe.unet, tiny_pipe.text_encoder, None, None, None)
+    family = families.by_name("sd")
+    assert add_adapters(tiny_pipe.unet, Plan(cfg.stages), family) == ["stage2", "stage3"]
+    models = Models(family, tiny_pipe.unet, [tiny_pipe.text_encoder], None, None, None)
     trained = {}
     for name in ("stage2", "stage3"):
         params = set_trainable(cfg.stages[name], models, name)
@@ -68,7 +70,7 @@ def test_lora_stage_trains_only_its_adapter(tiny_pipe):
         assert trainable and all(f".lora_A.{name}." in n or f".lora_B.{name}." in n for n in trainable)
         assert not any(p.requires_grad for p in tiny_pipe.text_encoder.parameters())
         assert sum(p.numel() for p in params) == lora_parameter_count(
-            tiny_pipe.unet, adapter_part(cfg.stages[name]), RANK) > 0
+            tiny_pipe.unet, adapter_part(cfg.stages[name]), family, RANK) > 0
     assert all(".attn2." in n for n in trained["stage2"])  # stage 2: the cross-attention projections
     for module in (".attn1.to_q.", ".attn2.to_out.0.", ".ff.net.0.proj.", ".ff.net.2."):  # stage 3: the blocks
         assert sum(module in n for n in trained["stage3"]) == 16 * 2  # every block, A and B

@@ -4,10 +4,12 @@ train that fits, and what a user sets explicitly wins."""
 import pytest
 import torch
 
-from attndreambooth.config import ConfigError, load_config
-from attndreambooth.memory import CARDS, HEADROOM, LADDER, activation_elements, current_savers, fit_card, stage_peaks
-from attndreambooth.plan import Plan
-from attndreambooth.preflight import fit_memory, memory_sizes
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.config.loading import load_config
+from attndreambooth.families import by_name
+from attndreambooth.trainer.memory import (CARDS, HEADROOM, LADDER, activation_elements, current_savers, fit_card, stage_peaks)
+from attndreambooth.config.plan import Plan
+from attndreambooth.trainer.preflight import fit_memory, memory_sizes
 from conftest import SAMPLE
 
 SD21 = [f"data.instance_dir={SAMPLE}", "data.category=toy", "output_dir=x", "runtime.mixed_precision=bf16"]
@@ -29,7 +31,7 @@ def test_meta_activation_count_equals_a_real_forward(tiny_pipe):
         unet(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 77, 32))
     for h in hooks:
         h.remove()
-    assert activation_elements(unet.to("meta"), 64) == total[0] > 0
+    assert activation_elements(unet.to("meta"), 64, by_name("sd")) == total[0] > 0
 
 
 @pytest.mark.parametrize("card, bitsandbytes", [("24gb", True), ("16gb", True), ("16gb", False), ("12gb", False)])

@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from attndreambooth.checkpoint import Checkpointer
+from attndreambooth.trainer.checkpoint import Checkpointer
 from conftest import ROOT
 
 STEPS = {"stages.stage1.steps": 6, "stages.stage2.steps": 6, "stages.stage3.steps": 6}
@@ -128,7 +128,7 @@ def test_damaged_newest_checkpoint_is_skipped_for_an_older_one(tmp_path, caplog,
 
 
 def test_no_readable_checkpoint_says_so(tmp_path):
-    from attndreambooth.checkpoint import CheckpointError
+    from attndreambooth.trainer.checkpoint import CheckpointError
     ckpt = fake_checkpoints(tmp_path)
     for folder in ckpt.folders():
         (folder / "state.json").write_text("")
@@ -185,8 +185,8 @@ def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline
 def test_second_training_into_a_held_folder_is_refused(tmp_path):
     import signal
 
-    from attndreambooth.config import ConfigError
-    from attndreambooth.preflight import hold_folder
+    from attndreambooth.config.schema import ConfigError
+    from attndreambooth.trainer.preflight import hold_folder
     out = tmp_path / "run"
     lock = hold_folder(out)
     with pytest.raises(ConfigError, match=f"in use by a running training \\(pid {os.getpid()} on "):
@@ -195,8 +195,8 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     assert second.returncode == 1 and f"is in use by a running training (pid {os.getpid()}" in second.stderr
     lock.close()
     # a holder killed with SIGKILL leaves its lock file, never its lock
-    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from attndreambooth.preflight import "
+    code = ("import os, signal, sys; from attndreambooth.trainer.preflight import "
             "hold_folder; h = hold_folder(__import__('pathlib').Path(sys.argv[1])); os.kill(os.getpid(), 9)")
-    killed = subprocess.run([sys.executable, "-c", code, str(out), str(ROOT)], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL and (out / ".lock").exists()
     hold_folder(out).close()

@@ -10,7 +10,7 @@ from conftest import ROOT, SAMPLE, tiny_overrides
 def test_tiny_sd15_has_the_sd15_layout():
     from diffusers import StableDiffusionPipeline
 
-    from attndreambooth.models import tiny_model_dir
+    from attndreambooth.families.source import tiny_model_dir
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"))
     unet, text = pipe.unet.config, pipe.text_encoder.config
     assert unet.use_linear_projection is False
@@ -22,7 +22,7 @@ def test_tiny_sd15_has_the_sd15_layout():
 def test_sd15_trains_three_stages_and_loads_in_stock_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from attndreambooth.models import tiny_model_dir
+    from attndreambooth.families.source import tiny_model_dir
     out = T.main(["--config", str(ROOT / "configs/sd15.yaml"), "model.pretrained=tiny-sd15",
                   f"data.instance_dir={SAMPLE}", "data.category=toy", "data.resolution=64",
                   "runtime.mixed_precision=no", "runtime.tensorboard=false", *tiny_overrides(tmp_path / "run")])
@@ -48,9 +48,15 @@ def test_a_plan_for_sd15_counts_sd15s_parameters(tmp_path, capsys):
     single .safetensors is classified by its text encoders' keys, a hub id by its name."""
     from safetensors.torch import save_file
 
-    from attndreambooth.layouts import model_family
-    from attndreambooth.models import SD15_TEXT, SD15_UNET, sd21_layout
-    unet, text = sd21_layout(unet=SD15_UNET, text=SD15_TEXT)
+    from attndreambooth.families.sd import SD15_TEXT, SD15_UNET, sd_layout
+    from attndreambooth.families.source import plan_family
+
+    def model_family(kind, where):  # which built-in layout a plan uses
+        family, keys = plan_family(kind, where)
+        label = (family.meta_layout_of_checkpoint(keys) if keys else family.meta_layout(where))[0]
+        return {"the built-in SD 1.5 layout": "sd15", "the built-in SD 2.1-base layout": "sd21",
+                "the built-in SDXL-base layout": "sdxl"}[label]
+    unet, text = sd_layout(unet=SD15_UNET, text=SD15_TEXT)
     assert (sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text.parameters())) == \
         (859_520_964, 123_060_480)
     keys = {"sd1": "cond_stage_model.transformer.text_model.x", "sd2": "cond_stage_model.model.x",

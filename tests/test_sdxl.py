@@ -28,7 +28,7 @@ def run(tmp_path_factory):
 def base():
     from diffusers import StableDiffusionXLPipeline
 
-    from attndreambooth.models import tiny_model_dir
+    from attndreambooth.families.source import tiny_model_dir
     return tiny_model_dir("tiny-sdxl"), StableDiffusionXLPipeline
 
 
@@ -41,9 +41,10 @@ def stock_conditioning(pipe):
 
 
 def test_tiny_sdxl_has_the_sdxl_structure(base):
-    from attention_reg import cross_attention_layers
+    from attndreambooth.families import SDXL
     folder, cls = base
     pipe = cls.from_pretrained(folder)
+    cross_attention_layers = SDXL().cross_attention_layers
     assert pipe.unet.config.addition_embed_type == "text_time" and max(pipe.unet.config.transformer_layers_per_block) > 1
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
@@ -51,7 +52,8 @@ def test_tiny_sdxl_has_the_sdxl_structure(base):
 
 
 def test_sdxl_trains_three_stages_and_loads_in_stock_diffusers(run, base):
-    from attndreambooth.sdxl import encode, load_embedding
+    from attndreambooth.families import SDXL
+    load_embedding = SDXL().load_embedding
     folder, cls = base
     assert (run / "finished.json").exists()
     trained, stock = cls.from_pretrained(run / "pipeline"), cls.from_pretrained(folder)
@@ -68,7 +70,8 @@ def test_sdxl_trains_three_stages_and_loads_in_stock_diffusers(run, base):
     ids = [t(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
            for t in (trained.tokenizer, trained.tokenizer_2)]
     with torch.no_grad():  # the trainer's conditioning is diffusers' SDXL conditioning
-        mine = encode(trained.text_encoder, trained.text_encoder_2, *ids)
+        cond = SDXL().encode([trained.text_encoder, trained.text_encoder_2], ids)
+        mine = cond.hidden, cond.extra["text_embeds"]
     for w, m in zip(want, mine):
         torch.testing.assert_close(w, m, atol=1e-6, rtol=1e-6)
     changed = [k for k, p in trained.unet.state_dict().items() if not torch.equal(p, stock.unet.state_dict()[k])]
@@ -76,8 +79,8 @@ def test_sdxl_trains_three_stages_and_loads_in_stock_diffusers(run, base):
 
 
 def test_views_carry_the_size_and_crop_conditioning(tiny_pipe):
-    from attndreambooth.config import AugmentConfig, DataConfig
-    from attndreambooth.data import augmented_view, encode_view_pool
+    from attndreambooth.config.schema import AugmentConfig, DataConfig
+    from attndreambooth.trainer.data import augmented_view, encode_view_pool
     image = Image.fromarray(torch.randint(0, 255, (60, 40, 3), dtype=torch.uint8).numpy())  # h 60, w 40
     view, (top, left) = augmented_view(image, 32, AugmentConfig(rotate_prob=0, flip_prob=0), random.Random(3))
     expected = image.resize((32, 48), Image.BICUBIC).crop((left, top, left + 32, top + 32))
@@ -93,7 +96,8 @@ def test_views_carry_the_size_and_crop_conditioning(tiny_pipe):
 
 
 def test_sdxl_lora_file_rebuilds_the_unet_in_stock_diffusers(tmp_path, base):
-    from attndreambooth.sdxl import load_embedding
+    from attndreambooth.families import SDXL
+    load_embedding = SDXL().load_embedding
     folder, cls = base
     out = sdxl_run(tmp_path / "lora", **{"stages.stage2.lora_rank": 4, "stages.stage3.lora_rank": 4,
                                          "runtime.save_merged_pipeline": "true"})
@@ -131,7 +135,7 @@ def test_infer_on_an_sdxl_run_with_attention_maps_and_its_stages(run, tmp_path):
 
 
 def test_an_embedding_for_the_other_kind_of_base_is_refused_before_loading(run, tmp_path, monkeypatch):
-    import attndreambooth.models as M
+    import attndreambooth.families.source as M
     import infer
     monkeypatch.setattr(M, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     sd_file = tmp_path / "sd.safetensors"  # the SD format: one row under the token
@@ -149,12 +153,11 @@ def test_an_embedding_for_the_other_kind_of_base_is_refused_before_loading(run, 
 def test_an_sdxl_base_is_recognised_in_every_form(base, tiny_dir, tmp_path):
     """A folder by its model_index.json, a single .safetensors file by its second text encoder's keys (as
     SDXL checkpoints are laid out), a .ckpt through model.single_file_config."""
-    from attndreambooth.config import ModelConfig
-    from attndreambooth.models import model_source
-    from attndreambooth.sdxl import is_sdxl_model
+    from attndreambooth.config.schema import ModelConfig
+    from attndreambooth.families.source import family_of
+
     def xl(pretrained, **kw):
-        cfg = ModelConfig(pretrained=str(pretrained), **kw)
-        return is_sdxl_model(*model_source(cfg), cfg)
+        return family_of(ModelConfig(pretrained=str(pretrained), **kw)).name == "sdxl"
     save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
                "conditioner.embedders.1.model.y": torch.zeros(1)}, tmp_path / "xl.safetensors")
     save_file({"cond_stage_model.transformer.x": torch.zeros(1)}, tmp_path / "sd.safetensors")

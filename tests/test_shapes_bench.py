@@ -6,11 +6,10 @@ import statistics
 import numpy as np
 import pytest
 
-from attndreambooth.shapes import read as R
-from attndreambooth.shapes.bench import (T975, bench_prompts, mean_ci, paired_differences, per_concept, summarise,
-                                         table)
-from attndreambooth.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
-from attndreambooth.shapes.score import parse_caption
+from attndreambooth.bench.shapes import read as R
+from attndreambooth.bench.shapes.bench import (T975, bench_prompts, mean_ci, paired_differences, per_concept, summarise, table)
+from attndreambooth.bench.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
+from attndreambooth.bench.shapes.score import parse_caption
 
 
 def test_short_captions_parse_back_with_the_left_out_attributes_unset():
@@ -80,7 +79,7 @@ def test_mean_ci_by_hand():
 
 
 def test_patterned_vae_scenes_are_deterministic_and_varied():
-    from attndreambooth.shapes.textures import random_textured_image
+    from attndreambooth.bench.shapes.textures import random_textured_image
     a = [random_textured_image(random.Random(4)) for _ in range(2)]
     assert np.array_equal(a[0], a[1])
     images = [random_textured_image(random.Random(i)) for i in range(30)]
@@ -94,7 +93,7 @@ def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
     import json
 
     import infer
-    from attndreambooth import models
+    from attndreambooth.families import source as models
     out = infer.main(["--base", str(tiny_dir), "--category", "dog", "--prompt", "a {} on the beach",
                       "--prompt", "a red cat", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "s")])
     assert list(out) == ["a dog on the beach", "a red cat"]
@@ -142,8 +141,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert len(metrics["prompts"]) == 7 and metrics["prompts"][6]["prompt"].startswith("a ")
     from PIL import Image
 
-    from attndreambooth.shapes.read import alignment, identity
-    from attndreambooth.shapes.score import parse_caption
+    from attndreambooth.bench.shapes.read import alignment, identity
+    from attndreambooth.bench.shapes.score import parse_caption
     first = sorted(p for p in (cell / "samples").iterdir() if p.is_dir())[0]
     image, prompt = Image.open(first / "000.png"), json.loads((first / "prompt.json").read_text())["prompt"]
     scene = parse_caption(prompt, "<v>", "split_circle")
@@ -174,7 +173,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--num_prompts 7 before, 5 now"):
         sweep.main([*other, "--report_only"])
     assert before == {f: f.stat().st_mtime_ns for f in (tmp_path / "s").rglob("*")}
-    from attndreambooth.preflight import hold_folder
+    from attndreambooth.trainer.preflight import hold_folder
     running = hold_folder(tmp_path / "s", "--out", "a running sweep")  # as another sweep process would
     with pytest.raises(SystemExit, match=f"--out {tmp_path / 's'} is in use by a running sweep \\(pid "):
         sweep.main(args)

@@ -4,9 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from attndreambooth.shapes import read as R
-from attndreambooth.shapes.scene import (BACKGROUNDS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, PATTERNS, POSITIONS, SHAPES,
-                                         Scene, Thing, concept_photos, random_scene)
+from attndreambooth.bench.shapes import read as R
+from attndreambooth.bench.shapes.scene import (BACKGROUNDS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, PATTERNS, POSITIONS, SHAPES, Scene, Thing, concept_photos, random_scene)
 
 
 def test_scenes_and_renders_are_deterministic():
@@ -34,7 +33,7 @@ def test_scenes_and_renders_are_deterministic():
 def test_pattern_colours_are_where_the_pattern_puts_them():
     """The second colour on the pattern's mask, the first elsewhere: pixels at known unit coordinates of a big
     render (a swap of the mask or of the colours fails here)."""
-    from attndreambooth.shapes.scene import COLOURS, POSITIONS as P, RADII
+    from attndreambooth.bench.shapes.scene import COLOURS, POSITIONS as P, RADII
     cx, cy = P["centre"]
     r = RADII["big"]
     probes = {"halved": ((-0.4, 0.1), (0.4, 0.1)), "dotted": ((0.4, 0.3), (0.0, -0.05)),
@@ -125,7 +124,7 @@ def test_identity_asks_for_the_colours_too():
     """The concept's pattern in the nearest caption colours scores well below the concept itself (a correlation
     would not: a blue-orange checkerboard correlates 0.91 with the orange-teal one), by the R^2 computed here by
     hand on the concept's own render."""
-    from attndreambooth.shapes.scene import COLOURS, pattern_mask
+    from attndreambooth.bench.shapes.scene import COLOURS, pattern_mask
     scene = Scene(Thing("star", None, "checker_star"), "big", "centre", "black")
     own = R.identity(scene.render(0), "checker_star")
     near = Scene(Thing("star", "orange", pattern="checkered", colour2="green"), "big", "centre", "black").render(0)
@@ -139,7 +138,7 @@ def test_identity_asks_for_the_colours_too():
 
 
 def test_captions_parse_back_to_their_scenes():
-    from attndreambooth.shapes.score import parse_caption
+    from attndreambooth.bench.shapes.score import parse_caption
     rng = random.Random(3)
     for _ in range(100):
         scene = random_scene(rng)
@@ -157,7 +156,7 @@ def test_captions_parse_back_to_their_scenes():
 
 
 def test_attention_share_and_iou_by_hand():
-    from attndreambooth.shapes.score import attention_iou, attention_share
+    from attndreambooth.bench.shapes.score import attention_iou, attention_share
     maps = np.zeros((1, 77, 4, 4), np.float32)
     maps[0, 1] = 0.25  # "a"
     maps[0, 2] = 0.75  # "<v>": three quarters of the words' mass

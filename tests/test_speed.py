@@ -8,11 +8,15 @@ from safetensors.torch import load_file
 
 import train_attndreambooth as T
 from attention_reg import CrossAttentionCapture
-from attndreambooth.config import ConfigError, load_config
-from attndreambooth.data import encode_pixels
-from attndreambooth.models import add_concept_token, encode_prompt
-from attndreambooth.reference import ReferenceCapture
-from attndreambooth.training import AttnDreamBoothLoss
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.config.loading import load_config
+from attndreambooth.trainer.data import encode_pixels
+from attndreambooth.trainer.concept import add_concept_token, encode_prompt
+from attndreambooth.bench.reference import ReferenceCapture
+from attndreambooth.families import Conditioning, by_name
+from attndreambooth.trainer.training import AttnDreamBoothLoss
+
+SD = by_name("sd")
 from conftest import ROOT, SAMPLE, tiny_overrides
 
 
@@ -35,21 +39,21 @@ def test_cached_latents_and_text_give_the_uncached_step(tiny_pipe):
     scale = pipe.vae.config.scaling_factor
     attn2 = [p for n, p in pipe.unet.named_parameters() if ".attn2." in n]
     with CrossAttentionCapture(pipe.unet, cols) as cap:
-        objective = AttnDreamBoothLoss(pipe.unet, pipe.text_encoder, pipe.scheduler, cap, "per_layer")
+        objective = AttnDreamBoothLoss(SD, pipe.unet, [pipe.text_encoder], pipe.scheduler, cap, "per_layer")
         # uncached: the VAE and the text encoder run inside the step, on the whole batch
         dist = pipe.vae.encode(pixels).latent_dist
-        terms = objective((dist.mean + dist.std * eps) * scale, noise, t, input_ids=ids.repeat(3, 1),
+        terms = objective((dist.mean + dist.std * eps) * scale, noise, t, input_ids=[ids.repeat(3, 1)],
                           mean_weight=2.0, var_weight=5.0)
-        terms[0].backward()
-        uncached, uncached_grads = [x.item() for x in terms], grads_of(attn2)
+        terms["loss"].backward()
+        uncached, uncached_grads = [x.item() for x in terms.values()], grads_of(attn2)
         pipe.unet.zero_grad(set_to_none=True)
         # cached: posterior from the pool (encoded 2 at a time), conditioning computed once
         mean, std = encode_pixels(pipe.vae, iter(pixels), "cpu", chunk=2)
         with torch.no_grad():
-            cond = pipe.text_encoder(ids)[0]
+            cond = Conditioning(pipe.text_encoder(ids)[0])
         terms = objective((mean + std * eps) * scale, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
-        terms[0].backward()
-    assert [x.item() for x in terms] == pytest.approx(uncached, rel=1e-5)
+        terms["loss"].backward()
+    assert [x.item() for x in terms.values()] == pytest.approx(uncached, rel=1e-5)
     for a, b in zip(grads_of(attn2), uncached_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
@@ -59,14 +63,15 @@ def test_capture_gives_the_eager_reference_loss(tiny_pipe):
     ids, cols, pixels, eps, noise, t = setup(pipe)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cond = pipe.text_encoder(ids)[0]
+        cond = Conditioning(pipe.text_encoder(ids)[0])
     params = [p for n, p in pipe.unet.named_parameters() if ".attn2.to_k" in n or "conv_in" in n]
     results = []
     for capture_cls in (CrossAttentionCapture, ReferenceCapture):
         pipe.unet.zero_grad(set_to_none=True)
         with capture_cls(pipe.unet, cols) as cap:
-            objective = AttnDreamBoothLoss(pipe.unet, pipe.text_encoder, pipe.scheduler, cap, "per_layer")
-            loss, mse, _, mean_term, var_term = objective(latents, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
+            objective = AttnDreamBoothLoss(SD, pipe.unet, [pipe.text_encoder], pipe.scheduler, cap, "per_layer")
+            loss, mse, _, mean_term, var_term = objective(latents, noise, t, cond=cond, mean_weight=2.0,
+                                                          var_weight=5.0).values()
             loss.backward()
             if capture_cls is ReferenceCapture:
                 assert cap.full_maps[0].shape[-1] == 77  # the released code keeps every column

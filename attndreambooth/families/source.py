@@ -1,0 +1,127 @@
+"""Where a model comes from and how it loads: `model.pretrained` classified (built-in tiny model, diffusers
+folder, single file, hub id), its family found once, the pipeline loaded, or its shapes alone on the meta
+device (for plans, memory estimates and checks that must come before any download)."""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attndreambooth import families
+from attndreambooth.config.checks import looks_like_hub_id
+
+TINY_VERSION = 1
+
+
+def cached_build(name, build):
+    """A folder in the cache (ATTNDB_CACHE or ~/.cache/attndreambooth), made once by `build(folder)`;
+    built under a temporary name and renamed, so concurrent builds are safe."""
+    cache = Path(os.environ.get("ATTNDB_CACHE", Path.home() / ".cache" / "attndreambooth"))
+    folder = cache / name
+    if not (folder / ".complete").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+        build(tmp)
+        (tmp / ".complete").touch()
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_model_dir(layout="tiny"):
+    """Folder of a built-in tiny model ("tiny": SD 2.x layout, "tiny-sd15": SD 1.5's, "tiny-sdxl": SDXL's),
+    built once per machine by its family."""
+    family = families.of_tiny(layout)
+    return cached_build(f"{layout}-v{TINY_VERSION}", lambda folder: family.build_tiny(folder, layout))
+
+
+def tiny_layouts():
+    return [name for f in families.FAMILIES for name in f.tiny_layouts]
+
+
+def model_source(model_cfg):
+    """Classify `model.pretrained` as ("folder" | "single_file" | "hub", location); fail early on bad paths."""
+    name = model_cfg.pretrained
+    if name in tiny_layouts():
+        return "folder", str(tiny_model_dir(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: {path} has no model_index.json; give a diffusers pipeline "
+                                    "folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        return "folder", str(path)
+    if path.suffix in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: checkpoint file {path} does not exist")
+        return "single_file", str(path)
+    if not looks_like_hub_id(name):
+        raise FileNotFoundError(f"model.pretrained: {name!r} is neither a diffusers folder, a .safetensors/.ckpt "
+                                "file, nor a hub id of the form owner/name")
+    return "hub", name
+
+
+def family_of(model_cfg):
+    """The family of `model.pretrained` (reads model_index.json, or a single file's tensor names)."""
+    return families.detect(*model_source(model_cfg), model_cfg)
+
+
+def load_pipeline(model_cfg, torch_dtype=torch.float32):
+    """(pipeline, family) of `model.pretrained`: a hub id, a diffusers folder or a single-file checkpoint, in
+    its family's pipeline class."""
+    kind, where = model_source(model_cfg)
+    family = families.detect(kind, where, model_cfg)
+    cls, kwargs = family.pipeline_cls(), dict(dtype=torch_dtype, **family.load_kwargs())
+    if model_cfg.vae:  # e.g. SDXL's fp16-fix VAE: the stock one overflows in fp16
+        from diffusers import AutoencoderKL
+        kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, dtype=torch_dtype)
+    if kind == "single_file":
+        if model_cfg.single_file_config:
+            kwargs["config"] = model_cfg.single_file_config
+        return cls.from_single_file(where, **kwargs), family
+    return cls.from_pretrained(where, revision=model_cfg.revision, **kwargs), family
+
+
+def plan_family(kind, where):
+    """The family of a hub id or single file without a download: a .safetensors file by its tensor names, else
+    the name (a plan reads no weights)."""
+    if kind == "single_file" and where.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(where, "pt") as f:
+            return families.of_checkpoint_keys(list(f.keys())), list(f.keys())
+    return families.of_name(where), None
+
+
+@dataclass
+class Layout:
+    """A model's shapes without its weights (its modules on the meta device), and where they came from."""
+    source: str  # the folder, or which built-in layout stood in for a hub id or single file
+    unet: object
+    text_encoders: list
+    vae: object
+    family: object
+
+
+def meta_models(cfg):
+    """The model's Layout on the meta device (shapes only): the model's own configs for a folder; for a hub id
+    or single file (no download for a plan) the built-in layout of its family (SDXL-base, SD 1.5 or SD
+    2.1-base)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    kind, where = model_source(cfg.model)
+    if kind == "folder":
+        family = families.of_index(json.loads((Path(where) / "model_index.json").read_text()))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
+            texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder=sub))
+                     for sub in family.text_encoder_names]
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
+        return Layout(where, unet, texts, vae, family)
+    family, keys = plan_family(kind, where)
+    label, unet, texts, vae = family.meta_layout_of_checkpoint(keys) if keys else family.meta_layout(where)
+    return Layout(label, unet, texts, vae, family)

@@ -1,0 +1,76 @@
+"""Sampling shared by infer.py and validation during training."""
+import math
+
+import torch
+from PIL import Image
+
+from attndreambooth.inference.attention_maps import AttentionMapAverager
+
+SCHEDULERS = {  # name -> diffusers class name
+    "dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+}
+
+
+def set_scheduler(pipe, name):
+    """Swap the pipeline's sampler, keeping the model's noise schedule."""
+    import diffusers
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def image_grid(images, cols=None):
+    """Paste images into one grid, row-major."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def sample(pipe, prompt, num_images=4, seed=0, batch_size=4, steps=50, guidance_scale=7.5, negative_prompt=None,
+           height=None, width=None, attention_maps=False, expected_layers=None):
+    """Images for one prompt; image i always comes from seed + i (whatever the batch size).
+    With `attention_maps`, also the (num_images, 77, h, w) per-token maps at latent size (see attention_maps.py)."""
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images, maps = [], []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(n)]
+        kwargs = dict(prompt=prompt, num_images_per_prompt=n, generator=generators, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width)
+        if attention_maps:
+            grid = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            averager = AttentionMapAverager(pipe.unet, n, grid, expected_layers)
+            with averager.capture:
+                images += pipe(**kwargs, callback_on_step_end=averager).images
+            maps.append(averager.average())
+        else:
+            images += pipe(**kwargs).images
+    return images, (torch.cat(maps) if attention_maps else None)
+
+
+def validation_grid(family, components, concept, vcfg, device, autocast):
+    """A grid (one row per prompt) from the models being trained; leaves the training's RNG untouched."""
+    vae, unet = components["vae"], components["unet"]
+    pipe = family.pipeline(components)
+    set_scheduler(pipe, "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    vae_device, unet_mode = vae.device, unet.training
+    vae.to(device)
+    unet.eval()
+    rows = []
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), autocast:
+        for template in vcfg.prompts:
+            images, _ = sample(pipe, template.replace("{}", concept), vcfg.num_images, vcfg.seed,
+                               batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=vcfg.guidance_scale)
+            rows += images
+    vae.to(vae_device)
+    unet.train(unet_mode)
+    return image_grid(rows, cols=vcfg.num_images)

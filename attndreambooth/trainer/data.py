@@ -1,0 +1,215 @@
+"""Instance images, the released code's augmentation, and a pool of VAE-encoded views.
+
+Images and the prompt are fixed, so each augmented view is encoded once (posterior mean
+and std kept) and every step samples fresh latents from the pool: the VAE does not run
+in the training loop.
+"""
+import hashlib
+import io
+import itertools
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(data_cfg, report=None):
+    """The instance images, each fully decoded once to check it. Non-image files, unreadable,
+    truncated or tiny images fail with the file named (or are skipped if the config says so);
+    conversions, small and duplicate images are reported through `report` (default: the log)."""
+    report = report or log.warning
+    folder = Path(data_cfg.instance_dir)
+    images, seen, unusable = [], {}, []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):  # .DS_Store, editor swap files
+            continue
+        problem = None
+        if path.is_dir():
+            problem = "is a folder"
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            problem = f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); HEIC/TIFF photos: convert to JPEG"
+        else:
+            problem = _check_image(path, data_cfg, report)
+        if problem is None:
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            if digest in seen:
+                report(f"{path} is a duplicate of {seen[digest]}: it will weigh twice in training")
+            seen.setdefault(digest, path)
+            images.append(path)
+        elif data_cfg.skip_invalid_files:
+            report(f"skipping {path}: it {problem}")
+        else:
+            unusable.append(f"  {path} {problem}")
+    if unusable:
+        raise ValueError(f"data.instance_dir: {len(unusable)} file(s) cannot be used:\n" + "\n".join(unusable)
+                         + "\nremove them, or set data.skip_invalid_files=true to skip such files")
+    if not images:
+        raise ValueError(f"data.instance_dir: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def _check_image(path, data_cfg, report):
+    """None if the image is usable, else what is wrong with it."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+            im.load()  # a full decode: truncated files fail here, not in the middle of a run
+    except Image.DecompressionBombError as e:
+        return f"is too large to decode safely ({e}); downscale it (a few megapixels are plenty)"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"cannot be read as an image ({e})"
+    if min(size) < data_cfg.min_image_size:
+        return (f"is {size[0]}x{size[1]} px, under data.min_image_size={data_cfg.min_image_size}; "
+                "use a larger photo")
+    if min(size) < data_cfg.resolution:
+        report(f"{path} is {size[0]}x{size[1]} px, smaller than data.resolution={data_cfg.resolution}: "
+               "it will be upscaled (blurry training images)")
+    if mode not in ("RGB",):
+        how = "alpha composited on " + data_cfg.alpha_background if mode in ("RGBA", "LA", "PA", "P") else "converted"
+        report(f"{path} is in mode {mode}: {how} to RGB")
+    return None
+
+
+def load_rgb(path, background="white", max_side=None):
+    """Open an image with its EXIF orientation applied, as 8-bit RGB: grayscale, CMYK, palette and
+    16-bit images converted, transparency composited on `background`; large JPEGs decoded at
+    reduced size when `max_side` allows."""
+    with Image.open(path) as im:
+        if max_side:
+            im.draft("RGB", (max_side, max_side))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+        im = to_srgb(ImageOps.exif_transpose(im))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale by the 16-bit range, don't clip at 255
+            a = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((a.clip(0, 65535) / 65535 * 255).round().astype(np.uint8), "L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            flat = Image.new("RGB", im.size, background)
+            flat.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+            return flat
+        return im.convert("RGB")
+
+
+def original_size(path):
+    """(height, width) of a photo as displayed (EXIF orientation applied), read from its header."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # 5-8: rotated by 90 degrees
+
+
+def to_srgb(im):
+    """An image with an embedded ICC colour profile (Display P3, Adobe RGB, CMYK press profiles...)
+    converted to sRGB, the colours the model was trained on; others unchanged."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        return im
+    from PIL import ImageCms
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out_mode = "RGBA" if im.mode in ("RGBA", "LA") else "RGB"
+        return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        log.warning("%s: its colour profile cannot be read (%s); colours are taken as sRGB", im.filename or "image", e)
+        return im
+
+
+def augment(image, resolution, aug, rng: random.Random):
+    """Released code's augmentation: rotation with expansion, flip, shorter side resize, square crop."""
+    return augmented_view(image, resolution, aug, rng)[0]
+
+
+def augmented_view(image, resolution, aug, rng: random.Random):
+    """`augment`, also returning the crop's top-left corner (top, left) in the resized image (SDXL's
+    crop conditioning)."""
+    if rng.random() < aug.rotate_prob:
+        angle = rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg)
+        image = image.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
+    if rng.random() < aug.flip_prob:
+        image = ImageOps.mirror(image)
+    scale = resolution / min(image.size)
+    w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    if aug.random_crop:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_tensor(image):
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def encode_view_pool(vae, paths, data_cfg, seed, device):
+    """Encode `views_per_image` augmented views of every image once.
+
+    Returns (mean, std, geometry): mean and std (images * views, channels, h, w), ordered image-major (view v
+    of image i sits at i * views + v), and each view's geometry (images * views, 6): the photo's original
+    (height, width), the crop's (top, left), the (height, width) trained at (SDXL's size and crop
+    conditioning, its `time_ids`)."""
+    rng = random.Random(seed)
+    res = data_cfg.resolution
+    images = [load_rgb(p, data_cfg.alpha_background, 2 * res) for p in paths]
+    originals = [original_size(p) for p in paths]  # before load_rgb's cap on large photos
+    micro = []
+
+    def views():
+        for image, original in zip(images, originals):
+            for _ in range(data_cfg.views_per_image):
+                view, corner = augmented_view(image, res, data_cfg.augment, rng)
+                micro.append(torch.tensor([*original, *corner, res, res], dtype=torch.float32))
+                yield to_tensor(view)
+
+    mean, std = encode_pixels(vae, views(), device)
+    return mean, std, torch.stack(micro)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels, device, chunk=8):
+    """VAE posterior (mean, std) of an iterable of (3, H, W) images in [-1, 1], `chunk` at a time."""
+    means, stds, views = [], [], iter(pixels)
+    while batch := list(itertools.islice(views, chunk)):
+        dist = vae.encode(torch.stack(batch).to(device=device, dtype=vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+
+
+class LatentSampler:
+    """Batches of latents: images in shuffled epochs (as a shuffled repeated data set), a random
+    pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor."""
+
+    def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, geometry=None):
+        self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
+        self.geometry = None if geometry is None else geometry.to(mean.device)  # moved once, not per step
+        self.num_images, self.views = num_images, mean.shape[0] // num_images
+        self.order = []
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+        self.order = list(state["order"])
+
+    def _next_image(self):
+        if not self.order:
+            self.order = torch.randperm(self.num_images, generator=self.gen).tolist()
+        return self.order.pop()
+
+    def sample(self, batch_size, with_geometry=False):
+        """Latents (batch, channels, h, w); with `with_geometry`, also the sampled views' geometry."""
+        images = torch.tensor([self._next_image() for _ in range(batch_size)])
+        index = images * self.views + torch.randint(self.views, (batch_size,), generator=self.gen)
+        index = index.to(self.mean.device)
+        mean, std = self.mean[index], self.std[index]
+        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
+        latents = (mean + std * eps) * self.scale
+        return (latents, self.geometry[index]) if with_geometry else latents

@@ -1,0 +1,253 @@
+"""One AttnDreamBooth run: load, train every planned stage in order (continuing from the newest
+checkpoint), write the run folder. `run(cfg, state, paths)` is what train_attndreambooth.py calls."""
+import contextlib
+import errno
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attndreambooth.trainer.checkpoint import CheckpointError, Checkpointer, free_space
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.config.loading import to_yaml
+from attndreambooth.config.plan import DTYPES, LORA_FILE, UNET_PARTS, Plan
+
+log = logging.getLogger("attndreambooth")
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: the message says where the run stopped and how to continue."""
+
+
+def setup_logging(output_dir, is_main):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def save_atomic(tensors, path):
+    """safetensors written under a temporary name, then renamed: a kill leaves the old file or the new."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def prepare(cfg, accelerator, paths):
+    """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
+    from diffusers import DDPMScheduler
+
+    from attention_reg import CrossAttentionCapture
+    from attndreambooth.trainer.concept import add_concept_token, encode_prompt
+    from attndreambooth.trainer.data import LatentSampler, encode_view_pool
+    from attndreambooth.families.source import load_pipeline
+    from attndreambooth.trainer.lora import add_adapters
+    from attndreambooth.trainer.parts import regularised_layers
+    from attndreambooth.trainer.training import Models
+
+    pipe, family = load_pipeline(cfg.model)
+    vae, unet = pipe.vae, pipe.unet
+    text_encoders, tokenizers = family.text_encoders(pipe), family.tokenizers(pipe)
+    plan = Plan(cfg.stages)
+    if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoders ([V] is its own fp32
+        half = DTYPES[cfg.runtime.mixed_precision]  # row), and the U-Net of a run that trains only adapters
+        for encoder in text_encoders:
+            encoder.to(half)
+        if plan.lora or not plan.trained_parts() & UNET_PARTS:
+            unet.to(half)
+    d = cfg.data
+    prompt = d.prompt_template.format(placeholder=d.placeholder, category=d.category)
+    input_ids, positions = [], []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):  # [V] gets a row in each encoder, from its own vocabulary
+        token_id, category_ids = add_concept_token(tokenizer, encoder, d.placeholder, d.category, d.init_token)
+        ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
+        input_ids.append(ids)
+        positions.append([v_pos, cat_pos])
+    v_pos, cat_pos = positions[0]
+    log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
+    if any(p != positions[0] for p in positions):
+        raise ValueError(f"the tokenizers place [V] and the category differently ({positions[1:]} vs "
+                         f"{positions[0]}); the regulariser needs one position for all")
+
+    adapters = add_adapters(unet, plan, family)
+    if adapters:
+        log.info("LoRA adapters %s on the U-Net", ", ".join(adapters))
+    device = accelerator.device
+    vae.to(device).requires_grad_(False)
+    for encoder in text_encoders:
+        encoder.to(device)
+    unet.to(device)
+    if cfg.runtime.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.runtime.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    mean, std, geometry = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
+    log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
+    vae.to("cpu")  # the VAE leaves the training device
+    gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + accelerator.process_index)
+    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry)
+    capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
+    if cfg.reg.enabled:
+        layers = regularised_layers(family, unet, cfg.reg.map_sizes, cfg.data.resolution)
+        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], cfg.model.cross_attention_layers, layers)
+        log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
+                 len(family.cross_attention_layers(unet)))
+    models = Models(family, unet, text_encoders, DDPMScheduler.from_config(pipe.scheduler.config), capture,
+                    [ids.to(device) for ids in input_ids])
+    return pipe, models, sampler
+
+
+def embedding_files(cfg, models):
+    """{file name: tensors} of the learned embedding, in the family's formats (diffusers' and A1111 / ComfyUI's)."""
+    rows = [encoder.get_input_embeddings().row for encoder in models.text_encoders]
+    return models.family.embedding_files(rows, cfg.data.placeholder)
+
+
+def save_final(cfg, pipe, models, out):
+    """The slim artefacts: the embedding in two formats, the LoRA file of a LoRA run, and the complete
+    pipeline (for a LoRA run only with runtime.save_merged_pipeline), each written atomically."""
+    from attndreambooth.trainer.concept import bake_concept
+    from attndreambooth.trainer.lora import merge_adapters, save_lora
+    for name, tensors in embedding_files(cfg, models).items():
+        save_atomic(tensors, out / name)
+    plan = Plan(cfg.stages)
+    if plan.lora:
+        save_lora(pipe.unet, plan.names, out / LORA_FILE)
+        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding)", out / LORA_FILE, str(out))
+        if not cfg.runtime.save_merged_pipeline:
+            return
+        merge_adapters(pipe.unet)
+    for encoder in models.text_encoders:
+        bake_concept(encoder)  # in place: the pipeline holds the same modules
+    shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
+    pipe.to("cpu", DTYPES[cfg.runtime.pipeline_dtype]).save_pretrained(out / ".tmp-pipeline", safe_serialization=True)
+    shutil.rmtree(out / "pipeline", ignore_errors=True)
+    os.replace(out / ".tmp-pipeline", out / "pipeline")
+    log.info("saved %s (load with %s.from_pretrained)", out / "pipeline", type(pipe).__name__)
+
+
+def run(cfg, state, paths, hooks=None):
+    """Run every planned stage in order on the instance images `paths` (continuing from the newest good
+    checkpoint when `state` is 'resume') and write the run folder; returns the run folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    from attention_reg import compile_unet
+    from attndreambooth.trainer.lora import save_lora
+    from attndreambooth.trainer.preflight import mark_finished
+    from attndreambooth.inference.sampling import validation_grid
+    from attndreambooth.trainer.state import RunState
+    from attndreambooth.trainer.training import Hooks, Reporter, run_stage
+
+    hooks, out, plan = hooks or Hooks(), Path(cfg.output_dir), Plan(cfg.stages)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tensorboard = cfg.runtime.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
+    accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision,
+                              cpu=world > 1 and not torch.cuda.is_available(),
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched {world} processes but accelerate set up {accelerator.num_processes}; "
+                           "each would train alone: check the launcher (accelerate launch / torchrun)")
+    if cfg.runtime.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ConfigError("config key 'runtime.mixed_precision': fp16 needs a gradient scaler, which accelerate "
+                          "gives on CUDA only (fp32 weights with unscaled fp16 gradients underflow); use bf16")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    setup_logging(out, accelerator.is_main_process)
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
+    elif cfg.runtime.tensorboard:
+        log.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
+    set_seed(cfg.runtime.seed)
+
+    pipe, models, sampler = prepare(cfg, accelerator, paths)
+    device, capture = accelerator.device, models.capture
+    components = models.family.components(pipe)
+
+    def validate(name, step, global_step):
+        if accelerator.is_main_process:  # eager and with the stock processors: no maps, no recompilation
+            with capture.paused() if capture else contextlib.nullcontext(), torch.compiler.set_stance("force_eager"):
+                grid = validation_grid(models.family, components, f"{cfg.data.placeholder} {cfg.data.category}",
+                                       cfg.validation, device, accelerator.autocast())
+            (out / "validation").mkdir(exist_ok=True)
+            grid.save(out / "validation" / f"{name}_{step:05d}.png")
+            if tensorboard:
+                accelerator.get_tracker("tensorboard").log_images(
+                    {f"validation/{name}": np.asarray(grid)[None]}, step=global_step, dataformats="NHWC")
+        accelerator.wait_for_everyone()
+
+    run_state = RunState(models, sampler, plan)
+    checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints, hooks)
+    latest = checkpointer.load_latest() if state == "resume" else None
+    if latest is not None:
+        path, tensors, meta = latest
+        run_state.load_state_dict(tensors, meta, accelerator.process_index)
+        log.info("resuming from %s: %s step %d", path, meta["stage"], meta["step"])
+    if accelerator.is_main_process:
+        checkpointer.clean_partial()
+        lines = (out / "metrics.jsonl").read_text().splitlines(True) if (out / "metrics.jsonl").exists() else []
+        (out / "metrics.jsonl").write_text("".join(lines[:run_state.global_step]))  # later steps are redone
+    reporter = Reporter(out, accelerator, cfg, validate)
+    reporter.global_step = run_state.global_step
+
+    def save_checkpoint(s):
+        tensors, meta = s.state_dict(gather_object([sampler.state_dict()]))  # every rank's data stream
+        if accelerator.is_main_process:
+            checkpointer.save(tensors, meta)
+        accelerator.wait_for_everyone()
+
+    try:
+        with capture or contextlib.nullcontext():
+            if cfg.runtime.compile and device.type == "cpu":
+                log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
+            elif cfg.runtime.compile:
+                compile_unet(models.unet)
+            for planned in plan:
+                name, stage = planned.name, planned.config
+                if run_state.finished(name):
+                    log.info("%s: already done", name)
+                    continue
+                seconds, peak = run_stage(name, stage, models, sampler, accelerator, cfg, reporter, run_state,
+                                          save_checkpoint, hooks)
+                log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
+                         "GPU" if device.type == "cuda" else "process", peak)
+                if accelerator.is_main_process and planned.lora:  # the adapters so far (infer.py --stage)
+                    save_lora(models.unet, [s.name for s in plan if s.number <= planned.number],
+                              out / planned.saves[-1])
+                elif accelerator.is_main_process and "cross_attention" in stage.train:
+                    save_atomic(models.family.cross_attention_state(models.unet), out / f"attn2_{name}.safetensors")
+                if accelerator.is_main_process and "embedding" in stage.train:
+                    save_atomic(embedding_files(cfg, models)["learned_embeds.safetensors"],
+                                out / "learned_embeds.safetensors")
+                save_checkpoint(run_state)
+                hooks.at(f"{name}:end")
+        reporter.close()
+        if accelerator.is_main_process:
+            save_final(cfg, pipe, models, out)
+            mark_finished(out)  # before resume/ goes: a kill in between leaves a finished run, not a lost one
+            hooks.at("finished")
+            if not cfg.runtime.keep_resume_state:
+                shutil.rmtree(checkpointer.dir, ignore_errors=True)
+    except KeyboardInterrupt:
+        last = f"{checkpointer.last[0]} step {checkpointer.last[1]}" if checkpointer.last else "none yet"
+        raise Interrupted(f"interrupted in {run_state.stage} at step {run_state.step}; the last checkpoint is "
+                          f"{last}; run the same command to resume") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(f"the disk is full: writing in {out} failed ({free_space(out)} free). Free space and "
+                              "run the same command to resume from the last checkpoint") from None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out

@@ -1,0 +1,44 @@
+"""What a checkpoint saves and restores, in one object (as lingua's TrainState): the position in the
+plan, the trained tensors, the running stage's optimizer, every process's latent sampler, torch's RNG."""
+import torch
+
+from attndreambooth.trainer.checkpoint import flatten_optimizer, unflatten_optimizer
+from attndreambooth.trainer.training import restore_weights, trained_weights
+
+
+class RunState:
+    def __init__(self, models, sampler, plan):
+        self.models, self.sampler, self.plan = models, sampler, plan
+        self.stage, self.step, self.done, self.global_step = None, 0, False, 0
+        self.optimizer = None  # the running stage's, set by run_stage
+        self.optimizer_state = None  # restored, waiting for the stage's optimizer
+
+    def finished(self, name):
+        """True if stage `name` needs no more steps."""
+        if self.stage is None:
+            return False
+        names = self.plan.names
+        return names.index(name) < names.index(self.stage) or (name == self.stage and self.done)
+
+    def start_step(self, name):
+        return self.step if name == self.stage and not self.done else 0
+
+    def state_dict(self, sampler_states):
+        """(tensors, meta); `sampler_states` is every process's `sampler.state_dict()`, rank order."""
+        weights = trained_weights(self.plan[self.stage].holds, self.models)
+        tensors = {f"weights.{n}": p for n, p in weights.items()}
+        meta = dict(stage=self.stage, step=self.step, done=self.done, global_step=self.global_step, optimizer=None,
+                    orders=[s["order"] for s in sampler_states])
+        if self.optimizer is not None and not self.done:
+            optim_tensors, meta["optimizer"] = flatten_optimizer(self.optimizer.state_dict())
+            tensors.update(optim_tensors)
+        tensors.update({f"sampler.{rank}": s["generator"] for rank, s in enumerate(sampler_states)})
+        tensors["rng.torch"] = torch.get_rng_state()
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta, rank=0):
+        restore_weights({k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}, self.models)
+        self.sampler.load_state_dict({"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.stage, self.step, self.done, self.global_step = meta["stage"], meta["step"], meta["done"], meta["global_step"]
+        self.optimizer_state = unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] else None

@@ -1,0 +1,230 @@
+"""The training objective and one stage of training: a stage is data plus `run_stage`."""
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attention_reg import attention_reg_loss
+from attndreambooth.trainer.parts import trainable_parameters
+
+log = logging.getLogger(__name__)
+
+
+class AttnDreamBoothLoss(nn.Module):
+    """The loss that is optimised, diffusion MSE + Eq. 2, for one batch; holds every model that a stage may
+    train, so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row(s) included."""
+
+    TERMS = ("loss", "mse", "reg", "reg_mean", "reg_var")  # what `forward` returns, by name
+
+    def __init__(self, family, unet, text_encoders, noise_scheduler, capture, reduction):
+        super().__init__()
+        self.family, self.unet, self.text_encoders = family, unet, nn.ModuleList(text_encoders)
+        self.noise_scheduler, self.capture, self.reduction = noise_scheduler, capture, reduction
+
+    def encode(self, input_ids):
+        """The prompt's conditioning (families.Conditioning) from its token ids, one tensor per tokenizer."""
+        return self.family.encode(list(self.text_encoders), input_ids)
+
+    def forward(self, latents, noise, timesteps, input_ids=None, cond=None, mean_weight=0.0, var_weight=0.0,
+                view_geometry=None):
+        """Returns {term: value} for TERMS: loss = mse + reg, reg = Eq. 2 with the given weights. `cond` is the
+        cached conditioning (see `encode`), else the text encoder(s) run once on `input_ids` and it is
+        broadcast over the batch; a family whose denoiser takes each view's size and crop (SDXL) gets
+        `view_geometry` (B, 6)."""
+        if cond is None:
+            cond = self.encode(input_ids)
+        inputs = self.family.denoiser_inputs(cond.expand(latents.shape[0]), view_geometry)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        if self.capture is not None:
+            self.capture.clear()
+        pred = self.unet(noisy, timesteps, **inputs).sample
+        mse = F.mse_loss(pred.float(), target.float())
+        if self.capture is None:  # regulariser off
+            zero = mse.new_zeros(())
+            return dict(loss=mse, mse=mse, reg=zero, reg_mean=zero, reg_var=zero)
+        reg, mean_term, var_term = attention_reg_loss(self.capture.maps, mean_weight, var_weight, self.reduction,
+                                                      with_terms=True)
+        return dict(loss=mse + reg, mse=mse, reg=reg, reg_mean=mean_term, reg_var=var_term)
+
+
+class Hooks:
+    """Where tests step into a run (kill the process at a point, make a loss NaN); production passes none."""
+
+    def at(self, point):
+        """Called at named points: "<stage>:<step>" after each step, "<stage>:end", "checkpoint", "finished"."""
+
+    def loss(self, point, loss):
+        return loss
+
+
+@dataclass
+class Models:
+    """Everything a stage needs that stays across stages."""
+    family: object  # families.Family: asked for everything the model family decides
+    unet: nn.Module
+    text_encoders: list  # in the family's conditioning order; [V] has a row in each
+    noise_scheduler: object
+    capture: object
+    input_ids: list  # the training prompt's token ids (1, 77), one tensor per tokenizer
+    cond: object = None  # the cached conditioning once [V] is frozen (families.Conditioning)
+    cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
+
+
+def set_trainable(stage, models, name=None):
+    """Freeze everything, then unfreeze the parts the stage `name` names (its adapter for a LoRA stage);
+    returns the trainable parameters."""
+    from attndreambooth.config.plan import is_lora
+    for model in (models.unet, *models.text_encoders):
+        model.requires_grad_(False)
+    params = trained_weights(stage.train, models, adapter=name if is_lora(stage) else None)
+    for p in params.values():
+        p.requires_grad_(True)
+    return list(params.values())
+
+
+class Reporter:
+    """Where a step's numbers go (metrics.jsonl, the log, TensorBoard) and when validation grids are made."""
+
+    def __init__(self, out, accelerator, cfg, validate=None):
+        self.accelerator, self.cfg, self.validate, self.global_step = accelerator, cfg, validate, 0
+        self.metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+
+    def step(self, record, steps):
+        self.global_step += 1
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        name, step = record["stage"], record["step"]
+        if step % self.cfg.runtime.log_every_steps == 0 or step == steps:
+            log.info("%s step %d/%d loss %.5f mse %.5f reg %.3e (mean %.3e var %.3e)", name, step, steps,
+                     record["loss"], record["mse"], record["reg"], record["reg_mean"], record["reg_var"])
+        self.accelerator.log({f"{name}/{k}": record[k] for k in (*AttnDreamBoothLoss.TERMS, "lr")},
+                             step=self.global_step)
+        every = self.cfg.validation.every_steps
+        if self.validate is not None and every > 0 and (step % every == 0 or step == steps):
+            self.validate(name, step, self.global_step)
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def make_optimizer(params, stage, runtime, device):
+    """AdamW at the stage's constant lr: fused kernel, or 8-bit (bitsandbytes) in the low-memory preset."""
+    if runtime.optimizer_8bit:
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    fused = runtime.fused_adamw and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=fused or None)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops, its last checkpoint stays."""
+
+
+def trained_weights(parts, models, adapter=None):
+    """The parameters of `parts` by name (names as in `trainable_parameters`, also checkpoint keys)."""
+    return {n: p for part in parts
+            for n, p in trainable_parameters(part, models.unet, models.text_encoders, models.family, adapter).items()}
+
+
+@torch.no_grad()
+def restore_weights(weights, models):
+    """Copy checkpointed tensors back into the models."""
+    params = trained_weights(("embedding", "unet", "lora"), models)
+    for name, value in weights.items():
+        params[name].copy_(value)
+
+
+def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=None, checkpoint=None, hooks=None):
+    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps). With a
+    RunState `state`, continue from its position and optimizer state and keep it current;
+    `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
+    hooks = hooks or Hooks()
+    params = set_trainable(stage, models, name)
+    per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
+    if rest:
+        raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
+                         f"{accelerator.num_processes} processes")
+    run_text = "embedding" in stage.train or not models.cache_text
+    objective = AttnDreamBoothLoss(models.family, models.unet, models.text_encoders, models.noise_scheduler,
+                                   models.capture, cfg.reg.reduction)
+    if not run_text:  # computed anew for every stage: an earlier stage may have moved [V]
+        with torch.no_grad(), accelerator.autocast():
+            models.cond = objective.encode(models.input_ids).float()
+    optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    start_step = 0
+    if state is not None:
+        start_step = state.start_step(name)
+        if start_step and state.optimizer_state is not None:
+            optimizer.load_state_dict(state.optimizer_state)
+        state.stage, state.step, state.done, state.optimizer, state.optimizer_state = name, start_step, False, optimizer, None
+    # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
+    batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
+    weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
+    device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(range(start_step, stage.steps), desc=f"{name} ({'+'.join(stage.train)})", initial=start_step,
+               total=stage.steps, disable=not accelerator.is_main_process)
+    every = cfg.runtime.checkpoint_every_steps
+    start = time.perf_counter()
+    models.unet.train()  # validation switches to eval and back
+    for step in bar:
+        geometry = None
+        if models.family.needs_view_geometry:  # e.g. SDXL: each sampled view's size and crop conditioning
+            latents, geometry = sampler.sample(per_process, with_geometry=True)
+        else:
+            latents = sampler.sample(per_process)
+        noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
+        timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
+        with accelerator.autocast():
+            terms = objective(latents, noise, timesteps, input_ids=models.input_ids,
+                              cond=None if run_text else models.cond, view_geometry=geometry, **weights)
+        loss = terms["loss"] = hooks.loss(f"{name}:{step + 1}", terms["loss"])
+        accelerator.backward(loss)
+        if cfg.runtime.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = torch.stack([terms[k] for k in AttnDreamBoothLoss.TERMS]).detach().float()
+        if not accelerator.gather(torch.isfinite(values[:1])).all():  # the step's one host sync; all ranks stop
+            raise NonFiniteLoss(  # before any checkpoint or artefact holds the step's weights
+                f"{name} step {step + 1}: the loss is not finite (mse {terms['mse']:.4g}, reg {terms['reg']:.4g}). "
+                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, "
+                f"e.g. with a lower learning rate (stages.{name}.lr={stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
+        record = dict(stage=name, step=step + 1, **dict(zip(AttnDreamBoothLoss.TERMS, values.tolist())), lr=stage.lr,
+                      seconds=round(time.perf_counter() - start, 5))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
+        reporter.step(record, stage.steps)
+        if state is not None:
+            state.step, state.global_step = step + 1, state.global_step + 1
+        if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
+            checkpoint(state)
+        hooks.at(f"{name}:{step + 1}")
+    if models.capture is not None:
+        models.capture.clear()
+    if state is not None:
+        state.done, state.optimizer = True, None
+    accelerator.free_memory()  # drop the stage's wrappers and optimizer state
+    for p in params:
+        p.requires_grad_(False)
+    return time.perf_counter() - start, peak_memory_gib(device)
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory since the last reset, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
