@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from attndreambooth.config.checks import folder_problem
+from attndreambooth.config.plan import DTYPES
 from attndreambooth.families import of_pipeline
 from attndreambooth.inference.attention_maps import figure, token_labels
-from attndreambooth.config.checks import folder_problem
 from attndreambooth.inference.loading import load_pipe, safetensors_keys
-from attndreambooth.config.plan import DTYPES
 from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample
 
 log = logging.getLogger("infer")

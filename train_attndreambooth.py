@@ -14,9 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from attndreambooth.trainer.checkpoint import CheckpointError
-from attndreambooth.config.schema import ConfigError
 from attndreambooth.config.loading import load_config, to_yaml
+from attndreambooth.config.plan import Plan
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.trainer.checkpoint import CheckpointError
 from attndreambooth.trainer.training import NonFiniteLoss
 
 log = logging.getLogger("attndreambooth")
@@ -38,19 +39,20 @@ def main(argv=None, hooks=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = fit_memory(load_config(args.config, args.overrides))  # a card preset is resolved for the model
+        plan = Plan(cfg.stages)  # built once, here, from the final config; passed to everything after
         if args.dry_run:
-            _, models = check_inputs(cfg, download=False)  # the same mistakes as a real run reports, nothing written
+            _, layout = check_inputs(cfg, download=False)  # the same mistakes as a real run reports, nothing written
             print(to_yaml(cfg))
-            print(plan_text(cfg, models))
+            print(plan_text(cfg, plan, layout))
             return None
-        state, paths, lock = preflight(cfg)  # data, tokens, run folder, disk: before any weights load
+        state, paths, lock = preflight(cfg, plan)  # data, tokens, run folder, disk: before any weights load
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if state == "finished":
         log.info("%s is a finished run: nothing to do (resume=false starts it over)", cfg.output_dir)
         return Path(cfg.output_dir)
     try:
-        return run(cfg, state, paths, hooks)
+        return run(cfg, plan, state, paths, hooks)
     except (NonFiniteLoss, ConfigError, CheckpointError, Interrupted) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # while loading, before any step

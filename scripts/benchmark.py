@@ -107,16 +107,18 @@ def model_flops(layout, batch_size):
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attndreambooth.trainer.concept import add_concept_token
+    from attndreambooth.config.plan import Plan
     from attndreambooth.config.schema import paper_stages
+    from attndreambooth.trainer.concept import add_concept_token
     from attndreambooth.trainer.training import Models, set_trainable
     family, tokenizers, encoders, _, unet, _ = build(layout, "meta")
     unet.set_attn_processor(AttnProcessor())
     add_concept_token(tokenizers[0], encoders[0], "<v>", "toy")
     size, flops = unet.config.sample_size, {}
     dim = unet.config.cross_attention_dim
-    for name, stage in paper_stages().items():
-        set_trainable(stage, Models(family, unet, encoders[:1], None, None, None))
+    for planned in Plan(paper_stages()):
+        name, stage = planned.name, planned.config
+        set_trainable(planned, Models(family, unet, encoders[:1], None, None, None))
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
             if "embedding" in stage.train:  # SDXL: both encoders run, side by side
@@ -147,14 +149,14 @@ def run_variant(variant, preset, args):
     from accelerate.state import AcceleratorState
 
     from attention_reg import CrossAttentionCapture, compile_unet
-    from attndreambooth.config.schema import MEMORY_PRESETS
-    from attndreambooth.config.loading import load_config
-    from attndreambooth.trainer.data import LatentSampler, encode_pixels
-    from attndreambooth.trainer.concept import add_concept_token, encode_prompt
     from attndreambooth.bench.reference import EncodeEveryStep, ReferenceCapture
-    from attndreambooth.trainer.training import Models, run_stage
-    from attndreambooth.trainer.lora import add_adapters
+    from attndreambooth.config.loading import load_config
     from attndreambooth.config.plan import DTYPES, Plan
+    from attndreambooth.config.schema import MEMORY_PRESETS
+    from attndreambooth.trainer.concept import add_concept_token, encode_prompt
+    from attndreambooth.trainer.data import LatentSampler, encode_pixels
+    from attndreambooth.trainer.lora import add_adapters
+    from attndreambooth.trainer.training import Models, run_stage
     flags = VARIANTS[variant]
     memory = dict(MEMORY_PRESETS.get(preset) or LORA_PRESETS[preset])
     if args.no_8bit:
@@ -208,12 +210,13 @@ def run_variant(variant, preset, args):
     with capture:
         if flags.get("compile"):
             compile_unet(unet)
-        for name, stage in cfg.stages.items():
+        for planned in Plan(cfg.stages):
+            name = planned.name
             if name not in args.stages.split(","):
                 continue
-            stage = replace(stage, steps=args.warmup + args.steps, batch_size=B)
+            planned = replace(planned, config=replace(planned.config, steps=args.warmup + args.steps, batch_size=B))
             rec = Recorder()
-            _, peak = run_stage(name, stage, models, sampler, accelerator, cfg, rec)
+            _, peak = run_stage(planned, models, sampler, accelerator, cfg, rec)
             seconds = [r["seconds"] for r in rec.records]
             durations = [seconds[0]] + [b - a for a, b in zip(seconds, seconds[1:])]
             row[f"{name}_s_per_step"] = statistics.median(durations[args.warmup:])

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb# noqa: E402
-from attndreambooth.families.source import cached_build# noqa: E402
 from attndreambooth.bench.scatter import scatter# noqa: E402
+from attndreambooth.families.source import cached_build# noqa: E402
+from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb# noqa: E402
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 

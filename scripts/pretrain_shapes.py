@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from attndreambooth.config.checks import folder_problem# noqa: E402
 from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build# noqa: E402
 from attndreambooth.bench.shapes.pretrain import Pretraining# noqa: E402
 from attndreambooth.bench.shapes.world_report import write_report# noqa: E402
+from attndreambooth.config.checks import folder_problem# noqa: E402
 
 
 def parse_args(argv):

@@ -5,9 +5,9 @@ with the sweep: a method's config file and a cell's folder."""
 import json
 from pathlib import Path
 
-from attndreambooth.config.schema import ConfigError
-from attndreambooth.config.loading import load_config
 from attndreambooth.config.checks import folder_problem
+from attndreambooth.config.loading import load_config
+from attndreambooth.config.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

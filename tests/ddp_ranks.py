@@ -26,16 +26,16 @@ def sample(self, batch_size, **kwargs):
     return result
 
 
-def run_stage(name, stage, models, *args, **kwargs):
+def run_stage(planned, models, *args, **kwargs):
     rows = lambda: [e.get_input_embeddings().row.detach().clone() for e in models.text_encoders]  # noqa: E731
     init, *init_2 = rows()
     init_2 = {"init_2": init_2[0]} if init_2 else {}  # SDXL's second encoder
-    result = original_run_stage(name, stage, models, *args, **kwargs)
+    result = original_run_stage(planned, models, *args, **kwargs)
     row, *second = rows()
     unet = torch.cat([p.detach().flatten() for p in models.unet.parameters()])
     second = {"row_2": second[0]} if second else {}
     save_file({"row": row, "init": init, "unet": unet, **seen, **init_2,
-               **{k: v.detach().clone() for k, v in second.items()}}, out / f"rank{rank}_{name}.safetensors")
+               **{k: v.detach().clone() for k, v in second.items()}}, out / f"rank{rank}_{planned.name}.safetensors")
     return result
 
 

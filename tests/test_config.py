@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 import train_attndreambooth as T
-from attndreambooth.families import source as models
-from attndreambooth.config.schema import ConfigError, paper_stages
 from attndreambooth.config.loading import load_config
+from attndreambooth.config.schema import ConfigError, paper_stages
+from attndreambooth.families import source as models
 from conftest import ROOT, SAMPLE
 
 REQUIRED = ["output_dir=/tmp/unused", f"data.instance_dir={SAMPLE}", "data.category=toy"]

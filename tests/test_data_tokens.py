@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageOps
 
 from attndreambooth.config.schema import AugmentConfig
-from attndreambooth.trainer.data import LatentSampler, augment, load_rgb, to_tensor
 from attndreambooth.trainer.concept import ConceptEmbedding, add_concept_token, bake_concept, encode_prompt
+from attndreambooth.trainer.data import LatentSampler, augment, load_rgb, to_tensor
 from conftest import SHARED
 
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import train_attndreambooth as T
-from attndreambooth.families import source as models
 from attndreambooth.config.loading import load_config
+from attndreambooth.families import source as models
 from attndreambooth.trainer.data import list_images, load_rgb
 from conftest import ROOT, SAMPLE
 

@@ -53,9 +53,9 @@ def lora_run(tmp_path_factory):
 def test_lora_stage_trains_only_its_adapter(tiny_pipe):
     from attndreambooth import families
     from attndreambooth.config.loading import load_config
-    from attndreambooth.trainer.lora import add_adapters, adapter_part, lora_parameter_count
-    from attndreambooth.trainer.concept import add_concept_token
     from attndreambooth.config.plan import Plan
+    from attndreambooth.trainer.concept import add_concept_token
+    from attndreambooth.trainer.lora import add_adapters, adapter_part, lora_parameter_count
     from attndreambooth.trainer.training import Models, set_trainable
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={SAMPLE}", "output_dir=x",
                                             *[f"{k}={v}" for k, v in LORA.items()]])
@@ -65,7 +65,7 @@ def test_lora_stage_trains_only_its_adapter(tiny_pipe):
     models = Models(family, tiny_pipe.unet, [tiny_pipe.text_encoder], None, None, None)
     trained = {}
     for name in ("stage2", "stage3"):
-        params = set_trainable(cfg.stages[name], models, name)
+        params = set_trainable(Plan(cfg.stages)[name], models)
         trainable = trained[name] = {n for n, p in tiny_pipe.unet.named_parameters() if p.requires_grad}
         assert trainable and all(f".lora_A.{name}." in n or f".lora_B.{name}." in n for n in trainable)
         assert not any(p.requires_grad for p in tiny_pipe.text_encoder.parameters())

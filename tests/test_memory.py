@@ -4,8 +4,8 @@ train that fits, and what a user sets explicitly wins."""
 import pytest
 import torch
 
-from attndreambooth.config.schema import ConfigError
 from attndreambooth.config.loading import load_config
+from attndreambooth.config.schema import ConfigError
 from attndreambooth.families import by_name
 from attndreambooth.trainer.memory import (CARDS, HEADROOM, LADDER, activation_elements, current_savers, fit_card, stage_peaks)
 from attndreambooth.config.plan import Plan

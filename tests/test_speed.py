@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 
 import train_attndreambooth as T
 from attention_reg import CrossAttentionCapture
-from attndreambooth.config.schema import ConfigError
-from attndreambooth.config.loading import load_config
-from attndreambooth.trainer.data import encode_pixels
-from attndreambooth.trainer.concept import add_concept_token, encode_prompt
 from attndreambooth.bench.reference import ReferenceCapture
+from attndreambooth.config.loading import load_config
+from attndreambooth.config.schema import ConfigError
 from attndreambooth.families import Conditioning, by_name
+from attndreambooth.trainer.concept import add_concept_token, encode_prompt
+from attndreambooth.trainer.data import encode_pixels
 from attndreambooth.trainer.training import AttnDreamBoothLoss
 
 SD = by_name("sd")

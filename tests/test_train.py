@@ -201,10 +201,10 @@ def test_cached_conditioning_follows_v_when_a_later_stage_moves_it(tmp_path, mon
     import attndreambooth.trainer.training as TR
     seen, original = {}, TR.run_stage
 
-    def run_stage(name, stage, models, *args, **kwargs):
-        result = original(name, stage, models, *args, **kwargs)
+    def run_stage(planned, models, *args, **kwargs):
+        result = original(planned, models, *args, **kwargs)
         with torch.no_grad():
-            seen[name] = (None if models.cond is None else models.cond.hidden.clone(),
+            seen[planned.name] = (None if models.cond is None else models.cond.hidden.clone(),
                           models.text_encoders[0](models.input_ids[0])[0].float())
         return result
 

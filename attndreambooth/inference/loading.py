@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from attndreambooth.config.schema import ModelConfig
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.plan import DTYPES, LORA_FILE, Plan
+from attndreambooth.config.schema import ModelConfig
 from attndreambooth.inference.sampling import set_scheduler
 
 

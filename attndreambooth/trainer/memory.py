@@ -69,8 +69,8 @@ def activation_elements(unet, resolution, family):
 def stage_peaks(sizes, plan, savers, mixed_precision):
     """{stage: estimated peak GiB} from preflight.memory_sizes (parameters, activations per sample, LoRA
     parameters per unit of rank)."""
-    from attndreambooth.trainer.lora import adapter_part
     from attndreambooth.config.plan import UNET_PARTS
+    from attndreambooth.trainer.lora import adapter_part
     half = savers.half_frozen_weights and mixed_precision != "no"
     full_unet = not savers.lora and any(UNET_PARTS & set(s.config.train) for s in plan)
     weights = sizes["unet"] * (2 if half and not full_unet else 4) + sizes["text"] * (2 if half else 4)
@@ -88,11 +88,11 @@ def stage_peaks(sizes, plan, savers, mixed_precision):
     return peaks
 
 
-def current_savers(cfg):
+def current_savers(cfg, plan=None):
     """The savers a resolved config switches on."""
     from attndreambooth.config.plan import Plan
     r = cfg.runtime
-    return Savers(bool(r.gradient_checkpointing), bool(r.optimizer_8bit), Plan(cfg.stages).lora,
+    return Savers(bool(r.gradient_checkpointing), bool(r.optimizer_8bit), (plan or Plan(cfg.stages)).lora,
                   bool(r.half_frozen_weights))
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from attndreambooth.trainer.checkpoint import size_text
-from attndreambooth.config.schema import ConfigError
 from attndreambooth.config.loading import to_yaml
-from attndreambooth.trainer.data import list_images
-from attndreambooth.trainer.concept import is_known_word
-from attndreambooth.families.source import meta_models, model_source
-from attndreambooth.trainer.parts import regularised_layers
-from attndreambooth.trainer.lora import adapter_part, lora_parameter_count
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.families.source import meta_models, model_source
+from attndreambooth.trainer.checkpoint import size_text
+from attndreambooth.trainer.concept import is_known_word
+from attndreambooth.trainer.data import list_images
+from attndreambooth.trainer.lora import adapter_part, lora_parameter_count
+from attndreambooth.trainer.parts import regularised_layers
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -30,13 +30,13 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_s
                      "runtime.max_grad_norm", "runtime.pipeline_dtype", "runtime.save_merged_pipeline")
 
 
-def parameter_sizes(cfg, layout=None):
+def parameter_sizes(cfg, layout=None, plan=None):
     """Parameter counts: [V]'s row(s), the cross-attention layers, U-Net, text encoder(s), whole pipeline, each
     LoRA stage's adapter."""
     m = layout or meta_models(cfg)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     per_rank = {part: lora_parameter_count(m.unet, part, m.family) for part in UNET_PARTS}
-    lora = {s.name: per_rank[adapter_part(s.config)] * s.config.lora_rank for s in Plan(cfg.stages) if s.lora}
+    lora = {s.name: per_rank[adapter_part(s.config)] * s.config.lora_rank for s in plan or Plan(cfg.stages) if s.lora}
     text = sum(count(t) for t in m.text_encoders)
     cross = sum(p.numel() for n, p in m.unet.named_parameters() if m.family.is_cross_attention(n))
     return m.source, dict(embedding=sum(t.config.hidden_size for t in m.text_encoders), unet=count(m.unet),
@@ -44,11 +44,11 @@ def parameter_sizes(cfg, layout=None):
                           lora_per_rank=per_rank)
 
 
-def memory_sizes(cfg, layout=None):
+def memory_sizes(cfg, layout=None, plan=None):
     """parameter_sizes plus the U-Net's activations per sample at data.resolution (the memory estimate)."""
     from attndreambooth.trainer.memory import activation_elements
     layout = layout or meta_models(cfg)
-    source, sizes = parameter_sizes(cfg, layout)
+    source, sizes = parameter_sizes(cfg, layout, plan)
     sizes["activations"] = activation_elements(layout.unet, cfg.data.resolution, layout.family)
     return source, sizes
 
@@ -57,8 +57,8 @@ def fit_memory(cfg):
     """Resolve a card preset (runtime.memory=12gb|16gb|24gb) for this model, then check the config again."""
     import importlib.util
 
-    from attndreambooth.config.schema import CARD_PRESETS
     from attndreambooth.config.checks import validate
+    from attndreambooth.config.schema import CARD_PRESETS
     from attndreambooth.trainer.memory import fit_card
     if cfg.runtime.memory in CARD_PRESETS:
         _, sizes = memory_sizes(cfg)
@@ -81,12 +81,12 @@ def stage_parameters(sizes, planned):
     return sum(sizes[p] for p in s.train)
 
 
-def plan_text(cfg, layout=None):
+def plan_text(cfg, plan, layout=None):
     """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry-run."""
     from attndreambooth.trainer.memory import current_savers, stage_peaks
-    source, sizes = memory_sizes(cfg, layout)
-    planned = {s.name: s for s in Plan(cfg.stages)}
-    peaks = stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), cfg.runtime.mixed_precision)
+    source, sizes = memory_sizes(cfg, layout, plan)
+    planned = {s.name: s for s in plan}
+    peaks = stage_peaks(sizes, plan, current_savers(cfg, plan), cfg.runtime.mixed_precision)
     lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "
              "counts, see attndreambooth/trainer/memory.py):"]
     for name in cfg.stages:
@@ -196,10 +196,9 @@ def config_changes(old, new, prefix=""):
     return changes
 
 
-def check_disk(cfg, layout=None):
+def check_disk(cfg, plan, layout=None):
     """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
-    _, sizes = parameter_sizes(cfg, layout)
-    plan = Plan(cfg.stages)
+    _, sizes = parameter_sizes(cfg, layout, plan)
     parts = plan.trained_parts()
     trained = sizes["unet"] if "unet" in parts else sizes["cross_attention"] if "cross_attention" in parts else 0
     if plan.lora:  # the adapters instead of the U-Net weights; the pipeline only when asked for
@@ -242,14 +241,14 @@ def check_inputs(cfg, download=True):
     return paths, layout
 
 
-def preflight(cfg):
+def preflight(cfg, plan):
     """All checks that need no weights, then the run folder claimed (locked; for resume=false the earlier
     run moved aside, only now that everything else passed). Returns the folder's state ('new', 'resume',
     'finished'), the checked instance images and the lock (keep it for the process's life)."""
     paths, layout = check_inputs(cfg)
     state = run_folder_state(cfg)
     if state != "finished":
-        check_disk(cfg, layout)
+        check_disk(cfg, plan, layout)
     if state == "finished":  # nothing will be written
         return state, paths, None
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher, rank 0 claims the folder for all

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attndreambooth.trainer.checkpoint import CheckpointError, Checkpointer, free_space
-from attndreambooth.config.schema import ConfigError
 from attndreambooth.config.loading import to_yaml
-from attndreambooth.config.plan import DTYPES, LORA_FILE, UNET_PARTS, Plan
+from attndreambooth.config.plan import DTYPES, LORA_FILE, UNET_PARTS
+from attndreambooth.config.schema import ConfigError
+from attndreambooth.trainer.checkpoint import CheckpointError, Checkpointer, free_space
 
 log = logging.getLogger("attndreambooth")
 
@@ -40,14 +40,14 @@ def save_atomic(tensors, path):
     os.replace(tmp, path)
 
 
-def prepare(cfg, accelerator, paths):
+def prepare(cfg, plan, accelerator, paths):
     """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
     from diffusers import DDPMScheduler
 
     from attention_reg import CrossAttentionCapture
+    from attndreambooth.families.source import load_pipeline
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
     from attndreambooth.trainer.data import LatentSampler, encode_view_pool
-    from attndreambooth.families.source import load_pipeline
     from attndreambooth.trainer.lora import add_adapters
     from attndreambooth.trainer.parts import regularised_layers
     from attndreambooth.trainer.training import Models
@@ -55,7 +55,6 @@ def prepare(cfg, accelerator, paths):
     pipe, family = load_pipeline(cfg.model)
     vae, unet = pipe.vae, pipe.unet
     text_encoders, tokenizers = family.text_encoders(pipe), family.tokenizers(pipe)
-    plan = Plan(cfg.stages)
     if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoders ([V] is its own fp32
         half = DTYPES[cfg.runtime.mixed_precision]  # row), and the U-Net of a run that trains only adapters
         for encoder in text_encoders:
@@ -110,14 +109,13 @@ def embedding_files(cfg, models):
     return models.family.embedding_files(rows, cfg.data.placeholder)
 
 
-def save_final(cfg, pipe, models, out):
+def save_final(cfg, plan, pipe, models, out):
     """The slim artefacts: the embedding in two formats, the LoRA file of a LoRA run, and the complete
     pipeline (for a LoRA run only with runtime.save_merged_pipeline), each written atomically."""
     from attndreambooth.trainer.concept import bake_concept
     from attndreambooth.trainer.lora import merge_adapters, save_lora
     for name, tensors in embedding_files(cfg, models).items():
         save_atomic(tensors, out / name)
-    plan = Plan(cfg.stages)
     if plan.lora:
         save_lora(pipe.unet, plan.names, out / LORA_FILE)
         log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding)", out / LORA_FILE, str(out))
@@ -133,20 +131,20 @@ def save_final(cfg, pipe, models, out):
     log.info("saved %s (load with %s.from_pretrained)", out / "pipeline", type(pipe).__name__)
 
 
-def run(cfg, state, paths, hooks=None):
+def run(cfg, plan, state, paths, hooks=None):
     """Run every planned stage in order on the instance images `paths` (continuing from the newest good
     checkpoint when `state` is 'resume') and write the run folder; returns the run folder."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
     from attention_reg import compile_unet
+    from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.lora import save_lora
     from attndreambooth.trainer.preflight import mark_finished
-    from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.state import RunState
     from attndreambooth.trainer.training import Hooks, Reporter, run_stage
 
-    hooks, out, plan = hooks or Hooks(), Path(cfg.output_dir), Plan(cfg.stages)
+    hooks, out = hooks or Hooks(), Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
     tensorboard = cfg.runtime.tensorboard and importlib.util.find_spec("tensorboard") is not None
     # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
@@ -171,7 +169,7 @@ def run(cfg, state, paths, hooks=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
-    pipe, models, sampler = prepare(cfg, accelerator, paths)
+    pipe, models, sampler = prepare(cfg, plan, accelerator, paths)
     device, capture = accelerator.device, models.capture
     components = models.family.components(pipe)
 
@@ -218,7 +216,7 @@ def run(cfg, state, paths, hooks=None):
                 if run_state.finished(name):
                     log.info("%s: already done", name)
                     continue
-                seconds, peak = run_stage(name, stage, models, sampler, accelerator, cfg, reporter, run_state,
+                seconds, peak = run_stage(planned, models, sampler, accelerator, cfg, reporter, run_state,
                                           save_checkpoint, hooks)
                 log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
                          "GPU" if device.type == "cuda" else "process", peak)
@@ -234,7 +232,7 @@ def run(cfg, state, paths, hooks=None):
                 hooks.at(f"{name}:end")
         reporter.close()
         if accelerator.is_main_process:
-            save_final(cfg, pipe, models, out)
+            save_final(cfg, plan, pipe, models, out)
             mark_finished(out)  # before resume/ goes: a kill in between leaves a finished run, not a lost one
             hooks.at("finished")
             if not cfg.runtime.keep_resume_state:

@@ -23,6 +23,23 @@ class RunState:
     def start_step(self, name):
         return self.step if name == self.stage and not self.done else 0
 
+    def begin(self, name, optimizer):
+        """Stage `name` starts (or continues) with `optimizer`; returns the step it starts from. A restored
+        optimizer state goes into it when the stage continues where a checkpoint left it."""
+        start = self.start_step(name)
+        if start and self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        self.stage, self.step, self.done, self.optimizer, self.optimizer_state = name, start, False, optimizer, None
+        return start
+
+    def advance(self):
+        """One step of the running stage done."""
+        self.step, self.global_step = self.step + 1, self.global_step + 1
+
+    def end(self):
+        """The running stage is done; its optimizer is not checkpointed any more."""
+        self.done, self.optimizer = True, None
+
     def state_dict(self, sampler_states):
         """(tensors, meta); `sampler_states` is every process's `sampler.state_dict()`, rank order."""
         weights = trained_weights(self.plan[self.stage].holds, self.models)

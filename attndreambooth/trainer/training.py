@@ -79,13 +79,12 @@ class Models:
     cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
 
 
-def set_trainable(stage, models, name=None):
-    """Freeze everything, then unfreeze the parts the stage `name` names (its adapter for a LoRA stage);
+def set_trainable(planned, models):
+    """Freeze everything, then unfreeze the parts the planned stage names (its adapter for a LoRA stage);
     returns the trainable parameters."""
-    from attndreambooth.config.plan import is_lora
     for model in (models.unet, *models.text_encoders):
         model.requires_grad_(False)
-    params = trained_weights(stage.train, models, adapter=name if is_lora(stage) else None)
+    params = trained_weights(planned.config.train, models, adapter=planned.name if planned.lora else None)
     for p in params.values():
         p.requires_grad_(True)
     return list(params.values())
@@ -145,12 +144,12 @@ def restore_weights(weights, models):
         params[name].copy_(value)
 
 
-def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=None, checkpoint=None, hooks=None):
-    """Train `stage.steps` AdamW steps of what `stage.train` names (constant lr, uniform timesteps). With a
-    RunState `state`, continue from its position and optimizer state and keep it current;
-    `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
-    hooks = hooks or Hooks()
-    params = set_trainable(stage, models, name)
+def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, checkpoint=None, hooks=None):
+    """Train a planned stage (config.plan.PlannedStage): `steps` AdamW steps of what its `train` names (constant
+    lr, uniform timesteps). With a RunState `state`, continue from its position and optimizer state and keep
+    it current; `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
+    hooks, name, stage = hooks or Hooks(), planned.name, planned.config
+    params = set_trainable(planned, models)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
     if rest:
         raise ValueError(f"stages.{name}.batch_size={stage.batch_size} does not split over "
@@ -163,12 +162,7 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=No
             models.cond = objective.encode(models.input_ids).float()
     optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    start_step = 0
-    if state is not None:
-        start_step = state.start_step(name)
-        if start_step and state.optimizer_state is not None:
-            optimizer.load_state_dict(state.optimizer_state)
-        state.stage, state.step, state.done, state.optimizer, state.optimizer_state = name, start_step, False, optimizer, None
+    start_step = 0 if state is None else state.begin(name, optimizer)
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
     weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
@@ -208,14 +202,14 @@ def run_stage(name, stage, models, sampler, accelerator, cfg, reporter, state=No
         bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
         reporter.step(record, stage.steps)
         if state is not None:
-            state.step, state.global_step = step + 1, state.global_step + 1
+            state.advance()
         if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
             checkpoint(state)
         hooks.at(f"{name}:{step + 1}")
     if models.capture is not None:
         models.capture.clear()
     if state is not None:
-        state.done, state.optimizer = True, None
+        state.end()
     accelerator.free_memory()  # drop the stage's wrappers and optimizer state
     for p in params:
         p.requires_grad_(False)
