@@ -79,6 +79,12 @@ class Family:
         """Conditioning of token ids (one tensor per tokenizer, (B, 77)), as the family's pipeline encodes."""
         return Conditioning(text_encoders[0](input_ids[0])[0])
 
+    def training_target(self, noise_scheduler, latents, noise, timesteps):
+        """What the denoiser is trained to predict: the noise, or v for a v-prediction schedule."""
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            return noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
     needs_view_geometry = False  # whether the denoiser takes each view's size and crop (SDXL's time_ids)
 
     def denoiser_inputs(self, cond, view_geometry=None):

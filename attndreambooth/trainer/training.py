@@ -40,10 +40,7 @@ class AttnDreamBoothLoss(nn.Module):
             cond = self.encode(input_ids)
         inputs = self.family.denoiser_inputs(cond.expand(latents.shape[0]), view_geometry)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = self.family.training_target(self.noise_scheduler, latents, noise, timesteps)
         if self.capture is not None:
             self.capture.clear()
         pred = self.unet(noisy, timesteps, **inputs).sample
