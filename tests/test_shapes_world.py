@@ -302,3 +302,33 @@ def test_any_latent_channel_count_pretrains_trains_samples_and_saves(tmp_path, c
     from PIL import Image
     assert Image.open(folder / "000.png").size == (64, 64)
     assert np.load(folder / "attention_maps.npz")["maps"].shape[-2:] == (16, 16)
+
+
+def test_shape_words_attention_iou_on_constructed_maps():
+    """The report's attention localisation, on maps whose answer is known: each shape word's map is its own
+    object's mask (at the 16x16 latent grid) and every other token's is flat, so the main shape word scores
+    ~1 with the main object and the second object's word ~1 with the second, found at their token
+    positions (the first and the last occurrence of a shape word)."""
+    import torch
+
+    from attndreambooth.bench.shapes.model import build
+    from attndreambooth.bench.shapes.score import attention_iou
+    from attndreambooth.bench.shapes.world_report import _word_position, pooled
+    tokenizer = build()[0]
+    scene = Scene(Thing("star", "red", pattern="striped", colour2="white"), "big", "left", "blue",
+                  Thing("star", "yellow"))
+    caption = scene.caption()
+    from attndreambooth.bench.shapes.model import VOCABULARY
+    assert [w for w in VOCABULARY if tokenizer.tokenize(w) != [f"{w}</w>"]] == []  # every word one token
+    image = scene.render(0)
+    main, second = R.match_objects(R.describe(image), scene.attributes())
+    maps = torch.full((77, 16, 16), 0.01)
+    first, last = _word_position(tokenizer, caption, "star"), _word_position(tokenizer, caption, "star", last=True)
+    assert (first, last) == (7, len(caption.split()))  # after the start token: a big red and white striped star
+    for pos, obj in ((first, main), (last, second)):
+        down = torch.nn.functional.avg_pool2d(torch.tensor(obj["blob"].mask, dtype=torch.float32)[None, None], 4)
+        maps[pos] = down[0, 0]
+        assert np.allclose(pooled(obj["blob"].mask, (16, 16)), maps[pos].numpy())  # the report's ceiling map
+    assert attention_iou(maps[first].numpy(), main["blob"].mask) > 0.7  # a 16x16 map of a 64 px mask: ~0.77 at best
+    assert attention_iou(maps[last].numpy(), second["blob"].mask) > 0.5  # a small object, 4 px a cell
+    assert attention_iou(maps[first].numpy(), second["blob"].mask) == 0.0  # the main word is not on the second

@@ -21,18 +21,54 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def write_tiny_tokenizer(folder, words=TINY_WORDS, pad_token="!"):
-    """A CLIP BPE tokenizer made in code: byte alphabet + merges for a word list (each word becomes one token);
-    pads with "!" like SD 2.x (SD 1.x pads with <|endoftext|>)."""
-    alphabet = _bytes_to_unicode()
-    vocab = alphabet + [c + "</w>" for c in alphabet]
+def _bpe(symbols, ranks):
+    """CLIP's BPE on one word's symbols: merge the adjacent pair of lowest rank, everywhere, until none has one."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, _ = min(pairs)
+        if rank == float("inf"):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and ranks.get((symbols[i], symbols[i + 1])) == rank:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _word_merges(words, whole_words):
+    """Merges that make each word one token: a chain per word, left to right; with `whole_words`, repaired
+    where another word's merges cut into it ("st" + "r" of "striped" loses to "r" + "i" of "right"): a
+    merge of the pieces it is left in is added at the end, where it applies only once nothing else does."""
     merges = []
-    for word in dict.fromkeys(words):
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
-            merges.append(f"{symbols[0]} {symbols[1]}")
+            merges.append((symbols[0], symbols[1]))
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
     merges = list(dict.fromkeys(merges))
+    for _ in range(64 if whole_words else 0):
+        ranks = {m: i for i, m in enumerate(merges)}
+        split = [_bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks) for w in words]
+        split = [s for s in split if len(s) > 1]
+        if not split:
+            break
+        merges += list(dict.fromkeys((s[0], s[1]) for s in split if (s[0], s[1]) not in ranks))
+    return merges
+
+
+def write_tiny_tokenizer(folder, words=TINY_WORDS, pad_token="!", whole_words=False):
+    """A CLIP BPE tokenizer made in code: byte alphabet + merges for a word list; pads with "!" like SD 2.x
+    (SD 1.x pads with <|endoftext|>). With `whole_words` every word is exactly one token (the shapes world:
+    its metrics find a word's attention map by its token); without, a word that another word's merges cut
+    into stays a few tokens, as the tiny models were built (their files must not change)."""
+    alphabet = _bytes_to_unicode()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = [f"{a} {b}" for a, b in _word_merges(list(dict.fromkeys(words)), whole_words)]
     vocab += [m.replace(" ", "") for m in merges]
     vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(folder)

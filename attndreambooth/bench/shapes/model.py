@@ -32,7 +32,7 @@ def build(seed=0, latent_channels=LATENT_CHANNELS):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tiny_tokenizer(tmp, VOCABULARY)
+        vocab_size = write_tiny_tokenizer(tmp, VOCABULARY, whole_words=True)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=vocab_size - 2,

@@ -52,6 +52,12 @@ def _word_position(tokenizer, caption, word, last=False):
     return 1 + (hits[-1] if last else hits[0])  # the start token comes first
 
 
+def pooled(mask, grid):
+    """A (64, 64) mask averaged down to a map grid (h, w): a perfectly placed attention map."""
+    t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(t, tuple(grid))[0, 0].numpy()
+
+
 def held_out(pipe, n=200, seed=0, log=print):
     """Per-attribute accuracy of `n` held-out captions (one image each), and the attention IoU of the main
     object's shape word with the main object's mask (and of the second object's shape word with the second
@@ -60,7 +66,7 @@ def held_out(pipe, n=200, seed=0, log=print):
     from attndreambooth.inference.sampling import sample
     rng = random.Random(f"held-out-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
-    totals, scores, iou_main, iou_second = {}, [], [], []
+    totals, scores, iou_main, iou_second, ceiling = {}, [], [], [], []
     for i, scene in enumerate(scenes):
         caption = scene.caption()
         (image,), maps = sample(pipe, caption, 1, seed + i, steps=STEPS, guidance_scale=CFG, attention_maps=True)
@@ -71,6 +77,8 @@ def held_out(pipe, n=200, seed=0, log=print):
         m = maps[0].numpy()
         iou_main.append(attention_iou(m[_word_position(pipe.tokenizer, caption, scene.main.shape)], main["blob"].mask)
                         if main else 0.0)
+        if main:  # the best a map at this grid can do: the object's own mask, pooled to it
+            ceiling.append(attention_iou(pooled(main["blob"].mask, m.shape[-2:]), main["blob"].mask))
         if scene.second:
             pos = _word_position(pipe.tokenizer, caption, scene.second.shape, last=True)
             iou_second.append(attention_iou(m[pos], second["blob"].mask) if second else 0.0)
@@ -78,7 +86,7 @@ def held_out(pipe, n=200, seed=0, log=print):
             log(f"held-out {i + 1}/{n}: alignment {np.mean(scores):.3f}, shape-word IoU {np.mean(iou_main):.3f}")
     return dict(captions=n, alignment=float(np.mean(scores)), accuracy={k: h / t for k, (h, t) in totals.items()},
                 attention_iou=dict(main=float(np.mean(iou_main)), second=float(np.mean(iou_second or [0.0])),
-                                   second_captions=len(iou_second)))
+                                   second_captions=len(iou_second), ceiling=float(np.mean(ceiling or [0.0]))))
 
 
 def describing_captions(concept):
