@@ -104,6 +104,32 @@ def test_lora_file_rebuilds_the_trained_unet_in_stock_diffusers(lora_run, tiny_d
     torch.testing.assert_close(unet_output(base), unet_output(merged), atol=1e-5, rtol=1e-5)
 
 
+def test_kohya_file_holds_the_same_adapters_under_the_clients_names(lora_run, tiny_dir):
+    """pytorch_lora_weights_kohya.safetensors (ComfyUI, AUTOMATIC1111, kohya): every key follows kohya's
+    convention and names a linear layer of the U-Net; up @ down x alpha / rank is the diffusers file's B @ A,
+    module by module, and no module or key is left over on either side. The diffusers file is consumed
+    whole by diffusers' own loader: every module it names gets an adapter."""
+    import re
+
+    from diffusers import StableDiffusionPipeline
+    kohya = load_file(lora_run / "pytorch_lora_weights_kohya.safetensors")
+    deltas = lora_deltas(lora_run / "pytorch_lora_weights.safetensors")
+    pattern = re.compile(r"lora_unet_([a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+    assert all(pattern.fullmatch(k) for k in kohya), [k for k in kohya if not pattern.fullmatch(k)][:3]
+    base = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    linear = {n.replace(".", "_"): n for n, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    modules = {pattern.fullmatch(k).group(1) for k in kohya}
+    assert modules <= linear.keys() and {linear[m] for m in modules} == deltas.keys()
+    assert len(kohya) == 3 * len(modules)
+    for m in modules:
+        down, up, alpha = (kohya[f"lora_unet_{m}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        assert alpha.dtype == torch.float32 and alpha.item() == down.shape[0]  # scale alpha / rank = 1
+        torch.testing.assert_close(up @ down * (alpha / down.shape[0]), deltas[linear[m]], atol=0, rtol=0)
+    base.load_lora_weights(str(lora_run))
+    wrapped = {n for n, m in base.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert wrapped == deltas.keys()
+
+
 def test_infer_loads_lora_runs_and_their_stages(lora_run, tiny_dir, tmp_path):
     from infer import load_pipe
     slim = tmp_path / "slim"  # the default LoRA run: no pipeline/

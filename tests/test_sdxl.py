@@ -102,6 +102,9 @@ def test_sdxl_lora_file_rebuilds_the_unet_in_stock_diffusers(tmp_path, base):
     out = sdxl_run(tmp_path / "lora", **{"stages.stage2.lora_rank": 4, "stages.stage3.lora_rank": 4,
                                          "runtime.save_merged_pipeline": "true"})
     merged, stock = cls.from_pretrained(out / "pipeline"), cls.from_pretrained(folder)
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")  # ComfyUI reads SDXL's by these names too
+    linear = {n.replace(".", "_") for n, m in stock.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kohya and all(k.split(".")[0].removeprefix("lora_unet_") in linear for k in kohya)
     load_embedding(stock, out / "learned_embeds.safetensors", "<v>")
     stock.load_lora_weights(str(out))
     g = torch.Generator().manual_seed(0)

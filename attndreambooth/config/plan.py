@@ -8,6 +8,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 UNET_PARTS = {"cross_attention", "unet"}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's adapters, under diffusers' default name:
 #                                                 pipe.load_lora_weights(run_dir) finds it
+KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the same, for ComfyUI, AUTOMATIC1111 and kohya
+#                                                 (the name diffusers' --output_kohya_format gives it)
 
 
 def is_lora(stage):

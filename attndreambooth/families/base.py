@@ -105,6 +105,14 @@ class Family:
     def cross_attention_state(self, unet):
         return unet_naming.cross_attention_state(unet)
 
+    def kohya_lora(self, state):
+        """A LoRA of the denoiser (peft's keys: "<module>.lora_A.weight") in kohya's format, which ComfyUI,
+        AUTOMATIC1111 and kohya's scripts read: "lora_unet_<module, dots as _>.lora_down.weight", ".lora_up",
+        ".alpha" (= the rank: scale 1, as the diffusers file); diffusers' own converter."""
+        from diffusers.utils import convert_state_dict_to_kohya
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}  # kohya writes alpha as a float
+
     # -- the concept's embedding files -------------------------------------------------------------------
     def embedding_files(self, rows, placeholder):
         """{file name: tensors}: diffusers' format ({placeholder: row}) and A1111 / ComfyUI's

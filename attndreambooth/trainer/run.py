@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from attndreambooth.config.loading import to_yaml
-from attndreambooth.config.plan import DTYPES, LORA_FILE, UNET_PARTS
+from attndreambooth.config.plan import DTYPES, KOHYA_LORA_FILE, LORA_FILE, UNET_PARTS
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.trainer.checkpoint import CheckpointError, Checkpointer, free_space
 
@@ -117,8 +117,9 @@ def save_final(cfg, plan, pipe, models, out):
     for name, tensors in embedding_files(cfg, models).items():
         save_atomic(tensors, out / name)
     if plan.lora:
-        save_lora(pipe.unet, plan.names, out / LORA_FILE)
-        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding)", out / LORA_FILE, str(out))
+        save_lora(pipe.unet, plan.names, out / LORA_FILE, models.family, out / KOHYA_LORA_FILE)
+        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding) and %s (for ComfyUI, "
+                 "AUTOMATIC1111 and kohya)", out / LORA_FILE, str(out), out / KOHYA_LORA_FILE)
         if not cfg.runtime.save_merged_pipeline:
             return
         merge_adapters(pipe.unet)
