@@ -24,7 +24,8 @@ import torch
 from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build# noqa: E402
 from attndreambooth.bench.shapes.pretrain import Pretraining# noqa: E402
 from attndreambooth.bench.shapes.world_report import write_report# noqa: E402
-from attndreambooth.config.checks import folder_problem# noqa: E402
+from attndreambooth.config.checks import folder_problem
+from attndreambooth.families.source import save_pipeline# noqa: E402
 
 
 def parse_args(argv):
@@ -110,7 +111,7 @@ def main(argv=None):
                                    scheduler=DDIMScheduler.from_config(run.scheduler.config, set_alpha_to_one=False,
                                                                        steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to("cpu", dtype=torch.float16).save_pretrained(out, safe_serialization=True)
+    save_pipeline(pipe, out, torch.float16)
     log(f"saved {out} after {run.seconds:.0f} s of training")
     report = dict(seed=args.seed, args=vars(args), train_seconds=round(run.seconds), torch=torch.__version__,
                   device=args.device)

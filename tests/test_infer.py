@@ -95,7 +95,7 @@ def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
     fresh = StableDiffusionPipeline.from_pretrained(tiny_dir)
     token_id, cat_ids = add_concept_token(fresh.tokenizer, fresh.text_encoder, "<v>", "toy")
     with torch.no_grad():
-        fresh.text_encoder.get_input_embeddings().row.copy_(load_file(runs[1] / "learned_embeds.safetensors")["<v>"])
+        fresh.text_encoder.get_input_embeddings().row.copy_(load_file(runs[1] / "learned_embeds.safetensors")["<v>"][0])
         ids, _, _ = encode_prompt(fresh.tokenizer, "a photo of a <v> toy", token_id, cat_ids)
         training_cond = fresh.text_encoder(ids)[0]  # the training code's path (ConceptEmbedding)
         ti_cond = base.text_encoder(ids)[0]  # diffusers' load_textual_inversion on the base
@@ -106,7 +106,7 @@ def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
 def test_a1111_embedding_matches(runs):
     a1111 = load_file(runs[1] / "embedding_a1111.safetensors")
     assert list(a1111) == ["emb_params"] and a1111["emb_params"].shape == (1, 32)
-    assert torch.equal(a1111["emb_params"][0], load_file(runs[1] / "learned_embeds.safetensors")["<v>"])
+    assert torch.equal(a1111["emb_params"], load_file(runs[1] / "learned_embeds.safetensors")["<v>"])
 
 
 def test_stage_1_and_2_states(runs, tiny_dir):
@@ -160,11 +160,34 @@ def test_fp16_pipeline_save(tmp_path):
                                                     "stages.stage3.enabled": "false"}))
     unet = load_file(next((tmp_path / "r" / "pipeline" / "unet").glob("*.safetensors")))
     assert all(t.dtype == torch.float16 for t in unet.values())
+    text = load_file(next((tmp_path / "r" / "pipeline" / "text_encoder").glob("*.safetensors")))
+    assert all(t.dtype == torch.float16 for t in text.values())  # half the disk, the text encoder included
+
+
+@pytest.mark.parametrize("folder", ["run", "shapes"])
+def test_half_precision_folders_load_with_the_stock_default_call(tmp_path, folder):
+    """StableDiffusionPipeline.from_pretrained(folder) with no dtype argument, then a call: diffusers loads the
+    U-Net in fp32, and the text encoder must come up in fp32 too (else: mat1 and mat2 ... Half and Float),
+    for a run's fp16 pipeline/ and for the shipped fp16 shapes model; with torch_dtype=fp16 both are fp16."""
+    from diffusers import StableDiffusionPipeline
+    if folder == "run":
+        T.main(TINY + tiny_overrides(tmp_path / "r", **{"runtime.pipeline_dtype": "fp16",
+                                                        "stages.stage2.enabled": "false",
+                                                        "stages.stage3.enabled": "false"}))
+        path = tmp_path / "r" / "pipeline"
+    else:
+        path = ROOT / "models" / "shapes"
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a big red star", num_inference_steps=1, output_type="np").images[0]
+    assert np.isfinite(image).all()
+    half = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float16)
+    assert half.text_encoder.dtype == half.unet.dtype == torch.float16
 
 
 def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_path):
-    row = load_file(runs[1] / "learned_embeds.safetensors")["<v>"]
-    torch.save({"<v>": row}, tmp_path / "learned_embeds.bin")
+    row = load_file(runs[1] / "learned_embeds.safetensors")["<v>"][0]
+    torch.save({"<v>": row}, tmp_path / "learned_embeds.bin")  # the older files: a 1-D row
     pipe = infer.load_pipe(base=tiny_dir, embeds=tmp_path / "learned_embeds.bin", category="toy")[0]
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], row, rtol=0, atol=0)
 

@@ -29,7 +29,7 @@ def test_sd15_trains_three_stages_and_loads_in_stock_diffusers(tmp_path):
     assert (out / "finished.json").exists()
     trained = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"))
-    row = load_file(out / "learned_embeds.safetensors")["<v>"]
+    row = load_file(out / "learned_embeds.safetensors")["<v>"][0]
     base.load_textual_inversion(str(out / "learned_embeds.safetensors"))
     prompt = "a photo of a <v> toy"
     ids = trained.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids

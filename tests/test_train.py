@@ -61,6 +61,8 @@ def test_stage1_trains_only_the_placeholder_row(base, tmp_path):
     rows = te[EMB]
     assert rows.shape[0] == base["vocab"] + 1 and torch.equal(rows[:-1], base["te"][EMB])  # old rows untouched
     learned = load_file(out / "learned_embeds.safetensors")["<v>"]
+    assert learned.shape == (1, rows.shape[1])  # (num_vectors, dim), as diffusers' textual-inversion script saves
+    learned = learned[0]
     assert torch.equal(rows[-1], learned)
     assert not torch.equal(learned, base["te"][EMB][base["cat_id"]])  # moved from its init, the category row
     assert pipe.tokenizer.convert_tokens_to_ids("<v>") == base["vocab"]
@@ -111,7 +113,7 @@ def test_end_to_end_run_folder_reloads_with_stock_diffusers(tmp_path):
     vid = pipe.tokenizer.convert_tokens_to_ids("<v>")
     assert ids.count(vid) == 1
     row = pipe.text_encoder.get_input_embeddings().weight[vid]
-    torch.testing.assert_close(row, load_file(out / "learned_embeds.safetensors")["<v>"], rtol=0, atol=0)
+    torch.testing.assert_close(row, load_file(out / "learned_embeds.safetensors")["<v>"][0], rtol=0, atol=0)
     image = pipe("a photo of a <v> toy", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0

@@ -115,9 +115,10 @@ class Family:
 
     # -- the concept's embedding files -------------------------------------------------------------------
     def embedding_files(self, rows, placeholder):
-        """{file name: tensors}: diffusers' format ({placeholder: row}) and A1111 / ComfyUI's
+        """{file name: tensors}: diffusers' format ({placeholder: (1, dim)}, as diffusers' textual-inversion
+        script saves it; a 1-D row would be read as `dim` vectors by kohya's generator) and A1111 / ComfyUI's
         ({"emb_params": (1, dim)})."""
-        return {"learned_embeds.safetensors": {placeholder: rows[0]},
+        return {"learned_embeds.safetensors": {placeholder: rows[0][None]},
                 "embedding_a1111.safetensors": {"emb_params": rows[0][None]}}
 
     def is_own_embedding(self, keys):

@@ -86,6 +86,20 @@ def load_pipeline(model_cfg, torch_dtype=torch.float32):
     return cls.from_pretrained(where, revision=model_cfg.revision, **kwargs), family
 
 
+def save_pipeline(pipe, folder, dtype):
+    """Save a pipeline with its weights in `dtype`, so that the stock call without a dtype argument works:
+    diffusers loads its models in fp32 then, but transformers would keep a text encoder's saved half
+    precision (its config's `dtype`) and the first call would fail (Half and Float); so the text encoders'
+    configs say float32 and they are upcast on load, as the U-Net is. The files on disk stay in `dtype`;
+    `from_pretrained(folder, torch_dtype=torch.float16)` loads everything in half precision."""
+    pipe.to("cpu", dtype).save_pretrained(folder, safe_serialization=True)
+    for config in Path(folder).glob("text_encoder*/config.json"):
+        fields = json.loads(config.read_text())
+        if fields.get("dtype", "float32") != "float32":
+            fields["dtype"] = "float32"
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
 def plan_family(kind, where):
     """The family of a hub id or single file without a download: a .safetensors file by its tensor names, else
     the name (a plan reads no weights)."""
