@@ -12,6 +12,7 @@
 per-token figure `attention.png` and the maps `attention_maps.npz`.
 """
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -36,17 +37,29 @@ def slug(text, n=60):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
 
 
+def prompt_folder(template, source):
+    """A prompt's folder name: its slug (readable) and 8 hex digits of a hash of the exact prompt and of the
+    model that samples it (`source`: run, stage, weights), so prompts that slug alike ("a {} dog!", "A {} DOG?",
+    emoji, a shared first 60 characters) and the same prompt from another stage or model never share one."""
+    key = json.dumps(dict(template=template, **(source or {})), sort_keys=True)
+    return f"{slug(template.replace('{}', 'V'))}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 OUTPUT_FILES = ("[0-9][0-9][0-9].png", "grid.png", "prompt.json", "attention.png", "attention_maps.npz")
 
 
-def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", **settings):
-    """Sample `num_images` per prompt into out_dir/NN_slug/; returns {prompt: [PIL images]}. A prompt's
-    folder is written only once its images exist, and what an earlier call wrote there is replaced."""
+def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", source=None,
+             **settings):
+    """Sample `num_images` per prompt into out_dir/<slug>-<hash>/ (see prompt_folder); returns {prompt: [PIL
+    images]}. `source` says which model samples (run, stage, weights files): recorded in prompt.json and every
+    PNG, and part of the folder's name. A prompt's folder is written only once its images exist; an earlier
+    call's images of the same prompt and model there are replaced."""
     from attndreambooth.trainer.preflight import concept_position
     out_dir, results = Path(out_dir), {}
     first = (concept or "").split(" ")[0]
     placeholder = first if first in pipe.tokenizer.get_added_vocab() else None  # None: a base model alone
-    for k, template in enumerate(prompts):
+    source = dict(source or {}, model=model)
+    for template in prompts:
         if "{}" in template and concept is None:
             raise ValueError(f"prompt {template!r} has {{}} but there is no concept: give --category (the word {{}} "
                              "stands for on a base model)")
@@ -56,13 +69,13 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
             log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
                         template, pipe.tokenizer.model_max_length)
         prompt = template.replace("{}", concept or "")
-        folder = out_dir / f"{k:02d}_{slug(template.replace('{}', 'V'))}"
+        folder = out_dir / prompt_folder(template, source)
         images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
         folder.mkdir(parents=True, exist_ok=True)
         for old in (f for pattern in OUTPUT_FILES for f in folder.glob(pattern)):
             old.unlink()  # an earlier call's images must not mix with this call's
         record = dict(prompt=prompt, template=template, placeholder=placeholder, seed=seed,
-                      num_images=num_images, **settings)
+                      num_images=num_images, **settings, **source)
         for i, image in enumerate(images):
             info = PngInfo()
             info.add_text("parameters", json.dumps(dict(record, seed=seed + i, index=i)))
@@ -181,8 +194,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a hub id that cannot be fetched: the library's first line says which file
         sys.exit(f"error: the model cannot be loaded: {str(e).splitlines()[0]}")
+    resolved = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
+    source = dict(run=resolved(run_dir), stage=args.stage if run_dir else None, base=resolved(args.base) if args.base
+                  and Path(args.base).expanduser().exists() else args.base, embeds=resolved(args.embeds),
+                  unet_weights=[resolved(w) for w in args.unet_weights])
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
-                    batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
+                    source, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)
 
 

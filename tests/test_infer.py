@@ -152,7 +152,9 @@ def test_prompt_file_and_missing_placeholder_warning(runs, tmp_path, caplog):
         infer.main([str(runs[1]), "--prompt_file", str(prompts), "--num_images", "1", "--steps", "1",
                     "--out", str(tmp_path / "o")])
     assert "no {} placeholder" in caplog.text
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00_a_v_in_the_snow", "01_a_red_dog"]
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert [n.rsplit("-", 1)[0] for n in names] == ["a_red_dog", "a_v_in_the_snow"]
+    assert all(len(n.rsplit("-", 1)[1]) == 8 for n in names)
 
 
 def test_fp16_pipeline_save(tmp_path):
@@ -270,6 +272,26 @@ def test_unfinished_run_says_so(runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         infer.main([str(run), "--prompt", "a {}", "--stage", "2"])
     assert "has no attn2_stage2.safetensors yet" in str(e.value.code)
+
+
+def test_prompt_folders_never_collide_and_record_their_model(runs, tmp_path):
+    """Prompts that slug alike get their own folders (a second call used to delete the first one's images);
+    the same prompt after stage 1 and after the last stage too; prompt.json and every PNG say which run,
+    stage and weights made them."""
+    run = runs[1]
+    out = tmp_path / "o"
+    alike = ["a {} dog!", "A {} DOG?", "🐶 {}", "✨ {}"]
+    for prompt in alike:
+        infer.main([str(run), "--prompt", prompt, "--num_images", "1", "--steps", "1", "--out", str(out)])
+    infer.main([str(run), "--prompt", "a {} dog!", "--num_images", "1", "--steps", "1", "--out", str(out), "--stage", "1"])
+    folders = sorted(out.iterdir())
+    assert len(folders) == 5 and all(len(list(f.glob("000.png"))) == 1 for f in folders)
+    records = [json.loads((f / "prompt.json").read_text()) for f in folders]
+    assert sorted(r["template"] for r in records) == sorted(alike + ["a {} dog!"])
+    assert {r["stage"] for r in records} == {None, 1} and all(r["run"] == str(run.resolve()) for r in records)
+    staged = next(f for f, r in zip(folders, records) if r["stage"] == 1)
+    png = json.loads(Image.open(staged / "000.png").text["parameters"])
+    assert png["stage"] == 1 and png["run"] == str(run.resolve()) and png["template"] == "a {} dog!"
 
 
 def test_second_call_leaves_no_stale_images_and_failure_no_folder(runs, tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
     out = infer.main(["--base", str(tiny_dir), "--category", "dog", "--prompt", "a {} on the beach",
                       "--prompt", "a red cat", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "s")])
     assert list(out) == ["a dog on the beach", "a red cat"]
-    record = json.loads(next((tmp_path / "s").glob("00_*/prompt.json")).read_text())
+    record = json.loads(next((tmp_path / "s").glob("a_v_on_the_beach-*/prompt.json")).read_text())
     assert record["prompt"] == "a dog on the beach" and record["placeholder"] is None
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(SystemExit, match="give --category"):
