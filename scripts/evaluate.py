@@ -149,6 +149,18 @@ def check_args(args, out):
                          + "; give infer.py's output folder (one folder per prompt)")
     if not any((p / "prompt.json").is_file() for p in samples.iterdir()):
         raise ValueError(f"--samples: {samples} holds no prompt folders (with prompt.json), as infer.py writes them")
+    models = {}
+    for record_file in sorted(samples.glob("*/prompt.json")):
+        try:
+            record = json.loads(record_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"--samples: {record_file} is not readable JSON; rerun infer.py for that prompt") from None
+        made_by = {k: record.get(k) for k in ("run", "stage", "base", "embeds", "unet_weights")}
+        models.setdefault(json.dumps(made_by, sort_keys=True), record_file.parent.name)
+    if len(models) > 1:  # e.g. stage-1 samples beside the final model's: scored together they mean nothing
+        raise ValueError(f"--samples: {samples} holds samples of {len(models)} different models or stages (e.g. "
+                         f"{' and '.join(list(models.values())[:2])}, see their prompt.json); give infer.py a "
+                         "separate --out for each and evaluate each folder")
     if args.world:
         from attndreambooth.bench.shapes.scene import CONCEPTS
         if args.concept is not None and args.concept not in CONCEPTS:

@@ -180,3 +180,18 @@ def test_prompt_files_match_dreambench():
         want = [p.replace("{0} {1}", "{}") for p in re.findall(r"'(a [^']*)'\.format", block)][:25]
         got = [l for l in (ROOT / "data" / "prompts" / f"{name}.txt").read_text().splitlines() if not l.startswith("#")]
         assert got == want
+
+
+def test_evaluate_refuses_a_folder_mixing_stages(tmp_path):
+    """infer.py records which run and stage made each prompt folder; a --samples folder holding the final
+    model's and stage 1's samples would be scored as one model: refused before any model loads."""
+    import json
+
+    import evaluate
+    for name, stage in (("a_v-00000001", None), ("a_v-00000002", 1)):
+        (tmp_path / "s" / name).mkdir(parents=True)
+        (tmp_path / "s" / name / "prompt.json").write_text(json.dumps(dict(prompt="a <v> toy", run="/r", stage=stage)))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "s"), "--world", "shapes", "--out", str(tmp_path / "e")])
+    assert "holds samples of 2 different models or stages" in str(e.value.code)
+    assert not (tmp_path / "e").exists()
