@@ -173,3 +173,24 @@ def test_colour_profile_is_converted_to_srgb(tmp_path):
     Image.new("RGB", (200, 200), (255, 0, 0)).save(tmp_path / "tagged.png", icc_profile=rgb_profile(swapped))
     r, g, b = np.asarray(load_rgb(tmp_path / "tagged.png"))[0, 0].tolist()
     assert g > 200 and r < 60 and b < 60  # green, as the profile says; dropping the profile gives red
+
+
+def test_a_named_pipe_among_the_photos_is_named_not_read(data, tmp_path):
+    """A FIFO in data.instance_dir used to block the run (and --dry-run) for ever on its first read."""
+    import os
+    import threading
+    os.mkfifo(data / "pipe.jpg")
+    result = {}
+
+    def dry_run():
+        try:
+            T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}",
+                    f"output_dir={tmp_path}/run", "--dry-run"])
+        except SystemExit as e:
+            result["message"] = str(e.code)
+
+    worker = threading.Thread(target=dry_run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the dry run hangs on the named pipe"
+    assert "pipe.jpg is not a regular file (a named pipe, socket or device)" in result["message"]

@@ -200,3 +200,30 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     killed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL and (out / ".lock").exists()
     hold_folder(out).close()
+
+
+def test_resume_refuses_a_changed_photo_set(tmp_path):
+    """Killed after a few steps, then photos added or removed: the resumed run would train on the old data
+    order over the new set; it refuses in one line naming what changed, and resumes once the set is back."""
+    import shutil
+
+    from conftest import SAMPLE
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLE, photos)
+    out = tmp_path / "run"
+    killed = train(out, ["--kill=stage1:3"], **{"data.instance_dir": photos})
+    assert killed.returncode == -9 and (out / "instance_images.json").is_file()
+    extra = photos / "extra.jpg"
+    shutil.copy(sorted(photos.glob("*.jpg"))[0], extra)
+    (photos / "extra.jpg").write_bytes(extra.read_bytes() + b"\0")  # another file's bytes, one more
+    refused = train(out, **{"data.instance_dir": photos})
+    assert refused.returncode == 1 and "has changed since the run" in refused.stderr and "added extra.jpg" in refused.stderr
+    extra.unlink()
+    first = sorted(photos.glob("*.jpg"))[0]
+    kept = first.read_bytes()
+    first.unlink()
+    refused = train(out, **{"data.instance_dir": photos})
+    assert refused.returncode == 1 and f"removed {first.name}" in refused.stderr
+    first.write_bytes(kept)
+    resumed = train(out, **{"data.instance_dir": photos})
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]

@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+def fingerprint(paths):
+    """{file name: [size in bytes, sha256]} of the instance images: what a resumed run must find again."""
+    return {Path(p).name: [Path(p).stat().st_size, hashlib.sha256(Path(p).read_bytes()).hexdigest()] for p in paths}
+
+
+def fingerprint_changes(old, new):
+    """What changed between two fingerprints, in words ("" when nothing did)."""
+    parts = [(what, sorted(names)) for what, names in (
+        ("added", new.keys() - old.keys()), ("removed", old.keys() - new.keys()),
+        ("changed", {n for n in old.keys() & new.keys() if old[n] != new[n]})) if names]
+    return "; ".join(f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for what, names in parts)
+
+
 def list_images(data_cfg, report=None):
     """The instance images, each fully decoded once to check it. Non-image files, unreadable,
     truncated or tiny images fail with the file named (or are skipped if the config says so);
@@ -32,6 +45,8 @@ def list_images(data_cfg, report=None):
         problem = None
         if path.is_dir():
             problem = "is a folder"
+        elif not path.is_file():  # a named pipe would block the read below for ever
+            problem = "is not a regular file (a named pipe, socket or device)"
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
             problem = f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); HEIC/TIFF photos: convert to JPEG"
         else:

@@ -16,12 +16,13 @@ from attndreambooth.config.schema import ConfigError
 from attndreambooth.families.source import meta_models, model_source
 from attndreambooth.trainer.checkpoint import size_text
 from attndreambooth.trainer.concept import is_known_word
-from attndreambooth.trainer.data import list_images
+from attndreambooth.trainer.data import fingerprint, fingerprint_changes, list_images
 from attndreambooth.trainer.lora import adapter_part, lora_parameter_count
 from attndreambooth.trainer.parts import regularised_layers
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
+IMAGES_FILE = "instance_images.json"  # the run's photos: name -> [bytes, sha256]
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
 # way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
 # resume); everything else must match the run's config.yaml.
@@ -139,7 +140,7 @@ def run_folder_state(cfg):
     """'new', 'replace' (resume=false over an earlier run), 'resume' or 'finished' for cfg.output_dir, without
     touching it; refuses a folder that is not this run's."""
     out = Path(cfg.output_dir)  # that it can be written in is checked with the config (config_checks.folder_problem)
-    if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_NAME]:
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name not in (LOCK_NAME, IMAGES_FILE)]:
         return "new"
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
@@ -247,6 +248,8 @@ def preflight(cfg, plan):
     'finished'), the checked instance images and the lock (keep it for the process's life)."""
     paths, layout = check_inputs(cfg)
     state = run_folder_state(cfg)
+    if state == "resume":
+        check_same_images(cfg, paths)
     if state != "finished":
         check_disk(cfg, plan, layout)
     if state == "finished":  # nothing will be written
@@ -262,7 +265,21 @@ def preflight(cfg, plan):
         lock = hold_folder(out)
         log.warning("resume=false: the earlier run in %s was moved to %s", out, aside)
         state = "new"
+    if state == "new" or not (out / IMAGES_FILE).is_file():  # what a resume must find again
+        (out / IMAGES_FILE).write_text(json.dumps(fingerprint(paths), indent=1))
     return state, paths, lock
+
+
+def check_same_images(cfg, paths):
+    """A run resumes on the images it started with: the data order and the view pool in its checkpoint are
+    theirs (photos added would never be seen, removed ones indexed past the end)."""
+    recorded = Path(cfg.output_dir) / IMAGES_FILE
+    if recorded.is_file():
+        changes = fingerprint_changes(json.loads(recorded.read_text()), fingerprint(paths))
+        if changes:
+            raise ConfigError(f"data.instance_dir {cfg.data.instance_dir} has changed since the run in "
+                              f"{cfg.output_dir} started ({changes}); put the photos back as they were to resume, "
+                              "or use a new output_dir (or resume=false) to train on the new set")
 
 
 def mark_finished(out):
