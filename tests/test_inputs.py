@@ -13,6 +13,9 @@ from attndreambooth.trainer.data import list_images, load_rgb
 from conftest import ROOT, SAMPLE
 
 
+LOAD_PIPELINE = models.load_pipeline
+
+
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     def refuse(*a, **k):
@@ -194,3 +197,19 @@ def test_a_named_pipe_among_the_photos_is_named_not_read(data, tmp_path):
     worker.join(timeout=60)
     assert not worker.is_alive(), "the dry run hangs on the named pipe"
     assert "pipe.jpg is not a regular file (a named pipe, socket or device)" in result["message"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(data, tmp_path, monkeypatch):
+    """Under a launcher of 3 processes a batch of 4 cannot split: one line before weights load (it was an
+    uncaught ValueError after loading); a run records how many processes trained it."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert "'stages.stage1.batch_size': 4 does not split over the 3 processes launched" in fail(data, tmp_path)
+
+
+def test_the_run_records_its_world_size(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load_pipeline", LOAD_PIPELINE)  # this test loads the model
+    out = T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}", f"output_dir={tmp_path}/run",
+                  "stages.stage1.steps=1", "stages.stage2.steps=1", "stages.stage3.steps=1", "data.views_per_image=1",
+                  "runtime.tensorboard=false"])
+    assert (out / "config.yaml").read_text().startswith("# trained by 1 process\n")
+    assert "1 process train" in (out / "train.log").read_text()

@@ -247,6 +247,7 @@ def preflight(cfg, plan):
     run moved aside, only now that everything else passed). Returns the folder's state ('new', 'resume',
     'finished'), the checked instance images and the lock (keep it for the process's life)."""
     paths, layout = check_inputs(cfg)
+    check_world(plan)
     state = run_folder_state(cfg)
     if state == "resume":
         check_same_images(cfg, paths)
@@ -268,6 +269,21 @@ def preflight(cfg, plan):
     if state == "new" or not (out / IMAGES_FILE).is_file():  # what a resume must find again
         (out / IMAGES_FILE).write_text(json.dumps(fingerprint(paths), indent=1))
     return state, paths, lock
+
+
+def world_size():
+    """How many processes train (the launcher's WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_world(plan):
+    """Every stage's batch splits evenly over the processes (each takes batch_size / processes)."""
+    world = world_size()
+    for s in plan:
+        if s.config.batch_size % world:
+            raise ConfigError(f"config key 'stages.{s.name}.batch_size': {s.config.batch_size} does not split over "
+                              f"the {world} processes launched; use a multiple of {world}, or launch a number of "
+                              "processes that divides it")
 
 
 def check_same_images(cfg, paths):

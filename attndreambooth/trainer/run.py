@@ -142,12 +142,12 @@ def run(cfg, plan, state, paths, hooks=None):
     from attention_reg import compile_unet
     from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.lora import save_lora
-    from attndreambooth.trainer.preflight import mark_finished
+    from attndreambooth.trainer.preflight import mark_finished, world_size
     from attndreambooth.trainer.state import RunState
     from attndreambooth.trainer.training import Hooks, Reporter, run_stage
 
     hooks, out = hooks or Hooks(), Path(cfg.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     tensorboard = cfg.runtime.tensorboard and importlib.util.find_spec("tensorboard") is not None
     # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
     accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision,
@@ -161,9 +161,10 @@ def run(cfg, plan, state, paths, hooks=None):
                           "gives on CUDA only (fp32 weights with unscaled fp16 gradients underflow); use bf16")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "config.yaml").write_text(f"# trained by {world} process{'es' * (world > 1)}\n" + to_yaml(cfg))
     accelerator.wait_for_everyone()
     setup_logging(out, accelerator.is_main_process)
+    log.info("%d process%s train%s", world, "es" * (world > 1), ", each on its share of every batch" * (world > 1))
     if tensorboard:
         accelerator.init_trackers("tensorboard")
     elif cfg.runtime.tensorboard:
