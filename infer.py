@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.config.plan import DTYPES
 from attndreambooth.families import of_pipeline
+from attndreambooth.families.source import quiet_known_noise
 from attndreambooth.inference.attention_maps import figure, token_labels
 from attndreambooth.inference.loading import load_pipe, safetensors_keys
 from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample
@@ -179,6 +180,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    quiet_known_noise()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,8 +33,10 @@ def parse_args(argv=None):
 
 def main(argv=None, hooks=None):
     """The command line; `hooks` (attndreambooth.trainer.training.Hooks) let tests step into the run."""
+    from attndreambooth.families.source import quiet_known_noise
     from attndreambooth.trainer.preflight import check_inputs, fit_memory, plan_text, preflight
     from attndreambooth.trainer.run import Interrupted, run
+    quiet_known_noise()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from attndreambooth.bench.scatter import scatter# noqa: E402
-from attndreambooth.families.source import cached_build# noqa: E402
+from attndreambooth.families.source import cached_build, quiet_known_noise# noqa: E402
 from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb# noqa: E402
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
@@ -179,6 +179,7 @@ def check_args(args, out):
 
 
 def main(argv=None):
+    quiet_known_noise()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
     p.add_argument("--real", help="the concept's real photos (not with --world)")

@@ -25,7 +25,7 @@ from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build# noqa: E402
 from attndreambooth.bench.shapes.pretrain import Pretraining# noqa: E402
 from attndreambooth.bench.shapes.world_report import write_report# noqa: E402
 from attndreambooth.config.checks import folder_problem
-from attndreambooth.families.source import save_pipeline# noqa: E402
+from attndreambooth.families.source import quiet_known_noise, save_pipeline# noqa: E402
 
 
 def parse_args(argv):
@@ -77,6 +77,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    quiet_known_noise()
     p, args = parse_args(argv)
     out = Path(args.out)
     if args.eval_only:

@@ -325,3 +325,21 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
     assert str(e.value.code) == ("error: the model cannot be loaded: nobody/no-such-model does not appear to have a "
                                  "file named model_index.json.")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_library_noise_is_silenced_at_its_source_and_only_it(quiet):
+    """diffusers' "kept in float32: []" (casting a model that has no such modules) is gone once the tools'
+    filter is on, while diffusers' other warnings still print; in a fresh process, both ways."""
+    code = ("import logging, torch\n"
+            "from attndreambooth.families.source import quiet_known_noise, tiny_model_dir\n"
+            f"{'quiet_known_noise()' if quiet else ''}\n"
+            "from diffusers import UNet2DConditionModel\n"
+            "unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(), subfolder='unet')\n"
+            "unet.to(torch.float16)\n"
+            "logging.getLogger('diffusers.models.modeling_utils').warning('another warning')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("should be kept in float32: []" in done.stderr) is not quiet
+    assert "another warning" in done.stderr

@@ -1,6 +1,7 @@
 """The trainer on the tiny model: each stage trains exactly its parameters, the run folder reloads
 with stock diffusers, the objective's target, and the [V] gradient under two processes."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -218,3 +219,21 @@ def test_cached_conditioning_follows_v_when_a_later_stage_moves_it(tmp_path, mon
     last, fresh = seen["stage3"]
     assert not torch.allclose(first, fresh)  # stage 2 moved [V]
     torch.testing.assert_close(last, fresh)  # and stage 3 used the moved [V]
+
+
+def test_log_lines_go_through_tqdm_while_bars_run(tmp_path):
+    """During the stages the console handler is tqdm's (a log line never lands on a bar's line); the
+    log file keeps its own handler; afterwards the console handler is back."""
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from attndreambooth.trainer.training import Hooks
+    seen = {}
+
+    class Look(Hooks):
+        def at(self, point):
+            if point == "stage1:1":
+                seen["during"] = [type(h) for h in logging.getLogger().handlers]
+
+    T.main(TINY + tiny_overrides(tmp_path / "r"), hooks=Look())
+    assert _TqdmLoggingHandler in seen["during"] and logging.FileHandler in seen["during"]
+    assert _TqdmLoggingHandler not in [type(h) for h in logging.getLogger().handlers]

@@ -2,6 +2,7 @@
 folder, single file, hub id), its family found once, the pipeline loaded, or its shapes alone on the meta
 device (for plans, memory estimates and checks that must come before any download)."""
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,26 @@ from attndreambooth import families
 from attndreambooth.config.checks import looks_like_hub_id
 
 TINY_VERSION = 1
+# Library messages a user cannot act on, silenced where they are made (logger, words); everything else stays.
+NOISE = (("diffusers.models.modeling_utils", "should be kept in float32: []"),  # casting a model with none such
+         ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"))  # PIL serves
+
+
+class _Drop(logging.Filter):
+    def __init__(self, words):
+        super().__init__()
+        self.words = words
+
+    def filter(self, record):
+        return self.words not in record.getMessage()
+
+
+def quiet_known_noise():
+    """Silence NOISE for this process (the command-line tools call it first); idempotent."""
+    for name, words in NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.words == words for f in logger.filters):
+            logger.addFilter(_Drop(words))
 
 
 def cached_build(name, build):

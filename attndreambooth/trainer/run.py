@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attndreambooth.config.loading import to_yaml
 from attndreambooth.config.plan import DTYPES, KOHYA_LORA_FILE, LORA_FILE, UNET_PARTS
@@ -209,7 +210,8 @@ def run(cfg, plan, state, paths, hooks=None):
         accelerator.wait_for_everyone()
 
     try:
-        with capture or contextlib.nullcontext():
+        # log lines go through tqdm while bars run: they never land on a bar's line, in a terminal or a file
+        with capture or contextlib.nullcontext(), logging_redirect_tqdm(loggers=[logging.getLogger()]):
             if cfg.runtime.compile and device.type == "cpu":
                 log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
             elif cfg.runtime.compile:
