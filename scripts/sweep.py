@@ -35,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from attndreambooth.bench import dreambench# noqa: E402
+from attndreambooth.bench import dreambench
 from sweep_checks import cell_dir, check_cells, check_protocol, hold_out, method_config, parse_concepts
 
 

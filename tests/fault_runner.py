@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 
 import train_attndreambooth
-from attndreambooth.trainer.training import Hooks# noqa: E402
+from attndreambooth.trainer.training import Hooks
 
 
 class FaultHooks(Hooks):

@@ -195,3 +195,29 @@ def test_evaluate_refuses_a_folder_mixing_stages(tmp_path):
         evaluate.main(["--samples", str(tmp_path / "s"), "--world", "shapes", "--out", str(tmp_path / "e")])
     assert "holds samples of 2 different models or stages" in str(e.value.code)
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_names_a_corrupt_image_and_a_prompt_outside_the_world(tmp_path):
+    """A truncated PNG among the samples, and (with --world shapes) a prompt the world's grammar cannot read:
+    one line naming the file, before any model loads (both were tracebacks mid-scoring)."""
+    import json
+
+    import evaluate
+    from attndreambooth.bench.shapes.scene import Scene, Thing
+    folder = tmp_path / "s" / "a_v-00000001"
+    folder.mkdir(parents=True)
+    scene = Scene(Thing("star", None, "checker_star"), "big", "left", "blue")
+    (folder / "prompt.json").write_text(json.dumps(dict(prompt=scene.caption("<v>"), placeholder="<v>")))
+    scene.render(0).save(folder / "000.png")
+    (folder / "001.png").write_bytes((folder / "000.png").read_bytes()[:60])
+    argv = ["--samples", str(tmp_path / "s"), "--world", "shapes", "--concept", "checker_star", "--out",
+            str(tmp_path / "e")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert f"{folder / '001.png'} is not a readable image" in str(e.value.code)
+    (folder / "001.png").unlink()
+    (folder / "prompt.json").write_text(json.dumps(dict(prompt="a <v> star on the moon", placeholder="<v>")))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert "is not a caption of the shapes world's grammar" in str(e.value.code) and "prompt.json" in str(e.value.code)
+    assert not (tmp_path / "e").exists()
