@@ -159,3 +159,15 @@ def test_killed_lora_run_resumes_to_the_same_adapters(tmp_path):
         assert not (out / "pipeline").exists()  # a LoRA run writes the merged model only when asked
     want, got = (load_file(runs[n] / "pytorch_lora_weights.safetensors") for n in ("straight", "killed"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # bit for bit
+
+
+def test_a_lora_file_of_another_family_is_named_before_it_loads(lora_run, tmp_path):
+    """An SD LoRA file (either format) given to --unet_weights over the SDXL base: one line saying it is a LoRA
+    for another model (diffusers loaded it partly, or failed with its own message)."""
+    import infer
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        with pytest.raises(SystemExit) as e:
+            infer.main(["--base", "tiny-sdxl", "--unet_weights", str(lora_run / name), "--prompt", "a toy",
+                        "--num_images", "1", "--steps", "1", "--out", str(tmp_path / "o")])
+        assert f"{lora_run / name} is a LoRA for another model" in str(e.value.code), e.value.code
+    assert not (tmp_path / "o").exists()

@@ -71,11 +71,38 @@ def check_embedding_kind(base, embeds):
                          f"{family.model_kind}; give the base the embedding was trained on")
 
 
+def lora_mismatch(unet, state):
+    """Why a LoRA file (peft / diffusers keys "unet.<module>.lora_A.weight", or kohya's
+    "lora_unet_<module>.lora_down.weight") does not fit this U-Net, or None: a module it names is not a linear
+    layer here, or the layer's width differs."""
+    linear = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    by_kohya_name = {n.replace(".", "_"): n for n in linear}
+    for key, tensor in state.items():
+        if key.startswith("unet.") and ".lora_A." in key:
+            name, width = key[len("unet."):].split(".lora_A.")[0], "in_features"
+        elif key.startswith("unet.") and ".lora_B." in key:
+            name, width = key[len("unet."):].split(".lora_B.")[0], "out_features"
+        elif key.startswith("lora_unet_") and key.endswith((".lora_down.weight", ".lora_up.weight")):
+            name = by_kohya_name.get(key.split(".")[0][len("lora_unet_"):], key.split(".")[0])
+            width = "in_features" if ".lora_down." in key else "out_features"
+        else:
+            continue
+        if name not in linear:
+            return f"its {key} names {name}, which this U-Net does not have"
+        got = tensor.shape[1] if width == "in_features" else tensor.shape[0]
+        if got != getattr(linear[name], width):
+            return f"its {key} is for a layer {got} wide, this U-Net's {name} is {getattr(linear[name], width)}"
+    return None
+
+
 def load_unet_weights(pipe, path):
     """Load a full or partial (e.g. attn2-only) U-Net state dict, or a LoRA file, from a safetensors file."""
     from safetensors.torch import load_file
     state, unet = load_file(path), pipe.unet
     if any(".lora" in k for k in state):  # diffusers' LoRA format (this trainer's, or any other)
+        problem = lora_mismatch(unet, state)
+        if problem:
+            raise ValueError(f"{path} is a LoRA for another model: {problem}; give the base it was trained on")
         with quiet_libraries():  # else SDXL warns that text_encoder_2 has no LoRA keys (none are trained)
             pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
         return
