@@ -227,3 +227,29 @@ def test_resume_refuses_a_changed_photo_set(tmp_path):
     first.write_bytes(kept)
     resumed = train(out, **{"data.instance_dir": photos})
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    """RUN/config.yaml edited by hand after a kill: fewer steps than the checkpoint's stage has done, or another
+    count for a stage it finished, was resumed and logged as done with the new count while metrics.jsonl had
+    the old; now refused in one line before weights load, and the run resumes once the count is back."""
+    import re
+    out = tmp_path / "run"
+    assert train(out, ["--kill=stage2:4"]).returncode == -9  # checkpoints every 2 steps: stage2 step 4
+    config = out / "config.yaml"
+    original = config.read_text()
+
+    def with_steps(stage, n):
+        return re.sub(rf"({stage}:\n(?:  .*\n)*?    steps: )\d+", rf"\g<1>{n}", original)
+
+    for stage, n, words in (("stage2", 3, "'stages.stage2.steps': 3, but the run in"),
+                            ("stage1", 5, "did 6 steps before stage2, but this config's earlier stages have stage1 5")):
+        config.write_text(with_steps(stage, n))
+        refused = subprocess.run([sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(config)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert refused.returncode == 1 and words in refused.stderr, refused.stderr[-1500:]
+    config.write_text(original)
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(config)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]

@@ -251,6 +251,7 @@ def preflight(cfg, plan):
     state = run_folder_state(cfg)
     if state == "resume":
         check_same_images(cfg, paths)
+        check_checkpoint_fits(cfg, plan)
     if state != "finished":
         check_disk(cfg, plan, layout)
     if state == "finished":  # nothing will be written
@@ -284,6 +285,35 @@ def check_world(plan):
             raise ConfigError(f"config key 'stages.{s.name}.batch_size': {s.config.batch_size} does not split over "
                               f"the {world} processes launched; use a multiple of {world}, or launch a number of "
                               "processes that divides it")
+
+
+def check_checkpoint_fits(cfg, plan):
+    """The newest checkpoint's position must be one the plan can continue from: a config (e.g. a hand-edited
+    RUN/config.yaml) whose stage has fewer steps than the checkpoint already did, or another step count for a
+    stage the checkpoint finished, or without the checkpoint's stage, would log one schedule and keep another."""
+    for state in sorted((Path(cfg.output_dir) / "resume").glob("ckpt-*/state.json"), reverse=True):
+        try:
+            meta = json.loads(state.read_text())
+            name, step, done, global_step = meta["stage"], int(meta["step"]), bool(meta["done"]), int(meta["global_step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged one: the run skips it too (checkpoint.load_latest)
+        if name not in plan.names:
+            raise ConfigError(f"the run in {cfg.output_dir} was checkpointed in stage {name!r}, which this config "
+                              f"does not run (it runs {', '.join(plan.names)}); use the run's own config, or a new "
+                              "output_dir (or resume=false) for this one")
+        steps = plan[name].config.steps
+        if step > steps or (done and step != steps):
+            want = f"back to {step}" if done else f"to {step} or more"
+            raise ConfigError(f"config key 'stages.{name}.steps': {steps}, but the run in {cfg.output_dir} has "
+                              f"already {'finished' if done else 'done'} {step} steps of {name}; set it {want} to "
+                              "resume, or use a new output_dir (or resume=false) to start over")
+        before = [s for s in plan.stages[:plan.names.index(name)]]
+        if sum(s.config.steps for s in before) + step != global_step:  # an earlier stage's count changed
+            raise ConfigError(f"the run in {cfg.output_dir} did {global_step - step} steps before {name}, but this "
+                              f"config's earlier stages have {' + '.join(f'{s.name} {s.config.steps}' for s in before)}; "
+                              "set their steps back to what the run did to resume, or use a new output_dir (or "
+                              "resume=false) to start over")
+        return
 
 
 def check_same_images(cfg, paths):
