@@ -77,7 +77,7 @@ def check_protocol(args):
 
 def hold_out(out):
     """Two sweeps on one OUT would train and sample the same cells at once: the second is refused."""
-    from attndreambooth.trainer.preflight import hold_folder
+    from attndreambooth.trainer.run_folder import hold_folder
     try:
         return hold_folder(out, "--out", "a running sweep")
     except ValueError as e:

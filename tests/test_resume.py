@@ -186,7 +186,7 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     import signal
 
     from attndreambooth.config.schema import ConfigError
-    from attndreambooth.trainer.preflight import hold_folder
+    from attndreambooth.trainer.run_folder import hold_folder
     out = tmp_path / "run"
     lock = hold_folder(out)
     with pytest.raises(ConfigError, match=f"in use by a running training \\(pid {os.getpid()} on "):
@@ -195,7 +195,7 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     assert second.returncode == 1 and f"is in use by a running training (pid {os.getpid()}" in second.stderr
     lock.close()
     # a holder killed with SIGKILL leaves its lock file, never its lock
-    code = ("import os, signal, sys; from attndreambooth.trainer.preflight import "
+    code = ("import os, signal, sys; from attndreambooth.trainer.run_folder import "
             "hold_folder; h = hold_folder(__import__('pathlib').Path(sys.argv[1])); os.kill(os.getpid(), 9)")
     killed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL and (out / ".lock").exists()

@@ -173,7 +173,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--num_prompts 7 before, 5 now"):
         sweep.main([*other, "--report_only"])
     assert before == {f: f.stat().st_mtime_ns for f in (tmp_path / "s").rglob("*")}
-    from attndreambooth.trainer.preflight import hold_folder
+    from attndreambooth.trainer.run_folder import hold_folder
     running = hold_folder(tmp_path / "s", "--out", "a running sweep")  # as another sweep process would
     with pytest.raises(SystemExit, match=f"--out {tmp_path / 's'} is in use by a running sweep \\(pid "):
         sweep.main(args)

@@ -1,34 +1,24 @@
-"""Everything checked before any weights load: data, tokens, the run folder, the disk, the plan."""
-import fcntl
+"""Everything checked before any weights load: data, tokens, the disk, the plan (the run folder's own checks
+are trainer.run_folder's); then the folder claimed."""
 import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
-import yaml
-
-from attndreambooth.config.loading import to_yaml
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.families.source import meta_models, model_source
 from attndreambooth.trainer.checkpoint import size_text
 from attndreambooth.trainer.concept import is_known_word
-from attndreambooth.trainer.data import fingerprint, fingerprint_changes, list_images
+from attndreambooth.trainer.data import fingerprint, list_images
 from attndreambooth.trainer.lora import adapter_part, lora_parameter_count
 from attndreambooth.trainer.parts import regularised_layers
+from attndreambooth.trainer.run_folder import (IMAGES_FILE, check_checkpoint_fits, check_same_images, check_world,
+                                               hold_folder, run_folder_state)
 
 log = logging.getLogger(__name__)
-LOCK_NAME = ".lock"
-IMAGES_FILE = "instance_images.json"  # the run's photos: name -> [bytes, sha256]
-# Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
-# way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
-# resume); everything else must match the run's config.yaml.
-RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
-                     "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
-                     "runtime.max_grad_norm", "runtime.pipeline_dtype", "runtime.save_merged_pipeline")
 
 
 def parameter_sizes(cfg, layout=None, plan=None):
@@ -136,67 +126,6 @@ def concept_position(tokenizer, template, placeholder):
     return len(tokenizer(before).input_ids) - 1  # the end token is not counted; [V] follows `before`
 
 
-def run_folder_state(cfg):
-    """'new', 'replace' (resume=false over an earlier run), 'resume' or 'finished' for cfg.output_dir, without
-    touching it; refuses a folder that is not this run's."""
-    out = Path(cfg.output_dir)  # that it can be written in is checked with the config (config_checks.folder_problem)
-    if not out.is_dir() or not [p for p in out.iterdir() if p.name not in (LOCK_NAME, IMAGES_FILE)]:
-        return "new"
-    if not (out / "config.yaml").is_file():
-        raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
-                          "output_dir (nothing in it is touched)")
-    if not cfg.resume:
-        return "replace"
-    try:
-        old = yaml.safe_load((out / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"output_dir {out}: its config.yaml cannot be read ({e}); use a new output_dir or "
-                          "resume=false") from None
-    changed = config_changes(old if isinstance(old, dict) else {}, yaml.safe_load(to_yaml(cfg)))
-    refused = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES) and not c[0].endswith(".lr")]
-    if refused:
-        lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
-        raise ConfigError(f"output_dir {out} holds a run with another config:\n{lines}\n"
-                          "Use a new output_dir, or resume=false to move the earlier run aside and start over.")
-    for key, old, new in changed:
-        if key != "output_dir":
-            log.warning("resuming with %s changed: %r -> %r", key, old, new)
-    return "finished" if (out / "finished.json").is_file() else "resume"
-
-
-def hold_folder(out, option="output_dir", holder="a running training"):
-    """An exclusive OS lock on out/.lock for as long as this process lives (the kernel drops it when the
-    process dies, so a killed run never blocks); refuses a folder that a live process holds (a training's run
-    folder; a sweep's --out)."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        who = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"{option} {out} is in use by {holder} ({who}); wait for it to end, or choose "
-                          f"another {option}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
-
-
-def config_changes(old, new, prefix=""):
-    """(dotted key, old, new) for every leaf that differs between two config dicts."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, name + ".")
-        elif a != b:
-            changes.append((name, a, b))
-    return changes
-
-
 def check_disk(cfg, plan, layout=None):
     """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
     _, sizes = parameter_sizes(cfg, layout, plan)
@@ -272,61 +201,3 @@ def preflight(cfg, plan):
     return state, paths, lock
 
 
-def world_size():
-    """How many processes train (the launcher's WORLD_SIZE; 1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def check_world(plan):
-    """Every stage's batch splits evenly over the processes (each takes batch_size / processes)."""
-    world = world_size()
-    for s in plan:
-        if s.config.batch_size % world:
-            raise ConfigError(f"config key 'stages.{s.name}.batch_size': {s.config.batch_size} does not split over "
-                              f"the {world} processes launched; use a multiple of {world}, or launch a number of "
-                              "processes that divides it")
-
-
-def check_checkpoint_fits(cfg, plan):
-    """The newest checkpoint's position must be one the plan can continue from: a config (e.g. a hand-edited
-    RUN/config.yaml) whose stage has fewer steps than the checkpoint already did, or another step count for a
-    stage the checkpoint finished, or without the checkpoint's stage, would log one schedule and keep another."""
-    for state in sorted((Path(cfg.output_dir) / "resume").glob("ckpt-*/state.json"), reverse=True):
-        try:
-            meta = json.loads(state.read_text())
-            name, step, done, global_step = meta["stage"], int(meta["step"]), bool(meta["done"]), int(meta["global_step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a damaged one: the run skips it too (checkpoint.load_latest)
-        if name not in plan.names:
-            raise ConfigError(f"the run in {cfg.output_dir} was checkpointed in stage {name!r}, which this config "
-                              f"does not run (it runs {', '.join(plan.names)}); use the run's own config, or a new "
-                              "output_dir (or resume=false) for this one")
-        steps = plan[name].config.steps
-        if step > steps or (done and step != steps):
-            want = f"back to {step}" if done else f"to {step} or more"
-            raise ConfigError(f"config key 'stages.{name}.steps': {steps}, but the run in {cfg.output_dir} has "
-                              f"already {'finished' if done else 'done'} {step} steps of {name}; set it {want} to "
-                              "resume, or use a new output_dir (or resume=false) to start over")
-        before = [s for s in plan.stages[:plan.names.index(name)]]
-        if sum(s.config.steps for s in before) + step != global_step:  # an earlier stage's count changed
-            raise ConfigError(f"the run in {cfg.output_dir} did {global_step - step} steps before {name}, but this "
-                              f"config's earlier stages have {' + '.join(f'{s.name} {s.config.steps}' for s in before)}; "
-                              "set their steps back to what the run did to resume, or use a new output_dir (or "
-                              "resume=false) to start over")
-        return
-
-
-def check_same_images(cfg, paths):
-    """A run resumes on the images it started with: the data order and the view pool in its checkpoint are
-    theirs (photos added would never be seen, removed ones indexed past the end)."""
-    recorded = Path(cfg.output_dir) / IMAGES_FILE
-    if recorded.is_file():
-        changes = fingerprint_changes(json.loads(recorded.read_text()), fingerprint(paths))
-        if changes:
-            raise ConfigError(f"data.instance_dir {cfg.data.instance_dir} has changed since the run in "
-                              f"{cfg.output_dir} started ({changes}); put the photos back as they were to resume, "
-                              "or use a new output_dir (or resume=false) to train on the new set")
-
-
-def mark_finished(out):
-    (Path(out) / "finished.json").write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S")}))

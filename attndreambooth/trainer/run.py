@@ -143,7 +143,7 @@ def run(cfg, plan, state, paths, hooks=None):
     from attention_reg import compile_unet
     from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.lora import save_lora
-    from attndreambooth.trainer.preflight import mark_finished, world_size
+    from attndreambooth.trainer.run_folder import mark_finished, world_size
     from attndreambooth.trainer.state import RunState
     from attndreambooth.trainer.training import Hooks, Reporter, run_stage
 
