@@ -37,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--vae_batch", type=int, default=32)
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--vae_chunk", type=int, default=3072, help="fresh images per VAE chunk (each used --passes times)")
-    p.add_argument("--unet_steps", type=int, default=10000)
+    p.add_argument("--unet_steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine to a tenth)")
     p.add_argument("--warmup", type=int, default=500)

@@ -265,10 +265,20 @@ def test_pretraining_in_pieces_gives_the_uninterrupted_weights(tmp_path, capsys)
     assert all((tmp_path / "whole" / f).read_bytes() == (tmp_path / "pieces" / f).read_bytes() for f in FILES)
     log = (tmp_path / "pieces" / "pretrain.log").read_text()
     assert log.count("continuing") == 3 and "time limit reached; run the same command to continue" in log
-    pretrain_shapes.main(["--out", str(tmp_path / "other"), *SMALL, "--time_limit", "0"])
+    pretrain_shapes.main(["--out", str(tmp_path / "other"), *SMALL, "--time_limit", "0"])  # in the VAE phase
     with pytest.raises(SystemExit):
-        pretrain_shapes.main(["--out", str(tmp_path / "other"), *SMALL, "--lr", "1e-3"])
-    assert "was made with other options (--lr 0.0005)" in capsys.readouterr().err
+        pretrain_shapes.main(["--out", str(tmp_path / "other"), *SMALL, "--vae_lr", "1e-4"])
+    assert "was made with other options (--vae_lr 0.001)" in capsys.readouterr().err
+    # the U-Net phase's options may still change while the VAE trains: the same bytes as a run made with them
+    shorter = [a if a != "8" or SMALL[i - 1] != "--unet_steps" else "4" for i, a in enumerate(SMALL)]
+    pretrain_shapes.main(["--out", str(tmp_path / "other"), *shorter])
+    pretrain_shapes.main(["--out", str(tmp_path / "short"), *shorter])
+    assert all((tmp_path / "other" / f).read_bytes() == (tmp_path / "short" / f).read_bytes() for f in FILES)
+    pretrain_shapes.main(["--out", str(tmp_path / "late"), *SMALL, "--time_limit", "0"])
+    pretrain_shapes.main(["--out", str(tmp_path / "late"), *SMALL, "--time_limit", "0"])  # now in the U-Net phase
+    with pytest.raises(SystemExit):
+        pretrain_shapes.main(["--out", str(tmp_path / "late"), *shorter])
+    assert "was made with other options (--unet_steps 8)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels", [6])

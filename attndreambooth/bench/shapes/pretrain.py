@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from attndreambooth.bench.shapes.scene import OMITTABLE, random_scene
 from attndreambooth.bench.shapes.textures import random_textured_image
 
-# the options whose change changes the weights: a checkpoint is only continued under the same ones
-RESULT_ARGS = ("seed", "latent_channels", "vae_steps", "vae_batch", "vae_lr", "vae_chunk", "unet_steps", "batch",
-               "lr", "warmup", "min_snr", "ema", "caption_dropout", "short_prob", "chunk", "passes")
+# the options whose change changes the weights: a checkpoint is only continued under the same ones; those of
+# the U-Net phase only once it has begun (the VAE phase never reads them: its bytes are the same either way)
+VAE_ARGS = ("seed", "latent_channels", "vae_steps", "vae_batch", "vae_lr", "vae_chunk", "chunk", "passes")
+RESULT_ARGS = VAE_ARGS + ("unet_steps", "batch", "lr", "warmup", "min_snr", "ema", "caption_dropout", "short_prob")
 
 
 def to_tensor(images):
@@ -101,7 +102,8 @@ class Pretraining:
 
     def load(self):
         s = torch.load(self.path, map_location=self.device, weights_only=False)
-        changed = [k for k in RESULT_ARGS if s["args"].get(k) != getattr(self.args, k)]
+        binding = VAE_ARGS if s["phase"] == "vae" else RESULT_ARGS
+        changed = [k for k in binding if s["args"].get(k) != getattr(self.args, k)]
         if changed:
             made = ", ".join(f"--{k} {s['args'][k]}" for k in changed)
             raise ValueError(f"{self.path} was made with other options ({made}); rerun with those to continue it, "
