@@ -36,6 +36,7 @@ def main(argv=None, hooks=None):
     from attndreambooth.families.source import quiet_known_noise
     from attndreambooth.trainer.preflight import check_inputs, fit_memory, plan_text, preflight
     from attndreambooth.trainer.run import Interrupted, run
+    from attndreambooth.trainer.run_folder import missing_outputs
     quiet_known_noise()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -51,6 +52,12 @@ def main(argv=None, hooks=None):
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if state == "finished":
+        missing = missing_outputs(cfg, plan)
+        if missing:  # saying "nothing to do" would leave the user without them and without a way back
+            sys.exit(f"error: {cfg.output_dir} is a finished run, but {', '.join(missing)} "
+                     f"{'is' if len(missing) == 1 else 'are'} missing (deleted or moved?) and its trained weights are "
+                     "not kept elsewhere (the resume state goes when a run finishes, runtime.keep_resume_state): "
+                     "restore them, or train again with resume=false (the run is moved aside, not deleted)")
         log.info("%s is a finished run: nothing to do (resume=false starts it over)", cfg.output_dir)
         return Path(cfg.output_dir)
     try:

@@ -237,3 +237,20 @@ def test_log_lines_go_through_tqdm_while_bars_run(tmp_path):
     T.main(TINY + tiny_overrides(tmp_path / "r"), hooks=Look())
     assert _TqdmLoggingHandler in seen["during"] and logging.FileHandler in seen["during"]
     assert _TqdmLoggingHandler not in [type(h) for h in logging.getLogger().handlers]
+
+
+def test_a_finished_run_without_its_pipeline_says_so_in_both_tools(tmp_path):
+    """pipeline/ deleted after a run finished: the trainer said "finished: nothing to do" and infer.py "not
+    finished: resume training", a dead end; now both say what is missing and the two ways out."""
+    import shutil
+
+    import infer
+    out = T.main(TINY + tiny_overrides(tmp_path / "r"))
+    shutil.rmtree(out / "pipeline")
+    with pytest.raises(SystemExit) as e:
+        T.main(TINY + tiny_overrides(tmp_path / "r"))
+    assert "is a finished run, but pipeline/model_index.json is missing" in str(e.value.code)
+    assert "resume=false" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(out), "--prompt", "a {}", "--num_images", "1", "--steps", "1"])
+    assert "has finished but its pipeline/ is missing" in str(e.value.code)

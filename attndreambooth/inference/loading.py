@@ -22,6 +22,9 @@ def stage_sources(run_dir, cfg, stage):
     if kind == "pipeline" and plan.lora and not (run_dir / "pipeline").is_dir():
         kind, files = "base", [LORA_FILE]  # a LoRA run without a merged pipeline/: base + embedding + LoRA
     if kind == "pipeline":
+        if not (run_dir / "pipeline" / "model_index.json").is_file() and (run_dir / "finished.json").is_file():
+            raise FileNotFoundError(f"{run_dir} has finished but its pipeline/ is missing (deleted or moved?): restore "
+                                    "it, or use --stage with an earlier stage; training again needs resume=false")
         if not (run_dir / "pipeline" / "model_index.json").is_file():
             raise FileNotFoundError(f"{run_dir} has not finished (no pipeline/): use --stage with a stage it has "
                                     "completed, or resume training with the same command")

@@ -143,5 +143,15 @@ def check_same_images(cfg, paths):
                               "or use a new output_dir (or resume=false) to train on the new set")
 
 
+def missing_outputs(cfg, plan):
+    """The final artefacts a finished run in cfg.output_dir should hold but does not (e.g. pipeline/ deleted)."""
+    from attndreambooth.config.plan import LORA_FILE
+    out = Path(cfg.output_dir)
+    want = ["learned_embeds.safetensors"] + ([LORA_FILE] if plan.lora else [])
+    if not plan.lora or cfg.runtime.save_merged_pipeline:
+        want.append("pipeline/model_index.json")
+    return [w for w in want if not (out / w).is_file()]
+
+
 def mark_finished(out):
     (Path(out) / "finished.json").write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
