@@ -4,6 +4,7 @@ else; nothing outside `attndreambooth/families/` tests which family it holds.
 
 To add a family (e.g. a transformer denoiser with joint attention): one new module with a `Family` subclass
 that implements the methods below, and one line in `families/__init__.py`'s FAMILIES."""
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,9 @@ class Conditioning:
         return Conditioning(self.hidden.expand(batch, -1, -1), {k: v.expand(batch, -1) for k, v in self.extra.items()})
 
 
-class Family:
-    """The defaults are those of a UNet2DConditionModel with one CLIP text encoder (SD 1.x/2.x)."""
+class Family(ABC):
+    """The defaults are those of a UNet2DConditionModel with one CLIP text encoder (SD 1.x/2.x); a family
+    must give its own layouts and tiny model (the abstract methods)."""
     name = "base"
     pipeline_class = "StableDiffusionPipeline"  # diffusers' class name
     text_encoder_names = ("text_encoder",)  # the pipeline's components, in conditioning order
@@ -130,11 +132,18 @@ class Family:
         does not carry one; diffusers' own format does)."""
         pipe.load_textual_inversion(str(path))
 
-    # -- layouts without weights and the tiny model ---------------------------------------------------------
-    def meta_layout(self, name):
-        """(label, U-Net, [text encoders], VAE) of the family's published layout on the meta device."""
-        raise NotImplementedError
+    # -- layouts without weights and the tiny model (each family's own: no default) ------------------------
+    tiny_layouts = ()  # the built-in tiny models' names ("tiny", ...)
 
+    @abstractmethod
+    def meta_layout(self, name):
+        """(label, U-Net, [text encoders], VAE) of the family's published layout (for a hub id or file `name`)
+        on the meta device."""
+
+    @abstractmethod
+    def meta_layout_of_checkpoint(self, keys):
+        """The same for an original-format single file, from its tensor names."""
+
+    @abstractmethod
     def build_tiny(self, folder, layout):
         """Save the family's tiny model with random weights (`layout` names a variant) to `folder`."""
-        raise NotImplementedError

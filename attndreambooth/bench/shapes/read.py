@@ -275,12 +275,12 @@ def match_objects(seen, want):
     return main, (named or others or [None])[0]
 
 
-def alignment(image, scene):
+def alignment(image, scene, seen=None):
     """The fraction of the caption's attributes (the concept's identity excepted) the image satisfies:
     the main object's shape, colour(s) and pattern (unless a concept), size and position, the background,
     and the second object (present with its shape and colour, or absent when the caption names none); an
-    attribute the caption leaves out is not counted."""
-    seen = describe(image)
+    attribute the caption leaves out is not counted. `seen`: the image's `describe`, if already read."""
+    seen = seen or describe(image)
     want = scene.attributes()
     main, second = match_objects(seen, want)
     checks = {}

@@ -70,10 +70,11 @@ def held_out(pipe, n=200, seed=0, log=print):
     for i, scene in enumerate(scenes):
         caption = scene.caption()
         (image,), maps = sample(pipe, caption, 1, seed + i, steps=STEPS, guidance_scale=CFG, attention_maps=True)
-        score, checks = alignment(image, scene)
+        seen = describe(image)  # read once: the alignment and the objects' masks both come from it
+        score, checks = alignment(image, scene, seen)
         scores.append(score)
         _accumulate(totals, checks)
-        main, second = match_objects(describe(image), scene.attributes())
+        main, second = match_objects(seen, scene.attributes())
         m = maps[0].numpy()
         iou_main.append(attention_iou(m[_word_position(pipe.tokenizer, caption, scene.main.shape)], main["blob"].mask)
                         if main else 0.0)
