@@ -55,3 +55,27 @@ def test_explicit_settings_win_over_a_card_preset():
     assert (cfg.stages["stage2"].lora_rank, cfg.stages["stage3"].lora_rank) == (32, 8)  # a set rank stays
     with pytest.raises(ConfigError, match="runtime.half_frozen_weights"):
         load_config(None, SD21[:-1] + ["runtime.half_frozen_weights=true"])  # needs mixed precision
+
+
+def test_log_states_what_runs_and_names_the_switch_that_broke_the_card(caplog):
+    caplog.set_level("INFO")
+    cfg = fit_memory(load_config(None, SD21 + ["runtime.memory=12gb", "runtime.gradient_checkpointing=false"]))
+    assert cfg.runtime.gradient_checkpointing is False  # the explicit switch runs, and the log says so
+    _, sizes = memory_sizes(cfg)
+    runs = max(stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), "bf16").values())
+    assert runs > CARDS["12gb"] * HEADROOM  # an independent estimate of what will run: over the card
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "12gb" in r.getMessage())
+    assert "runtime.gradient_checkpointing=false, set in the config, keeps the plan" in warning
+    assert f"estimated peak {runs:.1f} GiB" in warning
+    info = next(r.getMessage() for r in caplog.records if r.levelname == "INFO" and "runtime.memory" in r.getMessage())
+    assert "gradient checkpointing" not in info and f"(estimated peak {runs:.1f} GiB)" in info
+
+
+def test_an_explicit_rank_of_zero_stays_full_weights_under_a_card_preset(caplog):
+    zero = ["stages.stage2.lora_rank=0", "stages.stage3.lora_rank=0"]
+    for card in ("12gb", "24gb"):
+        cfg = fit_memory(load_config(None, SD21 + [f"runtime.memory={card}"] + zero))
+        assert not Plan(cfg.stages).lora and cfg.stages["stage3"].lora_rank == 0
+    assert "stages.stage2.lora_rank=0 and stages.stage3.lora_rank=0, set in the config, keep the plan" in caplog.text
+    unset = load_config(None, SD21)  # outside a card preset an unset rank is resolved to full weights
+    assert all(s.lora_rank == 0 for s in unset.stages.values())

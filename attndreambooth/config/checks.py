@@ -74,7 +74,7 @@ def validate(cfg: Config, card_pending=False):
         need(s.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         need(len(s.train) > 0 and all(p in TRAINABLE_PARTS for p in s.train), f"{key}.train",
              f"{s.train} must list parts from {TRAINABLE_PARTS}")
-        need(s.lora_rank >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
+        need(s.lora_rank is None or s.lora_rank >= 0, f"{key}.lora_rank", f"{s.lora_rank} must be >= 0 (0 = full weights)")
         need(not s.lora_rank or UNET_PARTS & set(s.train), f"{key}.lora_rank",
              f"LoRA adapts U-Net weights, but this stage trains only {s.train}; set it to 0")
         need(s.lora_alpha is None or s.lora_alpha > 0, f"{key}.lora_alpha", "must be > 0 or null (= the rank)")

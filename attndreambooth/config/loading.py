@@ -121,6 +121,8 @@ def load_config(config_file=None, overrides=(), check=True):
         for key, value in MEMORY_PRESETS[cfg.runtime.memory].items():
             if getattr(cfg.runtime, key) is None:
                 setattr(cfg.runtime, key, value)
+        for stage in cfg.stages.values():  # a rank left unset is full weights; only a card preset may choose one
+            stage.lora_rank = stage.lora_rank or 0
     if check:
         validate(cfg, card_pending=cfg.runtime.memory in CARD_PRESETS)
     return cfg

@@ -14,7 +14,7 @@ KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the same, for Comf
 
 def is_lora(stage):
     """True if a stage's config trains LoRA adapters instead of the U-Net weights it names."""
-    return stage.lora_rank > 0 and bool(UNET_PARTS & set(stage.train))
+    return (stage.lora_rank or 0) > 0 and bool(UNET_PARTS & set(stage.train))
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ class StageConfig:
     reg_var_weight: float = 0.0  # weight of the variance term of Eq. 2
     weight_decay: float = 1e-2  # AdamW weight decay (released code: 1e-2, also on the embedding)
     enabled: bool = True  # switch a stage off (the paper's ablations)
-    lora_rank: int = 0  # > 0: LoRA adapters of this rank instead of the U-Net weights (a card preset may set it)
+    lora_rank: Optional[int] = None  # > 0: LoRA adapters of this rank instead of the U-Net weights; 0: full weights;
+    #                                  null: full weights, or the rank a card preset (runtime.memory=12gb...) gives
     lora_alpha: Optional[float] = None  # LoRA scale = alpha / rank; null = the rank (scale 1)
 
 

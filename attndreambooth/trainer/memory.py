@@ -9,7 +9,7 @@ stage 3 peaks of 22.9 GiB (default) and 10.8 GiB (gradient checkpointing + 8-bit
 (SDXL, LoRA, half-precision weights) is extrapolated from it: estimated, until a GPU measures it.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -96,29 +96,68 @@ def current_savers(cfg, plan=None):
                   bool(r.half_frozen_weights))
 
 
+def fixed_savers(cfg):
+    """{saver: (value, the config keys that fix it)} for what the config sets itself: a runtime switch given
+    explicitly, or LoRA when a U-Net stage gives a rank (0: full weights)."""
+    from attndreambooth.config.plan import UNET_PARTS
+    fixed = {k: (v, [f"runtime.{k}={str(v).lower()}"]) for k in ("gradient_checkpointing", "optimizer_8bit",
+             "half_frozen_weights") if (v := getattr(cfg.runtime, k)) is not None}
+    ranks = {name: s.lora_rank for name, s in cfg.stages.items()
+             if s.lora_rank is not None and s.enabled and s.steps > 0 and UNET_PARTS & set(s.train)}
+    if ranks:  # a mix of 0 and > 0 is refused by config.validate once the preset is resolved
+        lora = max(ranks.values()) > 0
+        fixed["lora"] = (lora, [f"stages.{n}.lora_rank={r}" for n, r in ranks.items() if (r > 0) == lora])
+    return fixed
+
+
 def fit_card(cfg, sizes, bitsandbytes):
-    """The first way to train on LADDER whose estimated peak fits `runtime.memory`'s card; sets the runtime
-    switches the config leaves unset (null) and, when it takes LoRA, a rank for the U-Net stages that have
-    none (a rank set in the config stays). Returns (savers, peaks)."""
+    """The first way to train on LADDER whose estimated peak fits `runtime.memory`'s card, with what the config
+    sets itself kept (an explicit switch, a stage's lora_rank); sets the runtime switches the config leaves
+    unset (null) and the ranks of the U-Net stages that have none (LORA_RANK when it takes LoRA, else 0).
+    When nothing fits, a warning names the explicit settings that keep the preset from a way that would.
+    Returns (savers, peaks) of what will run."""
     from attndreambooth.config.plan import UNET_PARTS, Plan
-    budget = CARDS[cfg.runtime.memory] * HEADROOM
-    plan = Plan(cfg.stages)
+    budget, plan, fixed = CARDS[cfg.runtime.memory] * HEADROOM, Plan(cfg.stages), fixed_savers(cfg)
     usable = [s for s in LADDER if (bitsandbytes or not s.optimizer_8bit)
               and (cfg.runtime.mixed_precision != "no" or not s.half_frozen_weights)]
-    for savers in usable:
-        peaks = stage_peaks(sizes, plan, savers, cfg.runtime.mixed_precision)
-        if max(peaks.values()) <= budget:
-            break
-    else:
-        log.warning("runtime.memory=%s: no way to train is estimated to fit %.1f GiB; the smallest needs %.1f GiB "
-                    "(lower stages.<name>.batch_size or data.resolution%s)", cfg.runtime.memory, budget,
-                    max(peaks.values()), ", or set runtime.mixed_precision=bf16" if cfg.runtime.mixed_precision == "no"
-                    else "")
+    peak = {s: max(stage_peaks(sizes, plan, s, cfg.runtime.mixed_precision).values()) for s in usable}
+    ways = list(dict.fromkeys(replace(s, **{k: v for k, (v, _) in fixed.items()}) for s in usable))
+    for way in ways:
+        peak.setdefault(way, max(stage_peaks(sizes, plan, way, cfg.runtime.mixed_precision).values()))
+    savers = next((w for w in ways if peak[w] <= budget), ways[-1])
+    if peak[savers] > budget:
+        free = next((s for s in usable if peak[s] <= budget), None)
+        blame = [key for k, (v, keys) in fixed.items() if free and getattr(free, k) != v for key in keys]
+        if blame:
+            log.warning("runtime.memory=%s: %s, set in the config, %s the plan (estimated peak %.1f GiB) from "
+                        "fitting the card's %.1f GiB; the preset alone would take %s (%.1f GiB): remove %s",
+                        cfg.runtime.memory, " and ".join(blame), "keeps" if len(blame) == 1 else "keep", peak[savers],
+                        budget, describe(free), peak[free], "it" if len(blame) == 1 else "them")
+        else:
+            log.warning("runtime.memory=%s: no way to train is estimated to fit %.1f GiB; the smallest needs %.1f "
+                        "GiB (lower stages.<name>.batch_size or data.resolution%s)", cfg.runtime.memory, budget,
+                        peak[savers], ", or set runtime.mixed_precision=bf16" if cfg.runtime.mixed_precision == "no"
+                        else "")
+        if not bitsandbytes:
+            with_8bit = next((w for w in (replace(s, optimizer_8bit=True) for s in ways) if "optimizer_8bit" not in
+                              fixed and max(stage_peaks(sizes, plan, w, cfg.runtime.mixed_precision).values()) <= budget),
+                             None)
+            if with_8bit:
+                log.warning("runtime.memory=%s: with bitsandbytes installed (pip install bitsandbytes) the preset "
+                            "could take %s, estimated to fit", cfg.runtime.memory, describe(with_8bit))
     r = cfg.runtime
     for key in ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights"):
         if getattr(r, key) is None:
             setattr(r, key, getattr(savers, key))
     for stage in cfg.stages.values():
-        if savers.lora and not stage.lora_rank and UNET_PARTS & set(stage.train):
-            stage.lora_rank = LORA_RANK
-    return savers, peaks
+        if stage.lora_rank is None:
+            stage.lora_rank = LORA_RANK if savers.lora and UNET_PARTS & set(stage.train) else 0
+    return savers, stage_peaks(sizes, plan, savers, cfg.runtime.mixed_precision)
+
+
+def describe(savers, ranks=()):
+    """The savers a way to train switches on, in words for the log (`ranks`: the LoRA stages' ranks)."""
+    words = {"gradient_checkpointing": "gradient checkpointing", "optimizer_8bit": "8-bit AdamW",
+             "lora": "LoRA" + (f" rank {'/'.join(map(str, ranks))}" if ranks else ""),
+             "half_frozen_weights": "half-precision frozen weights"}
+    return ", ".join(words[k] for k, v in vars(savers).items() if v) or "no memory savers"

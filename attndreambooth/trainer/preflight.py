@@ -50,13 +50,15 @@ def fit_memory(cfg):
 
     from attndreambooth.config.checks import validate
     from attndreambooth.config.schema import CARD_PRESETS
-    from attndreambooth.trainer.memory import fit_card
+    from attndreambooth.trainer.memory import current_savers, describe, fit_card, stage_peaks
     if cfg.runtime.memory in CARD_PRESETS:
         _, sizes = memory_sizes(cfg)
-        savers, peaks = fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
-        log.info("runtime.memory=%s: %s (estimated peak %.1f GiB)", cfg.runtime.memory,
-                 ", ".join(k for k, v in vars(savers).items() if v) or "no memory savers", max(peaks.values()))
+        fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
         validate(cfg)
+        savers = current_savers(cfg)  # what will run, read back from the resolved config, explicit settings included
+        ranks = sorted({s.config.lora_rank for s in Plan(cfg.stages) if s.lora})
+        log.info("runtime.memory=%s: %s (estimated peak %.1f GiB)", cfg.runtime.memory, describe(savers, ranks),
+                 max(stage_peaks(sizes, Plan(cfg.stages), savers, cfg.runtime.mixed_precision).values()))
     for s in Plan(cfg.stages):
         if s.lora and s.config.lr < 1e-5:
             log.warning("stages.%s: LoRA at lr %g, a full-weight learning rate; LoRA factors usually need about "
