@@ -11,6 +11,7 @@ StableDiffusionXLPipeline).
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def main(argv=None, hooks=None):
     from attndreambooth.families.source import quiet_known_noise
     from attndreambooth.trainer.preflight import check_inputs, fit_memory, plan_text, preflight
     from attndreambooth.trainer.run import Interrupted, run
+    from attndreambooth.trainer.finished import complete_finished
     from attndreambooth.trainer.run_folder import missing_outputs
     quiet_known_noise()
     args = parse_args(argv)
@@ -48,9 +50,18 @@ def main(argv=None, hooks=None):
             print(to_yaml(cfg))
             print(plan_text(cfg, plan, layout))
             return None
-        state, paths, lock = preflight(cfg, plan)  # data, tokens, run folder, disk: before any weights load
+        state, paths, lock, work = preflight(cfg, plan)  # data, tokens, run folder, disk: before any weights load
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+    if state == "finished" and int(os.environ.get("RANK", 0)) != 0:
+        return Path(cfg.output_dir)  # under a launcher, rank 0 alone writes what a finished run still needs
+    if state == "finished" and work:  # options that define outputs changed: write those, train nothing
+        try:
+            complete_finished(cfg, work)
+        finally:
+            if lock is not None:
+                lock.close()
+        return Path(cfg.output_dir)
     if state == "finished":
         missing = missing_outputs(cfg, plan)
         if missing:  # saying "nothing to do" would leave the user without them and without a way back

@@ -171,3 +171,33 @@ def test_a_lora_file_of_another_family_is_named_before_it_loads(lora_run, tmp_pa
                         "--num_images", "1", "--steps", "1", "--out", str(tmp_path / "o")])
         assert f"{lora_run / name} is a LoRA for another model" in str(e.value.code), e.value.code
     assert not (tmp_path / "o").exists()
+
+
+def test_a_finished_lora_run_writes_the_merged_pipeline_a_rerun_asks_for(lora_run, tmp_path, caplog):
+    import yaml
+    from diffusers import StableDiffusionPipeline
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    shutil.rmtree(run / "pipeline")  # as if trained with runtime.save_merged_pipeline=false
+    record = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(record.replace("save_merged_pipeline: true", "save_merged_pipeline: false"))
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={SAMPLE}", "runtime.tensorboard=false"]
+    kept = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    T.main(args + tiny_overrides(run, **LORA, **{"validation.steps": 3}))
+    assert "validation.steps changed (25 -> 3): it acts only while training" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == kept and not (run / "pipeline").exists()
+    T.main(args + tiny_overrides(run, **LORA, **{"runtime.save_merged_pipeline": "true"}))  # asked for: written
+    assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["save_merged_pipeline"] is True  # recorded
+    trained, rebuilt = (StableDiffusionPipeline.from_pretrained(p) for p in (lora_run / "pipeline", run / "pipeline"))
+    for name, w in trained.unet.state_dict().items():  # the same merge as at the end of training, from the files
+        torch.testing.assert_close(rebuilt.unet.state_dict()[name], w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unet_output(rebuilt), unet_output(trained), atol=1e-5, rtol=1e-5)
+    assert type(rebuilt.scheduler) is type(trained.scheduler)  # the base's scheduler, not a sampling one
+    again = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    T.main(args + tiny_overrides(run, **LORA, **{"runtime.save_merged_pipeline": "true"}))
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == again  # nothing left to do
+    assert "finished run: nothing to do" in caplog.text
+    shutil.rmtree(run / "pipeline")  # deleted by hand: the adapters are still there, so it is merged again
+    T.main(args + tiny_overrides(run, **LORA, **{"runtime.save_merged_pipeline": "true"}))
+    assert "merged pipeline/ is missing (deleted or moved?): merging it again" in caplog.text
+    assert (run / "pipeline" / "model_index.json").is_file()

@@ -2,6 +2,7 @@
 with its last checkpoint; a finished or different run in the folder is never overwritten."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -253,3 +254,23 @@ def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     resumed = subprocess.run([sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(config)],
                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]
+
+
+def test_a_finished_run_recasts_its_pipeline_when_asked_and_refuses_what_it_cannot_rebuild(baseline, tmp_path):
+    import torch
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    half = train(run, **{"runtime.pipeline_dtype": "fp16", "runtime.save_merged_pipeline": "true"})
+    assert half.returncode == 0, half.stderr[-2000:]
+    assert "save_merged_pipeline changed: it acts only on LoRA runs" in half.stderr
+    assert "in fp16 (cast from the pipeline the run saved); the run is not trained again" in half.stderr
+    full, cast = (load_file(next((p / "pipeline/unet").glob("*.safetensors"))) for p in (baseline, run))
+    assert full.keys() == cast.keys() and all(torch.equal(cast[k], full[k].half()) for k in full)
+    assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["pipeline_dtype"] == "fp16"
+    kept = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    back = train(run, **{"runtime.pipeline_dtype": "fp32"})
+    assert back.returncode == 1 and "Traceback" not in back.stderr
+    assert back.stderr.strip().splitlines()[-1].startswith(
+        "error: runtime.pipeline_dtype=fp32: the run's pipeline/ was saved in fp16, and the fp32 weights it came from")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == kept  # refused before anything was written

@@ -176,19 +176,22 @@ def check_inputs(cfg, download=True):
 def preflight(cfg, plan):
     """All checks that need no weights, then the run folder claimed (locked; for resume=false the earlier
     run moved aside, only now that everything else passed). Returns the folder's state ('new', 'resume',
-    'finished'), the checked instance images and the lock (keep it for the process's life)."""
+    'finished'), the checked instance images, the lock (keep it for the process's life) and, for a finished
+    run, the work its changed options ask for (trainer/finished.py)."""
+    from attndreambooth.trainer.finished import finished_work
     paths, layout = check_inputs(cfg)
     check_world(plan)
-    state = run_folder_state(cfg)
+    state, changes = run_folder_state(cfg)
+    work = finished_work(cfg, plan, changes) if state == "finished" else []
     if state == "resume":
         check_same_images(cfg, paths)
         check_checkpoint_fits(cfg, plan)
     if state != "finished":
         check_disk(cfg, plan, layout)
-    if state == "finished":  # nothing will be written
-        return state, paths, None
+    if state == "finished" and not work:  # nothing will be written
+        return state, paths, None, work
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher, rank 0 claims the folder for all
-        return ("new" if state == "replace" else state), paths, None
+        return ("new" if state == "replace" else state), paths, None, work
     out = Path(cfg.output_dir)
     lock = hold_folder(out)
     if state == "replace":
@@ -200,6 +203,6 @@ def preflight(cfg, plan):
         state = "new"
     if state == "new" or not (out / IMAGES_FILE).is_file():  # what a resume must find again
         (out / IMAGES_FILE).write_text(json.dumps(fingerprint(paths), indent=1))
-    return state, paths, lock
+    return state, paths, lock, work
 
 

@@ -27,16 +27,17 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_s
 
 
 def run_folder_state(cfg):
-    """'new', 'replace' (resume=false over an earlier run), 'resume' or 'finished' for cfg.output_dir, without
-    touching it; refuses a folder that is not this run's."""
+    """('new', 'replace' (resume=false over an earlier run), 'resume' or 'finished', the allowed changes of
+    config keys as (key, in the run, now)) for cfg.output_dir, without touching it; refuses a folder that is
+    not this run's."""
     out = Path(cfg.output_dir)  # that it can be written in is checked with the config (config_checks.folder_problem)
     if not out.is_dir() or not [p for p in out.iterdir() if p.name not in (LOCK_NAME, IMAGES_FILE)]:
-        return "new"
+        return "new", []
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
                           "output_dir (nothing in it is touched)")
     if not cfg.resume:
-        return "replace"
+        return "replace", []
     try:
         old = yaml.safe_load((out / "config.yaml").read_text())
     except yaml.YAMLError as e:
@@ -48,10 +49,12 @@ def run_folder_state(cfg):
         lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
         raise ConfigError(f"output_dir {out} holds a run with another config:\n{lines}\n"
                           "Use a new output_dir, or resume=false to move the earlier run aside and start over.")
+    if (out / "finished.json").is_file():
+        return "finished", changed  # what each change means for a finished run: trainer/finished.py
     for key, old, new in changed:
         if key != "output_dir":
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
-    return "finished" if (out / "finished.json").is_file() else "resume"
+    return "resume", changed
 
 
 def hold_folder(out, option="output_dir", holder="a running training"):
