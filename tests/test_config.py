@@ -1,5 +1,6 @@
 """Config and input errors: named keys and files, raised before any model loads."""
 import dataclasses
+import json
 import re
 import shutil
 
@@ -216,3 +217,40 @@ def test_dry_run_anywhere_and_paths_expanded(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert f"instance_dir: {tmp_path}/photos\n" in out and f"output_dir: {tmp_path}/runs/x\n" in out
     assert "stage3: train unet" in out and not (tmp_path / "runs").exists()
+
+
+def vae_variant(tmp_path, tiny_dir, name, **changes):
+    """A copy of the tiny model's VAE folder with config fields changed."""
+    folder = tmp_path / name
+    shutil.copytree(tiny_dir / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_vae_that_does_not_fit_the_base_is_one_line_before_the_run_folder(tmp_path, tiny_dir, capsys, monkeypatch):
+    from diffusers import AutoencoderKL
+    base = ["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path}/run"]
+    own = json.loads((tiny_dir / "vae" / "config.json").read_text())
+    factor = 2 ** (len(own["block_out_channels"]) - 1)
+    cases = {  # model.vae -> what the one line must say
+        vae_variant(tmp_path, tiny_dir, "wide", latent_channels=16): "its latent channels 16 (the base's: 4)",
+        vae_variant(tmp_path, tiny_dir, "scaled", scaling_factor=0.13025): "scaling factor 0.13025 (the base's: 0.18215)",
+        vae_variant(tmp_path, tiny_dir, "deep", block_out_channels=own["block_out_channels"] * 2,
+                    down_block_types=own["down_block_types"] * 2, up_block_types=own["up_block_types"] * 2):
+            f"downsampling factor {2 * factor * factor} (the base's: {factor})",
+        tiny_dir / "unet": "holds a UNet2DConditionModel, not a VAE (AutoencoderKL)",
+        tiny_dir: "it is a whole pipeline: give its vae/ folder",
+    }
+    for vae, says in cases.items():
+        msg = run_main(base + [f"model.vae={vae}"], capsys)
+        assert msg.startswith(f"error: config key 'model.vae': '{vae}'") and says in msg, msg
+        assert not (tmp_path / "run").exists()  # said before the folder is claimed
+    monkeypatch.setattr(AutoencoderKL, "load_config", lambda *a, **k: (_ for _ in ()).throw(OSError("offline\nmore")))
+    msg = run_main(base + ["model.vae=nobody/no-vae"], capsys)
+    assert msg == ("error: config key 'model.vae': 'nobody/no-vae' cannot be read as a diffusers VAE (offline); "
+                   "give a VAE folder (config.json + weights) or a hub id that holds one")
+    monkeypatch.undo()
+    T.main(base + [f"model.vae={vae_variant(tmp_path, tiny_dir, 'same')}", "--dry-run"])  # its own VAE fits
+    assert "stage3: train unet" in capsys.readouterr().out

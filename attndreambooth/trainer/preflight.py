@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+from attndreambooth.config.checks import looks_like_hub_id
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.families.source import meta_models, model_source
@@ -167,7 +168,11 @@ def check_inputs(cfg, download=True):
                               "diffusers folder") from None
     if download or kind != "hub":
         check_tokens(cfg)
+    if cfg.model.vae and (download or not looks_like_hub_id(cfg.model.vae)):
+        vae_config = read_vae_config(cfg.model.vae)
     layout = meta_models(cfg)  # built once for the checks below
+    if cfg.model.vae and (download or not looks_like_hub_id(cfg.model.vae)):
+        check_vae_fits(cfg.model.vae, vae_config, layout.vae.config)
     if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
         regularised_layers(layout.family, layout.unet, cfg.reg.map_sizes, cfg.data.resolution)
     return paths, layout
@@ -206,3 +211,33 @@ def preflight(cfg, plan):
     return state, paths, lock, work
 
 
+def read_vae_config(vae):
+    """model.vae's config.json (a few hundred bytes, fetched alone for a hub id); one line when it is not a
+    diffusers VAE (a U-Net or pipeline folder, an unreachable id)."""
+    from diffusers import AutoencoderKL
+    try:
+        config = AutoencoderKL.load_config(os.path.expanduser(vae))
+    except (OSError, ValueError) as e:
+        whole = Path(os.path.expanduser(vae), "vae", "config.json").is_file()
+        raise ConfigError(f"config key 'model.vae': {vae!r} cannot be read as a diffusers VAE ("
+                          + ("it is a whole pipeline: give its vae/ folder" if whole else str(e).splitlines()[0])
+                          + "); give a VAE folder (config.json + weights) or a hub id that holds one") from None
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConfigError(f"config key 'model.vae': {vae!r} holds a {config['_class_name']}, not a VAE "
+                          "(AutoencoderKL); give the VAE's folder, e.g. the base's vae/ or a fine-tuned VAE")
+    return config
+
+
+def check_vae_fits(vae, config, base):
+    """A VAE the U-Net can use in place of the base's: the same downsampling factor (the latent size), latent
+    channels (the U-Net's input) and scaling (the latents' magnitude the U-Net was trained on)."""
+    def fields(c):
+        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
+        return {"downsampling factor": 2 ** (len(get("block_out_channels", [0])) - 1),
+                "latent channels": get("latent_channels", 4), "scaling factor": get("scaling_factor", 0.18215)}
+    ours, theirs = fields(config), fields(base)
+    wrong = [f"{k} {ours[k]:g} (the base's: {theirs[k]:g})" for k in ours if ours[k] != theirs[k]]
+    if wrong:
+        raise ConfigError(f"config key 'model.vae': {vae!r} does not fit the base model's U-Net: its "
+                          f"{', '.join(wrong)}; give a VAE made for this base (e.g. a fine-tune of its own), or "
+                          "leave model.vae unset")
