@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from attndreambooth.config.checks import folder_problem
+from attndreambooth.config.checks import folder_problem, guidance_problem, seed_problem
 from attndreambooth.config.plan import DTYPES
 from attndreambooth.families import of_pipeline
 from attndreambooth.families.source import quiet_known_noise
@@ -110,6 +110,9 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+    for name, problem in (("seed", seed_problem(args.seed)), ("guidance_scale", guidance_problem(args.guidance_scale))):
+        if problem:
+            raise ValueError(f"--{name} {problem}")
     if isinstance(args.stage, int) and args.stage < 1:
         raise ValueError(f"--stage must be 1 or more, got {args.stage}")
     if args.prompt_file:

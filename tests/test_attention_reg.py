@@ -249,12 +249,35 @@ def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
             with CrossAttentionCapture(unet, [5, 6], layers=[name]) as cap:
                 unet(x, t, cond)
             assert len(cap.maps) == 1 and cap.maps[0].shape[2] == (x.shape[-1] // factor) ** 2, name
-    chosen = regularised_layers(sd, unet, [4, 1], 64)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
+    chosen = regularised_layers(sd, unet, [4, 1], 8)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
     with torch.no_grad(), CrossAttentionCapture(unet, [5, 6], layers=chosen) as cap:
         unet(x, t, cond)
     assert sorted(m.shape[2] for m in cap.maps) == [1] + [16] * 5
     with pytest.raises(ValueError, match=r"reg.map_sizes.*\[3\] matches no cross-attention layer.*\[8, 4, 2, 1\]"):
-        regularised_layers(sd, unet, [3], 64)
+        regularised_layers(sd, unet, [3], 8)
+
+
+def test_map_sizes_are_the_sizes_the_unet_makes_when_strides_round_up(tiny_pipe):
+    """A latent of odd side (72 px: 9): each stride-2 convolution rounds up (9, 5, 3, 2), and the sizes that
+    reg.map_sizes selects and messages name are those a real forward captures."""
+    from attndreambooth.families import by_name
+    from attndreambooth.trainer.parts import latent_side, map_side, regularised_layers
+    sd, unet = by_name("sd"), tiny_pipe.unet
+    latent = latent_side(tiny_pipe.vae.config, 72)
+    assert latent == 72 // tiny_pipe.vae_scale_factor == 9
+    x, t, cond = torch.randn(1, 4, latent, latent), torch.tensor([500]), torch.randn(1, 77, 32)
+    captured = {}
+    with torch.no_grad():
+        for name in sd.cross_attention_layers(unet):
+            with CrossAttentionCapture(unet, [5, 6], layers=[name]) as cap:
+                unet(x, t, cond)
+            captured[name] = cap.maps[0].shape[2]
+    assert sorted(set(captured.values())) == [4, 9, 25, 81]  # 2, 3, 5, 9 on a side, not 1, 2, 4, 9
+    for name, factor in sd.cross_attention_layers(unet).items():
+        assert map_side(latent, factor) ** 2 == captured[name]
+    assert set(regularised_layers(sd, unet, [5], latent)) == {n for n, hw in captured.items() if hw == 25}
+    with pytest.raises(ValueError, match=r"a 9x9 latent\) this U-Net's maps are \[9, 5, 3, 2\] on a side"):
+        regularised_layers(sd, unet, [4], latent)
 
 
 def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
@@ -268,5 +291,5 @@ def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
         unet = UNet2DConditionModel(**SDXL_UNET)
     sides = [128 // f for f in sdxl.cross_attention_layers(unet).values()]  # 1024 px
     assert len(sides) == 70 and sides.count(32) == 60 and sides.count(64) == 10
-    assert len(regularised_layers(sdxl, unet, [32], 1024)) == 60
-    assert len(regularised_layers(sdxl, unet, None, 1024)) == 70
+    assert len(regularised_layers(sdxl, unet, [32], 128)) == 60
+    assert len(regularised_layers(sdxl, unet, None, 128)) == 70

@@ -42,6 +42,10 @@ def no_model_loading(monkeypatch):
     ("stages.stage1.lora_rank=4", "config key 'stages.stage1.lora_rank': LoRA adapts U-Net weights"),
     ("stages.stage3.lora_rank=4", r"every stage that trains U-Net weights must use LoRA, or none \(\{'stage2': False"),
     ("stages.stage3.lora_alpha=0", "config key 'stages.stage3.lora_alpha'"),
+    ("runtime.seed=-1", r"config key 'runtime.seed': -1 must be in 0 .. 4294967295"),
+    ("validation.seed=4294967296", r"config key 'validation.seed': 4294967296 must be in 0 .. 4294967295"),
+    ("validation.guidance_scale=0.5", r"'validation.guidance_scale': 0.5 would switch classifier-free guidance off"),
+    ("validation.guidance_scale=nan", r"'validation.guidance_scale': nan would switch classifier-free guidance off"),
     ("model.vae=/no/such/vae", "config key 'model.vae': '/no/such/vae' is neither a diffusers VAE folder"),
     ("runtime.memory=8gb", "config key 'runtime.memory': '8gb' is not one of"),
     ("data=5", r"override 'data=5': is a group of keys, not one value"),
@@ -152,13 +156,15 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("reg.map_sizes=[7]", r"'reg.map_sizes': \[7\] matches no cross-attention layer.*\[4, 2\] px"),
+    ("reg.map_sizes=[7]", r"'reg.map_sizes': \[7\] matches no cross-attention layer.*\[4, 2\] on a side"),
     ("data.placeholder=dog", "'data.placeholder': 'dog' is already a word"),
+    ("stages.stage2.lora_rank=33 stages.stage3.lora_rank=33",
+     r"'stages.stage2.lora_rank': 33 is more than the width of the narrowest layer it adapts \(\S+attn2.to_q: 32\)"),
 ])
 def test_dry_run_reports_what_the_run_would_refuse(tmp_path, capsys, override, message):
     """The weight-free checks of a real run (tokens, the regularised layers on SDXL's layout) also stop a
     dry run, before it prints a plan that could not run."""
-    msg = run_main(["--config", str(ROOT / "configs/tiny.yaml"), "model.pretrained=tiny-sdxl", override,
+    msg = run_main(["--config", str(ROOT / "configs/tiny.yaml"), "model.pretrained=tiny-sdxl", *override.split(),
                     f"output_dir={tmp_path}/run", "--dry-run"], capsys)
     assert re.search(message, msg) and msg.startswith("error: config key") and "\n" not in msg
     assert "stage1:" not in capsys.readouterr().out and not (tmp_path / "run").exists()
@@ -254,3 +260,14 @@ def test_a_vae_that_does_not_fit_the_base_is_one_line_before_the_run_folder(tmp_
     monkeypatch.undo()
     T.main(base + [f"model.vae={vae_variant(tmp_path, tiny_dir, 'same')}", "--dry-run"])  # its own VAE fits
     assert "stage3: train unet" in capsys.readouterr().out
+
+
+def test_a_resolution_off_the_vae_factor_is_named():
+    from types import SimpleNamespace
+
+    from attndreambooth.trainer.preflight import check_sizes
+    cfg = load_config(None, REQUIRED + ["data.resolution=520"])
+    deep = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[8] * 5)))  # 16x smaller
+    with pytest.raises(ConfigError, match=r"'data.resolution': 520 is not a multiple of this model's VAE factor 16 "
+                                          r"\(the latent would be cut\); use 512 or 528"):
+        check_sizes(cfg, deep)

@@ -207,6 +207,8 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--steps", "0"], "--steps must be >= 1"),
     (["--height", "100"], "--height must be a positive multiple of 8"),
     (["--stage", "0"], "--stage must be 1 or more"),
+    (["--seed", "-1"], "--seed -1 must be in 0 .. 4294967295"),
+    (["--guidance_scale", "0.5"], "--guidance_scale 0.5 would switch classifier-free guidance off"),
     (["--stage", "9"], "--stage 9: the run has stages 1..3"),
     (["--prompt_file", "/no/such/prompts.txt"], "--prompt_file /no/such/prompts.txt does not exist"),
     (["--stage", "stage9"], "--stage stage9: the run has stages 1..3 (stage1, stage2, stage3)"),

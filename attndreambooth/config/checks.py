@@ -1,6 +1,7 @@
 """The config's values checked, each problem named by its key: impossible values, parts and presets that do not
 exist, an output folder that cannot be written. Cheap checks only: no model loads here."""
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def validate(cfg: Config, card_pending=False):
     v = cfg.validation
     need(v.every_steps >= 0 and v.num_images >= 1 and v.steps >= 1, "validation",
          "every_steps must be >= 0, num_images and steps >= 1")
+    for key, value in (("runtime.seed", cfg.runtime.seed), ("validation.seed", v.seed)):
+        need(seed_problem(value) is None, key, seed_problem(value))
+    need(guidance_problem(v.guidance_scale) is None, "validation.guidance_scale", guidance_problem(v.guidance_scale))
     need(cfg.runtime.checkpoint_every_steps >= 0, "runtime.checkpoint_every_steps", "must be >= 0")
     need(cfg.runtime.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be >= 1")
     need(d.min_image_size >= 1, "data.min_image_size", "must be >= 1")
@@ -86,6 +90,21 @@ def validate(cfg: Config, card_pending=False):
          "LoRA stages need peft: pip install peft")
     problem = folder_problem(cfg.output_dir)
     need(problem is None, "output_dir", problem)
+
+
+def seed_problem(seed):
+    """Why `seed` cannot seed every generator a run or a sample uses (None: it can): accelerate's set_seed and
+    NumPy take 0 .. 2**32 - 1."""
+    return None if 0 <= seed < 2**32 else f"{seed} must be in 0 .. {2**32 - 1} (what NumPy and accelerate accept)"
+
+
+def guidance_problem(scale):
+    """Why a classifier-free guidance scale would not do what it says (None: it would): diffusers guides only
+    above 1, so 0.5 or a negative scale would sample without guidance, silently."""
+    if not math.isfinite(scale) or scale < 1:
+        return (f"{scale} would switch classifier-free guidance off (diffusers guides only above 1); give 1 for "
+                "no guidance, or more than 1 (7.5 is usual)")
+    return None
 
 
 def looks_like_hub_id(name):

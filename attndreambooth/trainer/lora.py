@@ -102,3 +102,13 @@ def lora_parameter_count(unet, part, family, rank=1):
     pattern = re.compile(family.lora_targets[part])
     return sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
                if hasattr(m, "in_features") and pattern.fullmatch(n))
+
+
+def narrowest_target(unet, part, family):
+    """(name, width) of the narrowest linear layer `part`'s adapter targets, width = min(in, out): a rank above
+    it is no longer low-rank (the update B @ A is full rank at that width; the extra rank only adds parameters)."""
+    pattern = re.compile(family.lora_targets[part])
+    widths = {n: min(m.in_features, m.out_features) for n, m in unet.named_modules()
+              if hasattr(m, "in_features") and pattern.fullmatch(n)}
+    name = min(widths, key=widths.get)
+    return name, widths[name]

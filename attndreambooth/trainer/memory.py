@@ -44,8 +44,8 @@ LADDER = (  # least approximate first: the paper's full weights, then savers tha
 )
 
 
-def activation_elements(unet, resolution, family):
-    """Summed output elements of the U-Net's leaf modules for one sample at `resolution` px (meta device)."""
+def activation_elements(unet, side, family):
+    """Summed output elements of the U-Net's leaf modules for one sample of a `side`-wide latent (meta device)."""
     total = [0]
 
     def count(module, args, out):
@@ -54,7 +54,6 @@ def activation_elements(unet, resolution, family):
 
     leaves = [m for m in unet.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
-    side = resolution // 8
     try:
         with torch.device("meta"), torch.no_grad():
             c = unet.config

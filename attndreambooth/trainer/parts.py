@@ -24,15 +24,29 @@ def trainable_parameters(part, unet, text_encoders, family, adapter=None):
     raise ValueError(f"unknown trainable part {part!r}")
 
 
-def regularised_layers(family, unet, map_sizes, resolution):
-    """The cross-attention processor names whose maps Eq. 2 averages: all, or those whose map side at
-    `resolution` px is in `map_sizes`; refuses a selection that matches no layer."""
-    latent, layers = resolution // 8, family.cross_attention_layers(unet)
+def latent_side(vae_config, resolution):
+    """The latent's side for `resolution` px: the VAE halves the image once per block after its first (SD's and
+    SDXL's VAEs: 8x smaller; the shapes world's: 4x)."""
+    return resolution // 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def map_side(latent, factor):
+    """The side of the attention maps of a layer whose grid is `factor` times coarser than a `latent`-wide
+    latent: each stride-2 convolution (kernel 3, padding 1) halves the side rounding up (9 -> 5 -> 3 -> 2)."""
+    for _ in range(factor.bit_length() - 1):
+        latent = (latent + 1) // 2
+    return latent
+
+
+def regularised_layers(family, unet, map_sizes, latent):
+    """The cross-attention processor names whose maps Eq. 2 averages: all, or those whose map side for a
+    `latent`-wide latent is in `map_sizes`; refuses a selection that matches no layer."""
+    layers = family.cross_attention_layers(unet)
     if map_sizes is None:
         return list(layers)
-    chosen = [name for name, factor in layers.items() if latent // factor in map_sizes]
+    chosen = [name for name, factor in layers.items() if map_side(latent, factor) in map_sizes]
     if not chosen:
-        sizes = sorted({latent // f for f in layers.values()}, reverse=True)
-        raise ValueError(f"config key 'reg.map_sizes': {list(map_sizes)} matches no cross-attention layer; at "
-                         f"data.resolution={resolution} this U-Net's maps are {sizes} px on a side")
+        sizes = sorted({map_side(latent, f) for f in layers.values()}, reverse=True)
+        raise ValueError(f"config key 'reg.map_sizes': {list(map_sizes)} matches no cross-attention layer; at this "
+                         f"data.resolution (a {latent}x{latent} latent) this U-Net's maps are {sizes} on a side")
     return chosen

@@ -14,8 +14,8 @@ from attndreambooth.families.source import meta_models, model_source
 from attndreambooth.trainer.checkpoint import size_text
 from attndreambooth.trainer.concept import is_known_word
 from attndreambooth.trainer.data import fingerprint, list_images
-from attndreambooth.trainer.lora import adapter_part, lora_parameter_count
-from attndreambooth.trainer.parts import regularised_layers
+from attndreambooth.trainer.lora import adapter_part, lora_parameter_count, narrowest_target
+from attndreambooth.trainer.parts import latent_side, regularised_layers
 from attndreambooth.trainer.run_folder import (IMAGES_FILE, check_checkpoint_fits, check_same_images, check_world,
                                                hold_folder, run_folder_state)
 
@@ -41,7 +41,8 @@ def memory_sizes(cfg, layout=None, plan=None):
     from attndreambooth.trainer.memory import activation_elements
     layout = layout or meta_models(cfg)
     source, sizes = parameter_sizes(cfg, layout, plan)
-    sizes["activations"] = activation_elements(layout.unet, cfg.data.resolution, layout.family)
+    sizes["activations"] = activation_elements(layout.unet, latent_side(layout.vae.config, cfg.data.resolution),
+                                               layout.family)
     return source, sizes
 
 
@@ -173,9 +174,27 @@ def check_inputs(cfg, download=True):
     layout = meta_models(cfg)  # built once for the checks below
     if cfg.model.vae and (download or not looks_like_hub_id(cfg.model.vae)):
         check_vae_fits(cfg.model.vae, vae_config, layout.vae.config)
+    check_sizes(cfg, layout)
     if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
-        regularised_layers(layout.family, layout.unet, cfg.reg.map_sizes, cfg.data.resolution)
+        regularised_layers(layout.family, layout.unet, cfg.reg.map_sizes, latent_side(layout.vae.config, cfg.data.resolution))
     return paths, layout
+
+
+def check_sizes(cfg, layout):
+    """Numbers that must fit the model: the resolution its VAE's factor (else the latent is cut), each LoRA
+    rank the narrowest layer its adapter adapts."""
+    factor = 2 ** (len(layout.vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        near = sorted({max(factor, cfg.data.resolution // factor * factor), -(-cfg.data.resolution // factor) * factor})
+        raise ConfigError(f"config key 'data.resolution': {cfg.data.resolution} is not a multiple of this model's VAE "
+                          f"factor {factor} (the latent would be cut); use {' or '.join(map(str, near))}")
+    for s in Plan(cfg.stages):
+        if s.lora:
+            name, width = narrowest_target(layout.unet, adapter_part(s.config), layout.family)
+            if s.config.lora_rank > width:
+                raise ConfigError(f"config key 'stages.{s.name}.lora_rank': {s.config.lora_rank} is more than the "
+                                  f"width of the narrowest layer it adapts ({name}: {width}); a rank above a layer's "
+                                  f"width adds parameters and no capacity: use at most {width}")
 
 
 def preflight(cfg, plan):

@@ -50,7 +50,7 @@ def prepare(cfg, plan, accelerator, paths):
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
     from attndreambooth.trainer.data import LatentSampler, encode_view_pool
     from attndreambooth.trainer.lora import add_adapters
-    from attndreambooth.trainer.parts import regularised_layers
+    from attndreambooth.trainer.parts import latent_side, regularised_layers
     from attndreambooth.trainer.training import Models
 
     pipe, family = load_pipeline(cfg.model)
@@ -95,7 +95,7 @@ def prepare(cfg, plan, accelerator, paths):
     sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
-        layers = regularised_layers(family, unet, cfg.reg.map_sizes, cfg.data.resolution)
+        layers = regularised_layers(family, unet, cfg.reg.map_sizes, latent_side(vae.config, cfg.data.resolution))
         capture = CrossAttentionCapture(unet, [v_pos, cat_pos], cfg.model.cross_attention_layers, layers)
         log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
                  len(family.cross_attention_layers(unet)))
