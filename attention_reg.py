@@ -74,18 +74,38 @@ class CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def forward_order(name):
+    """Sort key that puts a U-Net's module names in the order its forward runs them: down blocks, the mid
+    block, then up blocks, each by index (named_modules lists the mid block last, after the up blocks)."""
+    part, *rest = name.split(".")
+    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(part, 3),
+            [int(p) if p.isdigit() else p for p in rest])
+
+
 def cross_attention_processors(model):
     """The processor names of a model's cross-attention modules (diffusers' Attention built with a
     cross_attention_dim), in forward order: found by what each module is, not by how a family names it."""
     from diffusers.models.attention_processor import Attention
-    return [f"{name}.processor" for name, m in model.named_modules()
-            if isinstance(m, Attention) and m.is_cross_attention]
+    return sorted((f"{name}.processor" for name, m in model.named_modules()
+                   if isinstance(m, Attention) and m.is_cross_attention), key=forward_order)
+
+
+class LayerMaps:
+    """One layer's recorded maps. Each layer has its own list, so a compiled block sees the same state (an
+    empty list) in every layer: a list shared by all layers would have another length at each layer, and
+    torch.compile guards on that length, compiling a repeated block once per layer, past its recompile limit."""
+
+    def __init__(self):
+        self.maps = []
+
+    def record(self, probs):  # a Python method, not the list's builtin append: older dynamo cannot trace that
+        self.maps.append(probs)
 
 
 class CrossAttentionCapture(AbstractContextManager):
     """Record cross-attention probabilities of `token_indices` in every `attn2` layer of a U-Net.
 
-    While active, each U-Net forward appends to `.maps` one tensor per hooked layer, in
+    While active, each U-Net forward adds to `.maps` one tensor per hooked layer, in
     forward order, of shape (batch, heads, query_pixels, len(token_indices)), or all key
     columns when `token_indices` is None. The graph is kept, so a loss on `.maps`
     trains the layers. Call `clear()` between steps. On exit the original processors
@@ -96,7 +116,12 @@ class CrossAttentionCapture(AbstractContextManager):
         """`expected_layers`: how many cross-attention layers the U-Net must have (None: any number); `layers`:
         the processor names to hook (default: every cross-attention layer, as the U-Net's naming says)."""
         self.unet, self.token_indices, self.expected_layers = unet, token_indices, expected_layers
-        self.layers, self.maps, self._original = layers, [], None
+        self.layers, self.slots, self._original = layers, {}, None
+
+    @property
+    def maps(self):
+        """Every hooked layer's maps since the last `clear()`, layers in forward order, calls in call order."""
+        return [m for slot in self.slots.values() for m in slot.maps]
 
     def __enter__(self):
         self._original = dict(self.unet.attn_processors)
@@ -106,8 +131,9 @@ class CrossAttentionCapture(AbstractContextManager):
                 f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
                 "(the SD 1.x/2.x layout); pass expected_layers=None or the right count for another layout")
         cross = [name for name in cross if self.layers is None or name in self.layers]
-        processor = CaptureProcessor(self._record, self.token_indices)
-        self.unet.set_attn_processor({n: processor if n in cross else p for n, p in self._original.items()})
+        self.slots = {name: LayerMaps() for name in cross}
+        processors = {n: CaptureProcessor(self.slots[n].record, self.token_indices) for n in cross}
+        self.unet.set_attn_processor({n: processors.get(n, p) for n, p in self._original.items()})
         self.layer_count = len(cross)
         return self
 
@@ -116,12 +142,10 @@ class CrossAttentionCapture(AbstractContextManager):
         self._original = None
         return False
 
-    def _record(self, probs):  # a Python method, not the list's builtin append: older dynamo cannot trace that
-        self.maps.append(probs)
-
     def clear(self):
         """Forget the maps of the previous forward passes."""
-        self.maps.clear()
+        for slot in self.slots.values():
+            slot.maps.clear()
 
     @contextmanager
     def paused(self):

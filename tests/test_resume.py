@@ -274,3 +274,19 @@ def test_a_finished_run_recasts_its_pipeline_when_asked_and_refuses_what_it_cann
     assert back.stderr.strip().splitlines()[-1].startswith(
         "error: runtime.pipeline_dtype=fp32: the run's pipeline/ was saved in fp16, and the fp32 weights it came from")
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == kept  # refused before anything was written
+
+
+def test_a_nan_between_two_reads_is_caught_before_the_next_checkpoint(tmp_path):
+    """A step reads nothing back: the loss is checked every runtime.log_every_steps steps and before each
+    checkpoint. A NaN at stage 2's step 3, with reads at 4 and 8, stops the run at the read of step 4, naming
+    step 3, before step 4's checkpoint: the newest checkpoint is stage 1's end, and no line of metrics.jsonl
+    is non-finite."""
+    out = tmp_path / "run"
+    failed = train(out, ["--nan=stage2:3"], **{"runtime.checkpoint_every_steps": 4, "runtime.log_every_steps": 4})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "error: stage2 step 3: the loss is not finite" in failed.stderr.strip().splitlines()[-1]
+    _, _, meta = Checkpointer(out, 2).load_latest()
+    assert (meta["stage"], meta["step"], meta["done"]) == ("stage1", 6, True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in lines] == [("stage1", s) for s in range(1, 7)]
+    assert all(r["loss"] == r["loss"] for r in lines)  # no NaN written

@@ -5,10 +5,11 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from PIL import ImageColor
 
 from attention_reg import REDUCTIONS
-from attndreambooth.config.schema import (CARD_PRESETS, MEMORY_PRESETS, PRECISIONS, TRAINABLE_PARTS, Config, ConfigError)
+from attndreambooth.config.schema import (CARD_PRESETS, COMPILE_MODES, MEMORY_PRESETS, PRECISIONS, TRAINABLE_PARTS, Config, ConfigError)
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 
 
@@ -44,6 +45,14 @@ def validate(cfg: Config, card_pending=False):
          f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
+    need(cfg.runtime.compile in COMPILE_MODES, "runtime.compile",
+         f"{cfg.runtime.compile!r} is not one of {COMPILE_MODES} (true means full, false off)")
+    need(not cfg.runtime.cuda_graph or torch.cuda.is_available(), "runtime.cuda_graph",
+         "captures the training step as a CUDA graph, and this machine has no CUDA device; set it to false")
+    need(not cfg.runtime.cuda_graph or cfg.runtime.mixed_precision != "fp16", "runtime.cuda_graph",
+         "cannot capture fp16's gradient scaler (its step reads the inf check back to the host); use bf16")
+    need(not cfg.runtime.cuda_graph or not cfg.runtime.optimizer_8bit, "runtime.cuda_graph",
+         "needs a capturable optimizer (torch's AdamW), not 8-bit AdamW; set runtime.optimizer_8bit=false")
     need(cfg.runtime.max_grad_norm is None or cfg.runtime.max_grad_norm > 0, "runtime.max_grad_norm", "must be > 0 or null")
     need(cfg.runtime.memory in (*MEMORY_PRESETS, *CARD_PRESETS), "runtime.memory",
          f"{cfg.runtime.memory!r} is not one of {(*MEMORY_PRESETS, *CARD_PRESETS)}")

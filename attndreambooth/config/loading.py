@@ -108,6 +108,7 @@ def load_config(config_file=None, overrides=(), check=True):
     cfg = OmegaConf.to_object(cfg)
     if str(cfg.runtime.mixed_precision).lower() in ("false", "off", "none"):  # YAML 1.1 reads `no`/`off` as false
         cfg.runtime.mixed_precision = "no"
+    cfg.runtime.compile = {"false": "off", "true": "full"}.get(str(cfg.runtime.compile).lower(), cfg.runtime.compile)
     for key, value in (("output_dir", cfg.output_dir), ("data.instance_dir", cfg.data.instance_dir),
                        ("model.pretrained", cfg.model.pretrained)):
         if not value.strip():  # e.g. output_dir=$RUN with RUN unset: would be the current folder

@@ -14,6 +14,7 @@ TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
 MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False, half_frozen_weights=False),
                   "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
+COMPILE_MODES = ("off", "regional", "full")  # runtime.compile (trainer/compiling.py)
 CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
 
 
@@ -106,7 +107,10 @@ class RuntimeConfig:
     half_frozen_weights: Optional[bool] = None  # frozen weights in the autocast dtype (LoRA runs: the U-Net too); null = preset
     fused_adamw: bool = True  # the fused AdamW kernel (CUDA and CPU); false = torch's default implementation
     channels_last: bool = False  # U-Net in channels_last memory format (H100: -7 % time default preset, +30 % low)
-    compile: bool = False  # torch.compile the U-Net (GPU; each stage's first step compiles, > 120 s on an H100)
+    compile: str = "off"  # torch.compile the U-Net: off, regional (its repeated blocks; compiles in a fraction of
+    #                      full's time) or full (one graph; over 120 s on an H100); trainer/compiling.py
+    compile_cache: str = "~/.cache/attndreambooth/compile"  # compiled graphs kept here for later stages, runs
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (CUDA only; trainer/graph_step.py)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
     checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only

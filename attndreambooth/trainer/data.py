@@ -199,19 +199,29 @@ def encode_pixels(vae, pixels, device, chunk=8):
 
 class LatentSampler:
     """Batches of latents: images in shuffled epochs (as a shuffled repeated data set), a random
-    pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor."""
+    pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor. The image order is
+    drawn on the host (`generator`); the view, the posterior sample, and the step's noise and timesteps
+    (`draw`) on the device the pool lives on (`device_generator`, the same generator on a CPU), so a step
+    reads nothing back from the device."""
 
-    def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, geometry=None):
+    def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, geometry=None,
+                 device_generator=None):
         self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
+        self.device_gen = device_generator or generator
         self.geometry = None if geometry is None else geometry.to(mean.device)  # moved once, not per step
         self.num_images, self.views = num_images, mean.shape[0] // num_images
-        self.order = []
+        self.order, self.staged = [], None
 
     def state_dict(self):
-        return {"generator": self.gen.get_state(), "order": list(self.order)}
+        state = {"generator": self.gen.get_state(), "order": list(self.order)}
+        if self.device_gen is not self.gen:
+            state["device_generator"] = self.device_gen.get_state()
+        return state
 
     def load_state_dict(self, state):
         self.gen.set_state(state["generator"])
+        if self.device_gen is not self.gen:
+            self.device_gen.set_state(state["device_generator"])
         self.order = list(state["order"])
 
     def _next_image(self):
@@ -219,12 +229,33 @@ class LatentSampler:
             self.order = torch.randperm(self.num_images, generator=self.gen).tolist()
         return self.order.pop()
 
-    def sample(self, batch_size, with_geometry=False):
-        """Latents (batch, channels, h, w); with `with_geometry`, also the sampled views' geometry."""
-        images = torch.tensor([self._next_image() for _ in range(batch_size)])
-        index = images * self.views + torch.randint(self.views, (batch_size,), generator=self.gen)
+    def stage(self, batch_size):
+        """The host's part of a batch: its images, into a fixed (pinned, on a GPU) buffer that `sample` copies
+        from, so a captured step replays with each step's own images."""
+        if self.staged is None or len(self.staged) != batch_size:
+            self.staged = torch.empty(batch_size, dtype=torch.int64)
+            self.staged = self.staged.pin_memory() if self.mean.device.type == "cuda" else self.staged
+        self.staged.copy_(torch.tensor([self._next_image() for _ in range(batch_size)]))
+
+    def sample(self, batch_size, with_geometry=False, staged=False):
+        """Latents (batch, channels, h, w); with `with_geometry`, also the sampled views' geometry. `staged`:
+        the images `stage` put in the buffer (else they are drawn now)."""
+        if not staged:
+            self.stage(batch_size)
+        images = self.staged.to(self.mean.device, non_blocking=True)  # asynchronous: the host does not wait
+        gen = self.device_gen
+        index = images.to(gen.device) * self.views + torch.randint(self.views, (batch_size,), generator=gen,
+                                                                    device=gen.device)
         index = index.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
-        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
+        eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
         latents = (mean + std * eps) * self.scale
         return (latents, self.geometry[index]) if with_geometry else latents
+
+
+def draw_noise(sampler, latents, num_train_timesteps):
+    """A step's noise and timesteps, on the sampler's device generator when it has one (else its generator)."""
+    gen = getattr(sampler, "device_gen", sampler.gen)
+    noise = torch.randn(latents.shape, generator=gen, device=gen.device).to(latents.device)
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
+    return noise, timesteps.to(latents.device)

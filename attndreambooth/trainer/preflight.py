@@ -204,7 +204,7 @@ def preflight(cfg, plan):
     run, the work its changed options ask for (trainer/finished.py)."""
     from attndreambooth.trainer.finished import finished_work
     paths, layout = check_inputs(cfg)
-    check_world(plan)
+    check_world(plan, cfg.runtime.cuda_graph)
     state, changes = run_folder_state(cfg)
     work = finished_work(cfg, plan, changes) if state == "finished" else []
     if state == "resume":

@@ -91,8 +91,10 @@ def prepare(cfg, plan, accelerator, paths):
     mean, std, geometry = encode_view_pool(vae, paths, cfg.data, cfg.runtime.seed, device)
     log.info("encoded %d views of %d images once (%d each)", mean.shape[0], len(paths), cfg.data.views_per_image)
     vae.to("cpu")  # the VAE leaves the training device
-    gen = torch.Generator().manual_seed(cfg.runtime.seed * 1000 + accelerator.process_index)
-    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry)
+    seed = cfg.runtime.seed * 1000 + accelerator.process_index
+    gen = torch.Generator().manual_seed(seed)
+    device_gen = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else None  # a CPU: one generator
+    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
         layers = regularised_layers(family, unet, cfg.reg.map_sizes, latent_side(vae.config, cfg.data.resolution))
@@ -140,7 +142,7 @@ def run(cfg, plan, state, paths, hooks=None):
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
-    from attention_reg import compile_unet
+    from attndreambooth.trainer.compiling import compile_counts, compile_unet, use_cache
     from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.lora import save_lora
     from attndreambooth.trainer.run_folder import mark_finished, world_size
@@ -212,10 +214,11 @@ def run(cfg, plan, state, paths, hooks=None):
     try:
         # log lines go through tqdm while bars run: they never land on a bar's line, in a terminal or a file
         with capture or contextlib.nullcontext(), logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            if cfg.runtime.compile and device.type == "cpu":
-                log.warning("runtime.compile is ignored on a CPU (compilation would cost more than it saves)")
-            elif cfg.runtime.compile:
-                compile_unet(models.unet)
+            if cfg.runtime.compile != "off":
+                log.info("runtime.compile=%s: compiled graphs are cached in %s%s", cfg.runtime.compile,
+                         use_cache(cfg.runtime.compile_cache, device),
+                         " (on a CPU compiling usually costs more than it saves)" * (device.type == "cpu"))
+                compile_unet(models.unet, cfg.runtime.compile)
             for planned in plan:
                 name, stage = planned.name, planned.config
                 if run_state.finished(name):
@@ -236,6 +239,9 @@ def run(cfg, plan, state, paths, hooks=None):
                 save_checkpoint(run_state)
                 hooks.at(f"{name}:end")
         reporter.close()
+        if cfg.runtime.compile != "off":
+            log.info("compilation: %(graphs)d graphs, %(breaks)d graph breaks, FX-graph cache %(cache_hits)d hits "
+                     "and %(cache_misses)d misses", compile_counts())
         if accelerator.is_main_process:
             save_final(cfg, plan, pipe, models, out)
             mark_finished(out)  # before resume/ goes: a kill in between leaves a finished run, not a lost one

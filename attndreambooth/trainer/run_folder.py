@@ -1,6 +1,7 @@
 """The run folder: whether it holds a new, resumable, finished or foreign run (and whether a resume fits its
 checkpoint and its photos), the OS lock that keeps two trainings out of one folder, and what a finished run
 leaves."""
+import dataclasses
 import fcntl
 import json
 import logging
@@ -43,7 +44,7 @@ def run_folder_state(cfg):
     except yaml.YAMLError as e:
         raise ConfigError(f"output_dir {out}: its config.yaml cannot be read ({e}); use a new output_dir or "
                           "resume=false") from None
-    changed = config_changes(old if isinstance(old, dict) else {}, yaml.safe_load(to_yaml(cfg)))
+    changed = config_changes(upgraded(old if isinstance(old, dict) else {}), yaml.safe_load(to_yaml(cfg)))
     refused = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES) and not c[0].endswith(".lr")]
     if refused:
         lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
@@ -78,6 +79,33 @@ def hold_folder(out, option="output_dir", holder="a running training"):
     return handle
 
 
+def upgraded(record):
+    """A run's config.yaml as this version writes it: keys added since it was written take their defaults
+    (a new option's default keeps the old behaviour) and `runtime.compile`, once true/false, is full/off."""
+    from omegaconf import MISSING
+
+    from attndreambooth.config.schema import Config, StageConfig
+
+    def fill(into, defaults):
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = value
+            elif isinstance(value, dict) and isinstance(into[key], dict) and key != "stages":
+                fill(into[key], value)
+        return into
+
+    record = fill(record, yaml.safe_load(to_yaml(Config())))
+    stage_defaults = {f.name: f.default for f in dataclasses.fields(StageConfig) if f.default is not MISSING}
+    stage_defaults["lora_rank"] = 0  # what a resolved config writes for full weights
+    for stage in (record.get("stages") or {}).values():
+        if isinstance(stage, dict):
+            fill(stage, stage_defaults)
+    runtime = record.get("runtime")
+    if isinstance(runtime, dict) and isinstance(runtime.get("compile"), bool):
+        runtime["compile"] = "full" if runtime["compile"] else "off"
+    return record
+
+
 def config_changes(old, new, prefix=""):
     """(dotted key, old, new) for every leaf that differs between two config dicts."""
     changes = []
@@ -95,9 +123,13 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def check_world(plan):
-    """Every stage's batch splits evenly over the processes (each takes batch_size / processes)."""
+def check_world(plan, cuda_graph=False):
+    """Every stage's batch splits evenly over the processes (each takes batch_size / processes); a captured
+    step runs in one process (DDP's all-reduce inside a CUDA graph is not built)."""
     world = world_size()
+    if cuda_graph and world > 1:
+        raise ConfigError(f"config key 'runtime.cuda_graph': the step is captured in one process, and {world} "
+                          "were launched; launch one, or set runtime.cuda_graph=false")
     for s in plan:
         if s.config.batch_size % world:
             raise ConfigError(f"config key 'stages.{s.name}.batch_size': {s.config.batch_size} does not split over "

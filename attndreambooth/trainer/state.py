@@ -2,7 +2,7 @@
 plan, the trained tensors, the running stage's optimizer, every process's latent sampler, torch's RNG."""
 import torch
 
-from attndreambooth.trainer.checkpoint import flatten_optimizer, unflatten_optimizer
+from attndreambooth.trainer.checkpoint import CheckpointError, flatten_optimizer, unflatten_optimizer
 from attndreambooth.trainer.training import restore_weights, trained_weights
 
 
@@ -50,12 +50,20 @@ class RunState:
             optim_tensors, meta["optimizer"] = flatten_optimizer(self.optimizer.state_dict())
             tensors.update(optim_tensors)
         tensors.update({f"sampler.{rank}": s["generator"] for rank, s in enumerate(sampler_states)})
+        tensors.update({f"sampler_device.{rank}": s["device_generator"] for rank, s in enumerate(sampler_states)
+                        if "device_generator" in s})
         tensors["rng.torch"] = torch.get_rng_state()
         return tensors, meta
 
     def load_state_dict(self, tensors, meta, rank=0):
         restore_weights({k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}, self.models)
-        self.sampler.load_state_dict({"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank]})
+        sampler = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank]}
+        if f"sampler_device.{rank}" in tensors:
+            sampler["device_generator"] = tensors[f"sampler_device.{rank}"]
+        elif self.sampler.device_gen is not self.sampler.gen:
+            raise CheckpointError("this checkpoint was written on a CPU (one generator) and cannot continue on a "
+                                  "GPU bit for bit; resume it on a CPU, or start over (resume=false)")
+        self.sampler.load_state_dict(sampler)
         torch.set_rng_state(tensors["rng.torch"])
         self.stage, self.step, self.done, self.global_step = meta["stage"], meta["step"], meta["done"], meta["global_step"]
         self.optimizer_state = unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] else None

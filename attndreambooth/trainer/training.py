@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from attention_reg import attention_reg_loss
 from attndreambooth.trainer.parts import trainable_parameters
+from attndreambooth.trainer.step import TERMS, GraphedStep, StepFunction, capturable_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ class AttnDreamBoothLoss(nn.Module):
     """The loss that is optimised, diffusion MSE + Eq. 2, for one batch; holds every model that a stage may
     train, so that accelerate/DDP wraps (and all-reduces) whatever a stage trains, the [V] row(s) included."""
 
-    TERMS = ("loss", "mse", "reg", "reg_mean", "reg_var")  # what `forward` returns, by name
+    TERMS = TERMS  # what `forward` returns, by name
 
     def __init__(self, family, unet, text_encoders, noise_scheduler, capture, reduction):
         super().__init__()
@@ -144,7 +145,10 @@ def restore_weights(weights, models):
 def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, checkpoint=None, hooks=None):
     """Train a planned stage (config.plan.PlannedStage): `steps` AdamW steps of what its `train` names (constant
     lr, uniform timesteps). With a RunState `state`, continue from its position and optimizer state and keep
-    it current; `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps."""
+    it current; `checkpoint(state)` is called every `runtime.checkpoint_every_steps` steps. A step reads
+    nothing back from the device: its terms wait on the device until a read (`Pending.flush`) every
+    `runtime.log_every_steps` steps and before every checkpoint, validation grid and the stage's end, which
+    stops the run at the first non-finite loss before anything holds its weights."""
     hooks, name, stage = hooks or Hooks(), planned.name, planned.config
     params = set_trainable(planned, models)
     per_process, rest = divmod(stage.batch_size, accelerator.num_processes)
@@ -157,52 +161,41 @@ def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, 
     if not run_text:  # computed anew for every stage: an earlier stage may have moved [V]
         with torch.no_grad(), accelerator.autocast():
             models.cond = objective.encode(models.input_ids).float()
-    optimizer = make_optimizer(params, stage, cfg.runtime, accelerator.device)
+    device, graphed = accelerator.device, cfg.runtime.cuda_graph
+    optimizer = capturable_optimizer(params, stage, device) if graphed else make_optimizer(params, stage, cfg.runtime,
+                                                                                           device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     start_step = 0 if state is None else state.begin(name, optimizer)
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
     weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
-    device, T = accelerator.device, models.noise_scheduler.config.num_train_timesteps
+    autocast = None
+    if graphed:  # a cached cast is a tensor made outside the graph
+        autocast = lambda: torch.autocast(device.type, DTYPES_BY_PRECISION[cfg.runtime.mixed_precision],  # noqa: E731
+                                          enabled=cfg.runtime.mixed_precision != "no", cache_enabled=False)
+    step_fn = StepFunction(objective, optimizer, params, sampler, models, accelerator, cfg, per_process, weights,
+                           run_text, hooks, autocast)
+    step_fn = GraphedStep(step_fn, capture=device.type == "cuda") if graphed else step_fn
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(range(start_step, stage.steps), desc=f"{name} ({'+'.join(stage.train)})", initial=start_step,
                total=stage.steps, disable=not accelerator.is_main_process)
-    every = cfg.runtime.checkpoint_every_steps
+    every, validate_every = cfg.runtime.checkpoint_every_steps, cfg.validation.every_steps
+    pending = Pending(name, stage, accelerator, reporter, bar)
     start = time.perf_counter()
     models.unet.train()  # validation switches to eval and back
     for step in bar:
-        geometry = None
-        if models.family.needs_view_geometry:  # e.g. SDXL: each sampled view's size and crop conditioning
-            latents, geometry = sampler.sample(per_process, with_geometry=True)
-        else:
-            latents = sampler.sample(per_process)
-        noise = torch.randn(latents.shape, generator=sampler.gen).to(device)
-        timesteps = torch.randint(0, T, (per_process,), generator=sampler.gen).to(device)
-        with accelerator.autocast():
-            terms = objective(latents, noise, timesteps, input_ids=models.input_ids,
-                              cond=None if run_text else models.cond, view_geometry=geometry, **weights)
-        loss = terms["loss"] = hooks.loss(f"{name}:{step + 1}", terms["loss"])
-        accelerator.backward(loss)
-        if cfg.runtime.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.runtime.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        values = torch.stack([terms[k] for k in AttnDreamBoothLoss.TERMS]).detach().float()
-        if not accelerator.gather(torch.isfinite(values[:1])).all():  # the step's one host sync; all ranks stop
-            raise NonFiniteLoss(  # before any checkpoint or artefact holds the step's weights
-                f"{name} step {step + 1}: the loss is not finite (mse {terms['mse']:.4g}, reg {terms['reg']:.4g}). "
-                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, "
-                f"e.g. with a lower learning rate (stages.{name}.lr={stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
-        record = dict(stage=name, step=step + 1, **dict(zip(AttnDreamBoothLoss.TERMS, values.tolist())), lr=stage.lr,
-                      seconds=round(time.perf_counter() - start, 5))
-        bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
-        reporter.step(record, stage.steps)
+        pending.add(step + 1, step_fn(f"{name}:{step + 1}"), round(time.perf_counter() - start, 5))
         if state is not None:
             state.advance()
-        if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps:
+        checkpoint_now = checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < stage.steps
+        if (checkpoint_now or (step + 1) % cfg.runtime.log_every_steps == 0 or step + 1 == stage.steps
+                or (validate_every > 0 and (step + 1) % validate_every == 0)):
+            pending.flush()  # raises on a non-finite loss: nothing after the last checkpoint is kept
+        if checkpoint_now:
             checkpoint(state)
         hooks.at(f"{name}:{step + 1}")
+    pending.flush()
     if models.capture is not None:
         models.capture.clear()
     if state is not None:
@@ -211,6 +204,41 @@ def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, 
     for p in params:
         p.requires_grad_(False)
     return time.perf_counter() - start, peak_memory_gib(device)
+
+
+DTYPES_BY_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+class Pending:
+    """A stage's step terms waiting on the device: `flush` reads them all back at once (the one host
+    synchronisation), checks them on every process, and hands each step's record to the Reporter."""
+
+    def __init__(self, name, stage, accelerator, reporter, bar):
+        self.name, self.stage, self.accelerator, self.reporter, self.bar = name, stage, accelerator, reporter, bar
+        self.steps, self.values, self.seconds = [], [], []
+
+    def add(self, step, values, seconds):
+        self.steps.append(step), self.values.append(values), self.seconds.append(seconds)
+
+    def flush(self):
+        if not self.steps:
+            return
+        values = torch.stack(self.values)
+        finite = torch.isfinite(values[:, 0])
+        if not self.accelerator.gather(finite.all().reshape(1)).all():  # all ranks stop together, at one step
+            every = self.accelerator.gather(values[None]).cpu()  # (processes, steps, terms)
+            bad = torch.nonzero(~torch.isfinite(every[..., 0]))
+            rank, index = min(bad.tolist(), key=lambda ri: (ri[1], ri[0]))  # the first step that failed anywhere
+            mse, reg = every[rank, index, 1].item(), every[rank, index, 2].item()
+            raise NonFiniteLoss(
+                f"{self.name} step {self.steps[index]}: the loss is not finite (mse {mse:.4g}, reg {reg:.4g}). "
+                f"Nothing after the last checkpoint is kept. Run the same command again to resume from it, e.g. "
+                f"with a lower learning rate (stages.{self.name}.lr={self.stage.lr / 2:g}) or runtime.max_grad_norm=1.0")
+        for step, row, seconds in zip(self.steps, values.cpu().tolist(), self.seconds):
+            record = dict(stage=self.name, step=step, **dict(zip(TERMS, row)), lr=self.stage.lr, seconds=seconds)
+            self.reporter.step(record, self.stage.steps)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['reg']:.2e}")
+        self.steps, self.values, self.seconds = [], [], []
 
 
 def peak_memory_gib(device):

@@ -1,0 +1,48 @@
+"""Helper for test_compile.py, run as its own process: the tiny U-Net with the capture, eager and then
+compiled as `runtime.compile` says (argv: mode, backend, cache folder), the loss and gradients of a stage-2
+and a stage-3 step in both, and what dynamo and inductor did; prints one JSON line."""
+import json
+import sys
+
+import torch
+
+from attention_reg import CrossAttentionCapture, attention_reg_loss
+from attndreambooth.families.source import tiny_model_dir
+from attndreambooth.trainer.compiling import compile_counts, compile_unet, use_cache
+
+mode, backend, cache = sys.argv[1:4]
+use_cache(cache, torch.device("cpu"))
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+unet = UNet2DConditionModel.from_pretrained(tiny_model_dir("tiny"), subfolder="unet")
+unet.train()
+g = torch.Generator().manual_seed(0)
+x, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+STAGES = {"stage2": lambda n: ".attn2." in n, "stage3": lambda n: True}
+
+
+def step(cap, trains):
+    unet.requires_grad_(False)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(trains(n))
+    unet.zero_grad(set_to_none=True)
+    cap.clear()
+    out = unet(x, t, cond).sample
+    loss = attention_reg_loss(cap.maps, 2.0, 5.0) * 1e4 + out.square().mean()
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}, len(cap.maps)
+
+
+with CrossAttentionCapture(unet, [5, 6]) as cap:
+    eager = {s: step(cap, f) for s, f in STAGES.items()}
+    compile_unet(unet, mode, backend=backend)
+    compiled = {s: step(cap, f) for s, f in STAGES.items()}
+    again = step(cap, STAGES["stage3"])  # a second call of a compiled stage: no new compilation
+result = dict(compile_counts(), layers=cap.layer_count)
+for s in STAGES:
+    (el, eg, en), (cl, cg, cn) = eager[s], compiled[s]
+    result[s] = dict(loss_diff=abs(el - cl) / abs(el), grads=sorted(eg) == sorted(cg), maps=[en, cn],
+                     grad_diff=max(((eg[n] - cg[n]).abs().max() / eg[n].abs().max().clamp_min(1e-5)).item() for n in eg))
+    # (a floor of 1e-5: the mid block's self-attention over its single pixel has gradients of rounding noise)
+result["again_same"] = abs(again[0] - compiled["stage3"][0]) == 0
+print(json.dumps(result))
