@@ -17,47 +17,21 @@ Variants add one optimisation at a time, so each row says what it contributed:
     +latent_cache   each view VAE-encoded once (posterior mean/std), latents sampled per step
     +text_cache     cached text conditioning in stages 2-3, the text encoder at batch 1 in stage 1
     fast            + fused AdamW; this is what train_attndreambooth.py does
-    fast+cl         + channels_last U-Net;  fast+compile: + torch.compile
+    fast+cl         + channels_last U-Net;  fast+regional / fast+compile: + torch.compile, regional / full
 """
 import argparse
 import gc
 import json
 import platform
-import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from attndreambooth import families
-from attndreambooth.families.sd import SD21_TEXT, SD21_UNET, SD21_VAE
-from attndreambooth.families.sdxl import SDXL_TEXT, SDXL_UNET
+from attndreambooth.bench.layouts import LAYOUTS, build, model_flops  # noqa: F401 (build: benchmark_infer)
 from attndreambooth.trainer.memory import LADDER, LORA_RANK
 
-# SD 2.1-base's proportions at a CPU-sized scale: widths / 4, 128 px. Per image (FLOPs counted):
-# U-Net forward 3.06 GF, VAE encoder 4.29 GF (1.40x), text encoder 0.17 GF (5.5 %); SD 2.1-base:
-# 804 GF, 1117 GF (1.39x), 45 GF (5.6 %). All 16 cross-attention layers are there.
-LAYOUTS = {
-    "sd21": dict(family="sd", unet=SD21_UNET, vae=SD21_VAE, text=SD21_TEXT, resolution=512),
-    "small": dict(family="sd", unet=dict(SD21_UNET, block_out_channels=(80, 160, 320, 320), cross_attention_dim=256,
-                            sample_size=16, norm_num_groups=16),
-                  vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
-                  text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                            num_attention_heads=4, projection_dim=256),
-                  resolution=128),
-    "sdxl": dict(family="sdxl", unet=SDXL_UNET, vae=dict(SD21_VAE, sample_size=1024), text=SDXL_TEXT[0], text_2=SDXL_TEXT[1],
-                 resolution=1024),
-    "sdxl_small": dict(family="sdxl", unet=dict(SDXL_UNET, block_out_channels=(80, 160, 320), cross_attention_dim=512,
-                                 transformer_layers_per_block=(1, 2, 3), sample_size=16, norm_num_groups=16,
-                                 projection_class_embeddings_input_dim=256 + 6 * 256),
-                       vae=dict(SD21_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=128),
-                       text=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                 num_attention_heads=4, projection_dim=256),
-                       text_2=dict(SD21_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, projection_dim=256), resolution=128),
-}
 # Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.trainer.memory):
 # the U-Net stages as LoRA (rank 32) with gradient checkpointing, and that with half-precision frozen weights.
 SWITCHES = ("gradient_checkpointing", "optimizer_8bit", "half_frozen_weights")
@@ -70,7 +44,11 @@ VARIANTS = {
     "+text_cache": dict(capture="fast", latents="pool", cache_text=True, fused_adamw=False),
     "fast": dict(capture="fast", latents="pool", cache_text=True),
     "fast+cl": dict(capture="fast", latents="pool", cache_text=True, channels_last=True),
-    "fast+compile": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile=True),
+    "fast+regional": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile="regional"),
+    "fast+compile": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile="full"),
+    "fast+graph": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, cuda_graph=True),
+    "fast+graph+regional": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, cuda_graph=True,
+                                compile="regional"),
 }
 PAPER_STEPS = {"stage1": 60, "stage2": 100, "stage3": 500}
 PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 494}, "H200": {"bf16": 989, "fp16": 989, "fp32": 494},
@@ -78,69 +56,32 @@ PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 494}, "H200": {"bf16":
                "4090": {"bf16": 165, "fp16": 165, "fp32": 83}}  # dense tensor-core peaks; fp32 = TF32
 
 
-def build(layout, device, seed=0):
-    """(family, [tokenizers], [text encoders], VAE, U-Net, noise scheduler) of a layout, random weights (an
-    SDXL layout has two tokenizers and encoders, the second with its projection)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from attndreambooth.families.tokenizer import write_tiny_tokenizer
-    spec = LAYOUTS[layout]
-    family = families.by_name(spec["family"])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(tmp)
-        tokenizers = [CLIPTokenizer.from_pretrained(tmp) for _ in family.tokenizer_names]
-    torch.manual_seed(seed)
-    with torch.device(device):
-        encoders = [CLIPTextModel(CLIPTextConfig(**spec["text"]))]
-        if "text_2" in spec:
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_2"])))
-        vae, unet = AutoencoderKL(**spec["vae"]), UNet2DConditionModel(**spec["unet"])
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return (family, tokenizers, [e.requires_grad_(False) for e in encoders], vae.requires_grad_(False), unet,
-            scheduler)
-
-
-def model_flops(layout, batch_size):
-    """FLOPs of one training step per stage (U-Net forward + backward, text encoder in stage 1),
-    counted on the meta device with eager attention, so every matrix product is seen."""
-    from diffusers.models.attention_processor import AttnProcessor
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from attndreambooth.config.plan import Plan
-    from attndreambooth.config.schema import paper_stages
-    from attndreambooth.trainer.concept import add_concept_token
-    from attndreambooth.trainer.training import Models, set_trainable
-    family, tokenizers, encoders, _, unet, _ = build(layout, "meta")
-    unet.set_attn_processor(AttnProcessor())
-    add_concept_token(tokenizers[0], encoders[0], "<v>", "toy")
-    size, flops = unet.config.sample_size, {}
-    dim = unet.config.cross_attention_dim
-    for planned in Plan(paper_stages()):
-        name, stage = planned.name, planned.config
-        set_trainable(planned, Models(family, unet, encoders[:1], None, None, None))
-        ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            if "embedding" in stage.train:  # SDXL: both encoders run, side by side
-                cond = family.encode(encoders, [ids] * len(encoders)).hidden
-            else:
-                cond = torch.randn(1, 77, dim, device="meta")
-            x = torch.randn(batch_size, unet.config.in_channels, size, size, device="meta")
-            out = unet(x, torch.zeros(batch_size, device="meta"), cond.expand(batch_size, -1, -1),
-                       **family.placeholder_inputs(unet, batch_size, "meta")).sample
-            out.float().square().mean().backward()
-        flops[name] = counter.get_total_flops()
-    return flops
-
-
 class Recorder:
-    """A Reporter stand-in that keeps each step's record."""
+    """A Reporter stand-in that keeps each step's record and when it arrived: records arrive when the trainer
+    reads a step's losses back (every `log_every_steps`), so an arrival time is a synchronised clock."""
 
     def __init__(self):
-        self.records = []
+        self.records, self.arrived = [], []
 
     def step(self, record, steps):
-        self.records.append(record)
+        self.records.append(record), self.arrived.append(time.perf_counter())
+
+
+class OpCounter:
+    """Trainer hooks that count the ATen ops (a proxy for kernel launches) of one step, `point` ("stage3:4")."""
+
+    def __init__(self, before, point):
+        self.before, self.point, self.profiler, self.count = before, point, None, None
+
+    def loss(self, point, loss):
+        return loss
+
+    def at(self, point):
+        if point == self.before:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]).__enter__()
+        elif point == self.point and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.count = sum(e.count for e in self.profiler.key_averages() if e.key.startswith("aten::"))
 
 
 def run_variant(variant, preset, args):
@@ -148,7 +89,7 @@ def run_variant(variant, preset, args):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from attention_reg import CrossAttentionCapture, compile_unet
+    from attention_reg import CrossAttentionCapture
     from attndreambooth.bench.reference import EncodeEveryStep, ReferenceCapture
     from attndreambooth.config.loading import load_config
     from attndreambooth.config.plan import DTYPES, Plan
@@ -156,14 +97,18 @@ def run_variant(variant, preset, args):
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
     from attndreambooth.trainer.data import LatentSampler, encode_pixels
     from attndreambooth.trainer.lora import add_adapters
+    from attndreambooth.trainer.compiling import compile_counts, compile_unet, use_cache
     from attndreambooth.trainer.training import Models, run_stage
     flags = VARIANTS[variant]
+    if flags.get("cuda_graph") and not args.device.startswith("cuda"):
+        raise SystemExit(f"error: {variant} captures the step as a CUDA graph: it needs --device cuda")
     memory = dict(MEMORY_PRESETS.get(preset) or LORA_PRESETS[preset])
     if args.no_8bit:
         memory["optimizer_8bit"] = False
     cfg = load_config(None, ["output_dir=unused", "data.instance_dir=.", "data.category=toy",
                              f"runtime.optimizer_8bit={memory['optimizer_8bit']}",
                              f"runtime.fused_adamw={flags.get('fused_adamw', True)}",
+                             f"runtime.cuda_graph={flags.get('cuda_graph', False)}",
                              *([f"stages.stage{i}.lora_rank={LORA_RANK}" for i in (2, 3)]
                                if preset in LORA_PRESETS else [])],
                       check=False)
@@ -209,20 +154,25 @@ def run_variant(variant, preset, args):
     row = dict(variant=variant, preset=preset, precision=args.precision, batch_size=B, setup_s=setup)
     with capture:
         if flags.get("compile"):
-            compile_unet(unet)
+            use_cache(args.compile_cache, device)
+            compile_unet(unet, flags["compile"])
         for planned in Plan(cfg.stages):
             name = planned.name
             if name not in args.stages.split(","):
                 continue
             planned = replace(planned, config=replace(planned.config, steps=args.warmup + args.steps, batch_size=B))
-            rec = Recorder()
-            _, peak = run_stage(planned, models, sampler, accelerator, cfg, rec)
-            seconds = [r["seconds"] for r in rec.records]
-            durations = [seconds[0]] + [b - a for a, b in zip(seconds, seconds[1:])]
-            row[f"{name}_s_per_step"] = statistics.median(durations[args.warmup:])
+            rec, cfg.runtime.log_every_steps = Recorder(), args.warmup  # reads: after the warm-up, at the end
+            total = args.warmup + args.steps
+            ops = OpCounter(f"{name}:{total - 1}", f"{name}:{total}") if args.count_ops else None
+            start = time.perf_counter()
+            _, peak = run_stage(planned, models, sampler, accelerator, cfg, rec, hooks=ops)
+            warm, end = rec.arrived[args.warmup - 1], rec.arrived[-1]  # both after a read: the device is done
+            row[f"{name}_s_per_step"] = (end - warm) / args.steps
             # what the warm-up steps cost beyond steady state: compilation, autotuning, allocator growth
-            row[f"{name}_warmup_extra_s"] = sum(durations[:args.warmup]) - args.warmup * row[f"{name}_s_per_step"]
+            row[f"{name}_warmup_extra_s"] = (warm - start) - args.warmup * row[f"{name}_s_per_step"]
             row[f"{name}_peak_gib"] = peak if device.type == "cuda" else None
+            row[f"{name}_aten_ops"] = ops.count if ops else None
+    row["compilations"] = compile_counts()
     row["schedule_s"] = setup + sum(n * row.get(f"{k}_s_per_step", 0) for k, n in PAPER_STEPS.items())
     row["warmup_extra_s"] = sum(row.get(f"{k}_warmup_extra_s", 0) for k in PAPER_STEPS)
     return row
@@ -266,6 +216,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--views", type=int, default=8, help="augmented views per image in the pool")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known table by GPU name)")
+    p.add_argument("--compile_cache", default="~/.cache/attndreambooth/compile", help="compiled graphs kept here")
+    p.add_argument("--count_ops", action="store_true", help="count the ATen ops of each stage's last step")
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args(argv)
 

@@ -15,6 +15,10 @@
 #                   LoRA, low, default (full weights last: it may not fit; an out-of-memory ends the step)
 #   tiny_sdxl       the trainer on the tiny SDXL model with LoRA stages, bf16 and half-precision frozen
 #                   weights, validation grids, then infer.py with attention maps
+#   speed_*         the MLPerf comparison (ONLY=speed_eager,...; about 10 minutes): SD 2.1-base, 512 px, batch 8,
+#                   stage 3, in priority order: eager (`fast+cl`), `regional` cold then warm (a second process on
+#                   the kept compile cache), `full` cold then warm, `cuda_graph`, `cuda_graph` + regional, all
+#                   bf16; then fp16 with the gradient scaler for eager and regional (cuda_graph refuses fp16)
 # (The SDXL part alone: ONLY=bench_sdxl,tiny_sdxl.) Each step gets at most its cap and the time left of
 # BUDGET_S (default 440), logs to
 # RESULTS/<step>.log and a line in RESULTS/summary.txt; a failing step does not stop the others.
@@ -34,7 +38,15 @@ if [ -d .whl ] && ! python3 -c "import diffusers, omegaconf" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+# DEVICE=cpu LAYOUT=small: the same steps on a CPU, to check the script before a GPU session (the CUDA-only
+# rows then stop at once with their one line)
+DEVICE=${DEVICE:-cuda}
+LAYOUT=${LAYOUT:-sd21}
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+else
+  echo "no nvidia-smi: $DEVICE" | tee "$RESULTS/gpu.txt"
+fi
 python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" \
   | tee -a "$RESULTS/gpu.txt"
@@ -58,9 +70,19 @@ step() {  # step NAME CAP_S COMMAND...: run with at most CAP_S and the time left
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .; fi
 }
 
-bench="python3 scripts/benchmark.py --layout sd21 --device cuda --batch_size 8 --views 8 --repeats 1"
+bench="python3 scripts/benchmark.py --layout $LAYOUT --device $DEVICE --batch_size 8 --views 8 --repeats 1"
 tiny="python3 train_attndreambooth.py --config configs/tiny.yaml stages.stage1.steps=20 stages.stage2.steps=20 \
   stages.stage3.steps=40"
+cache="$RUNS/compile_cache"  # kept between the cold and the warm process of a mode
+speed="$bench --stages stage3 --warmup 3 --steps 10 --count_ops --compile_cache $cache"
+step speed_eager 60 $speed --precision bf16 --variants fast+cl --out "$RESULTS/speed_eager.json"
+step speed_regional_cold 150 $speed --precision bf16 --variants fast+regional --out "$RESULTS/speed_regional_cold.json"
+step speed_regional_warm 60 $speed --precision bf16 --variants fast+regional --out "$RESULTS/speed_regional_warm.json"
+step speed_full_cold 240 $speed --precision bf16 --variants fast+compile --out "$RESULTS/speed_full_cold.json"
+step speed_full_warm 90 $speed --precision bf16 --variants fast+compile --out "$RESULTS/speed_full_warm.json"
+step speed_graph 90 $speed --precision bf16 --variants fast+graph --out "$RESULTS/speed_graph.json"
+step speed_graph_regional 90 $speed --precision bf16 --variants fast+graph+regional --out "$RESULTS/speed_graph_regional.json"
+step speed_fp16 120 $speed --precision fp16 --variants fast+cl,fast+regional --out "$RESULTS/speed_fp16.json"
 step bench_bf16 200 $bench --precision bf16 --variants reference,fast,fast+cl --presets default,low $low_flags \
   --warmup 2 --steps 5 --out "$RESULTS/bench_bf16.json"
 step bench_fp32_ref 90 $bench --precision fp32 --variants reference --warmup 1 --steps 3 \
@@ -70,12 +92,12 @@ step tiny_bf16 90 bash -c "$tiny output_dir=$RUNS/bf16 runtime.mixed_precision=b
   runtime.pipeline_dtype=fp16 && python3 infer.py $RUNS/bf16 --prompt 'a {} on the beach' --attention_maps \
   --num_images 2 && python3 infer.py $RUNS/bf16 --stage 2 --prompt 'a {} in the snow' --num_images 2 \
   --out $RUNS/bf16/samples_stage2 && cp $RUNS/bf16/validation/stage3_00040.png $RESULTS/tiny_validation.png \
-  && cp $RUNS/bf16/samples/00_*/attention.png $RESULTS/tiny_attention.png"
+  && cp $RUNS/bf16/samples/*/attention.png $RESULTS/tiny_attention.png"
 step tiny_fp16_low 80 $tiny output_dir="$RUNS/fp16_low" runtime.mixed_precision=fp16 runtime.memory=low \
   runtime.optimizer_8bit="$([ -z "$low_flags" ] && echo true || echo false)" runtime.channels_last=true
 step bench_compile 200 $bench --precision bf16 --variants fast+compile --presets default --stages stage3 \
   --warmup 2 --steps 5 --out "$RESULTS/bench_compile.json"  # stage 3 alone: one compilation fits the lease
-step tiny_compile 150 $tiny output_dir="$RUNS/compile" runtime.mixed_precision=bf16 runtime.compile=true \
+step tiny_compile 150 $tiny output_dir="$RUNS/compile" runtime.mixed_precision=bf16 runtime.compile=regional \
   validation.every_steps=40
 step bench_sdxl 240 python3 scripts/benchmark.py --layout sdxl --device cuda --batch_size 4 --views 4 --repeats 1 \
   --precision bf16 --variants fast --presets lora_half,lora,low,default $low_flags --warmup 2 --steps 3 \
@@ -88,7 +110,8 @@ step tiny_sdxl 90 bash -c "$tiny model.pretrained=tiny-sdxl output_dir=$RUNS/sdx
   echo "# GPU check: $(head -n 2 "$RESULTS/gpu.txt" | tail -n 1)"
   echo
   echo '```'; cat "$RESULTS/gpu.txt" "$RESULTS/summary.txt"; echo '```'
-  for t in bench_bf16 bench_fp32_ref bench_compile infer bench_sdxl; do
+  for t in speed_eager speed_regional_cold speed_regional_warm speed_full_cold speed_full_warm speed_graph \
+      speed_graph_regional speed_fp16 bench_bf16 bench_fp32_ref bench_compile infer bench_sdxl; do
     [ -f "$RESULTS/$t.md" ] && { echo; echo "## $t"; echo; cat "$RESULTS/$t.md"; }
   done
 } > "$RESULTS/gpu_results.md"

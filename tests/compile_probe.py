@@ -1,6 +1,7 @@
 """Helper for test_compile.py, run as its own process: the tiny U-Net with the capture, eager and then
 compiled as `runtime.compile` says (argv: mode, backend, cache folder), the loss and gradients of a stage-2
 and a stage-3 step in both, and what dynamo and inductor did; prints one JSON line."""
+import contextlib
 import json
 import sys
 
@@ -18,31 +19,37 @@ unet = UNet2DConditionModel.from_pretrained(tiny_model_dir("tiny"), subfolder="u
 unet.train()
 g = torch.Generator().manual_seed(0)
 x, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
-STAGES = {"stage2": lambda n: ".attn2." in n, "stage3": lambda n: True}
+STAGES = {"stage1": None, "stage2": lambda n: ".attn2." in n, "stage3": lambda n: True}  # stage 1: [V] trains
 
 
-def step(cap, trains):
+def step(cap, trains, profile=False):
     unet.requires_grad_(False)
     for n, p in unet.named_parameters():
-        p.requires_grad_(trains(n))
+        p.requires_grad_(trains is not None and trains(n))
+    text = cond.clone().requires_grad_(trains is None)
     unet.zero_grad(set_to_none=True)
     cap.clear()
-    out = unet(x, t, cond).sample
+    with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+        out = unet(x, t, text).sample
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) if profile else None
     loss = attention_reg_loss(cap.maps, 2.0, 5.0) * 1e4 + out.square().mean()
     loss.backward()
-    return loss.item(), {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}, len(cap.maps)
+    grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    if trains is None:
+        grads = {"text": text.grad}
+    return loss.item(), grads, len(cap.maps), ops
 
 
 with CrossAttentionCapture(unet, [5, 6]) as cap:
-    eager = {s: step(cap, f) for s, f in STAGES.items()}
+    eager = {s: step(cap, f, profile=True) for s, f in STAGES.items()}
     compile_unet(unet, mode, backend=backend)
     compiled = {s: step(cap, f) for s, f in STAGES.items()}
-    again = step(cap, STAGES["stage3"])  # a second call of a compiled stage: no new compilation
+    again = {s: step(cap, f, profile=True) for s, f in STAGES.items()}  # compiled already: no new compilation
 result = dict(compile_counts(), layers=cap.layer_count)
 for s in STAGES:
-    (el, eg, en), (cl, cg, cn) = eager[s], compiled[s]
+    (el, eg, en, eager_ops), (cl, cg, cn, _) = eager[s], compiled[s]
     result[s] = dict(loss_diff=abs(el - cl) / abs(el), grads=sorted(eg) == sorted(cg), maps=[en, cn],
+                     ops=[eager_ops, again[s][3]], again_same=again[s][0] == cl,
                      grad_diff=max(((eg[n] - cg[n]).abs().max() / eg[n].abs().max().clamp_min(1e-5)).item() for n in eg))
     # (a floor of 1e-5: the mid block's self-attention over its single pixel has gradients of rounding noise)
-result["again_same"] = abs(again[0] - compiled["stage3"][0]) == 0
 print(json.dumps(result))

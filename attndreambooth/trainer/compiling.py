@@ -18,7 +18,8 @@ import torch
 
 from attndreambooth.config.schema import COMPILE_MODES
 
-REGIONS = ("BasicTransformerBlock",)  # what `regional` compiles; the ResNet blocks are measured in benchmark.py
+REGIONS = ("BasicTransformerBlock",)
+RECOMPILE_LIMIT = 64  # block shapes x stages, with room for SDXL's and a config's extra stages  # what `regional` compiles; the ResNet blocks are measured in benchmark.py
 
 
 def cache_folder(base, device):
@@ -57,6 +58,9 @@ def compile_unet(unet, mode, regions=REGIONS, **compile_kwargs):
         raise ValueError(f"runtime.compile: {mode!r} is not one of {COMPILE_MODES}")
     if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # as compile_whole, for the capture
         dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # Every block shares one forward: a graph per block shape (4 on SD) and per set of trained parameters (each
+    # stage's), 12 for the paper's three stages; past dynamo's default limit (8) the rest would run eagerly.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     compiled = 0
     for module in unet.modules():
         if type(module).__name__ in regions:
