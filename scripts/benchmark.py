@@ -161,12 +161,13 @@ def run_variant(variant, preset, args):
             if name not in args.stages.split(","):
                 continue
             planned = replace(planned, config=replace(planned.config, steps=args.warmup + args.steps, batch_size=B))
-            rec, cfg.runtime.log_every_steps = Recorder(), args.warmup  # reads: after the warm-up, at the end
+            rec, cfg.runtime.log_every_steps = Recorder(), max(1, args.warmup)  # reads: after the warm-up, at the end
             total = args.warmup + args.steps
             ops = OpCounter(f"{name}:{total - 1}", f"{name}:{total}") if args.count_ops else None
             start = time.perf_counter()
             _, peak = run_stage(planned, models, sampler, accelerator, cfg, rec, hooks=ops)
-            warm, end = rec.arrived[args.warmup - 1], rec.arrived[-1]  # both after a read: the device is done
+            warm = rec.arrived[args.warmup - 1] if args.warmup else start  # after a read: the device is done
+            end = rec.arrived[-1]
             row[f"{name}_s_per_step"] = (end - warm) / args.steps
             # what the warm-up steps cost beyond steady state: compilation, autotuning, allocator growth
             row[f"{name}_warmup_extra_s"] = (warm - start) - args.warmup * row[f"{name}_s_per_step"]
