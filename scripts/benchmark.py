@@ -45,6 +45,8 @@ VARIANTS = {
     "fast": dict(capture="fast", latents="pool", cache_text=True),
     "fast+cl": dict(capture="fast", latents="pool", cache_text=True, channels_last=True),
     "fast+regional": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile="regional"),
+    "fast+regional+resnet": dict(capture="fast", latents="pool", cache_text=True, channels_last=True,
+                                 compile="regional", regions=("BasicTransformerBlock", "ResnetBlock2D")),
     "fast+compile": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, compile="full"),
     "fast+graph": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, cuda_graph=True),
     "fast+graph+regional": dict(capture="fast", latents="pool", cache_text=True, channels_last=True, cuda_graph=True,
@@ -155,7 +157,7 @@ def run_variant(variant, preset, args):
     with capture:
         if flags.get("compile"):
             use_cache(args.compile_cache, device)
-            compile_unet(unet, flags["compile"])
+            compile_unet(unet, flags["compile"], **({"regions": flags["regions"]} if "regions" in flags else {}))
         for planned in Plan(cfg.stages):
             name = planned.name
             if name not in args.stages.split(","):

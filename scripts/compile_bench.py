@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"off": "fast+cl", "regional": "fast+regional", "full": "fast+compile"}  # benchmark.py's variants
+MODES = {"off": "fast+cl", "regional": "fast+regional", "regional+resnet": "fast+regional+resnet",
+         "full": "fast+compile"}  # benchmark.py's variants; regional+resnet: the ResNet blocks compiled too
 
 
 def run(mode, cache, args, tmp):
