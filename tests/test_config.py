@@ -42,6 +42,8 @@ def no_model_loading(monkeypatch):
     ("stages.stage1.lora_rank=4", "config key 'stages.stage1.lora_rank': LoRA adapts U-Net weights"),
     ("stages.stage3.lora_rank=4", r"every stage that trains U-Net weights must use LoRA, or none \(\{'stage2': False"),
     ("stages.stage3.lora_alpha=0", "config key 'stages.stage3.lora_alpha'"),
+    ("runtime.report_to=[neptune]", r"'runtime.report_to': 'neptune' is not one of accelerate's trackers"),
+    ("runtime.report_to=[tensorboard,swanlab]", r"'runtime.report_to': swanlab is not installed: pip install swanlab"),
     ("runtime.seed=-1", r"config key 'runtime.seed': -1 must be in 0 .. 4294967295"),
     ("validation.seed=4294967296", r"config key 'validation.seed': 4294967296 must be in 0 .. 4294967295"),
     ("validation.guidance_scale=0.5", r"'validation.guidance_scale': 0.5 would switch classifier-free guidance off"),

@@ -54,6 +54,12 @@ def test_tensorboard_has_losses_and_grids(runs):
     assert logged == pytest.approx([m["reg_var"] for m in metrics if m["stage"] == "stage3"], rel=1e-6)
     assert {"stage1/loss", "stage2/reg_mean", "stage3/lr"} <= set(events.Tags()["scalars"])
     assert "validation/stage3" in events.Tags()["images"]
+    import yaml  # runtime.report_to: the run's config arrives as the tracker's hyper-parameters
+    (hparams,) = (runs[0] / "tensorboard").glob("*/hparams.yml")
+    values = yaml.safe_load(hparams.read_text())
+    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    assert values["data.category"] == config["data"]["category"] == "toy"
+    assert values["stages.stage3.steps"] == config["stages"]["stage3"]["steps"] and values["runtime.report_to"] == "['tensorboard']"
 
 
 def test_generate_is_reproducible_per_seed(runs, tmp_path):

@@ -9,7 +9,8 @@ import torch
 from PIL import ImageColor
 
 from attention_reg import REDUCTIONS
-from attndreambooth.config.schema import (CARD_PRESETS, COMPILE_MODES, MEMORY_PRESETS, PRECISIONS, TRAINABLE_PARTS, Config, ConfigError)
+from attndreambooth.config.schema import (CARD_PRESETS, COMPILE_MODES, MEMORY_PRESETS, PRECISIONS, TRACKERS, TRAINABLE_PARTS,
+                                          Config, ConfigError)
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 
 
@@ -45,6 +46,10 @@ def validate(cfg: Config, card_pending=False):
          f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
+    for name in cfg.runtime.report_to:
+        need(name in TRACKERS, "runtime.report_to", f"{name!r} is not one of accelerate's trackers {TRACKERS}")
+        need(name == "tensorboard" or importlib.util.find_spec(name) is not None, "runtime.report_to",
+             f"{name} is not installed: pip install {name.replace('_', '-')}, or take it out of the list")
     need(cfg.runtime.compile in COMPILE_MODES, "runtime.compile",
          f"{cfg.runtime.compile!r} is not one of {COMPILE_MODES} (true means full, false off)")
     need(not cfg.runtime.cuda_graph or torch.cuda.is_available(), "runtime.cuda_graph",

@@ -14,6 +14,7 @@ TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
 MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False, half_frozen_weights=False),
                   "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 COMPILE_MODES = ("off", "regional", "full")  # runtime.compile (trainer/compiling.py)
 CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
 
@@ -116,7 +117,9 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only
     keep_checkpoints: int = 2  # resume checkpoints kept (oldest deleted first)
     keep_resume_state: bool = False  # keep output_dir/resume/ after the run finishes (to extend it later)
-    tensorboard: bool = True  # log scalars and validation grids to output_dir/tensorboard (if installed)
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers (accelerate's):
+    #   tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; [] = none
+    tensorboard: bool = True  # false leaves tensorboard out of report_to (the older switch)
     pipeline_dtype: str = "fp32"  # dtype of the saved pipeline/: fp32, or fp16/bf16 to halve the disk
     save_merged_pipeline: bool = False  # LoRA runs: also write pipeline/ with the adapters merged (a whole model)
 

@@ -2,15 +2,14 @@
 checkpoint), write the run folder. `run(cfg, state, paths)` is what train_attndreambooth.py calls."""
 import contextlib
 import errno
-import importlib.util
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attndreambooth.config.loading import to_yaml
@@ -147,15 +146,16 @@ def run(cfg, plan, state, paths, hooks=None):
     from attndreambooth.trainer.lora import save_lora
     from attndreambooth.trainer.run_folder import mark_finished, world_size
     from attndreambooth.trainer.state import RunState
+    from attndreambooth.trainer.trackers import hyperparameters, log_grid, log_with, trackers_in_use
     from attndreambooth.trainer.training import Hooks, Reporter, run_stage
 
     hooks, out = hooks or Hooks(), Path(cfg.output_dir)
     world = world_size()
-    tensorboard = cfg.runtime.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    trackers = trackers_in_use(cfg)
     # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
     accelerator = Accelerator(mixed_precision=cfg.runtime.mixed_precision,
                               cpu=world > 1 and not torch.cuda.is_available(),
-                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+                              log_with=log_with(trackers, out) if trackers else None, project_dir=str(out))
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched {world} processes but accelerate set up {accelerator.num_processes}; "
                            "each would train alone: check the launcher (accelerate launch / torchrun)")
@@ -168,10 +168,10 @@ def run(cfg, plan, state, paths, hooks=None):
     accelerator.wait_for_everyone()
     setup_logging(out, accelerator.is_main_process)
     log.info("%d process%s train%s", world, "es" * (world > 1), ", each on its share of every batch" * (world > 1))
-    if tensorboard:
-        accelerator.init_trackers("tensorboard")
-    elif cfg.runtime.tensorboard:
-        log.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    if trackers:
+        accelerator.init_trackers("attndreambooth", config=hyperparameters(yaml.safe_load(to_yaml(cfg))),
+                                  init_kwargs={"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}})
+        log.info("reporting to %s", ", ".join(trackers))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
@@ -186,9 +186,7 @@ def run(cfg, plan, state, paths, hooks=None):
                                        cfg.validation, device, accelerator.autocast())
             (out / "validation").mkdir(exist_ok=True)
             grid.save(out / "validation" / f"{name}_{step:05d}.png")
-            if tensorboard:
-                accelerator.get_tracker("tensorboard").log_images(
-                    {f"validation/{name}": np.asarray(grid)[None]}, step=global_step, dataformats="NHWC")
+            log_grid(accelerator, trackers, f"validation/{name}", grid, global_step)
         accelerator.wait_for_everyone()
 
     run_state = RunState(models, sampler, plan)
