@@ -290,3 +290,28 @@ def test_a_nan_between_two_reads_is_caught_before_the_next_checkpoint(tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in lines] == [("stage1", s) for s in range(1, 7)]
     assert all(r["loss"] == r["loss"] for r in lines)  # no NaN written
+
+
+def test_the_device_generator_is_part_of_the_sampler_state():
+    """On a GPU the batch is drawn on a device generator of its own: its state goes into the checkpoint and
+    comes back, so a resumed run draws the same batches (two CPU generators stand in for host and device)."""
+    import torch
+
+    from attndreambooth.trainer.data import LatentSampler, draw_noise
+
+    def sampler():
+        mean = torch.randn(6, 4, 2, 2, generator=torch.Generator().manual_seed(9))
+        return LatentSampler(mean, mean.abs(), 3, 0.5, torch.Generator().manual_seed(1), None,
+                             torch.Generator().manual_seed(2))
+
+    a = sampler()
+    a.sample(2)
+    state = a.state_dict()
+    assert "device_generator" in state
+    want = a.sample(2), draw_noise(a, torch.zeros(2, 4, 2, 2), 1000)
+    b = sampler()
+    b.load_state_dict(state)
+    got = b.sample(2), draw_noise(b, torch.zeros(2, 4, 2, 2), 1000)
+    assert torch.equal(want[0], got[0]) and all(torch.equal(x, y) for x, y in zip(want[1], got[1]))
+    c = sampler()  # a checkpoint without it (written on a CPU) still loads
+    c.load_state_dict({k: v for k, v in state.items() if k != "device_generator"})

@@ -220,7 +220,7 @@ class LatentSampler:
 
     def load_state_dict(self, state):
         self.gen.set_state(state["generator"])
-        if self.device_gen is not self.gen:
+        if self.device_gen is not self.gen and "device_generator" in state:  # else RunState seeded it
             self.device_gen.set_state(state["device_generator"])
         self.order = list(state["order"])
 

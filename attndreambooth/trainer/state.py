@@ -1,9 +1,13 @@
 """What a checkpoint saves and restores, in one object (as lingua's TrainState): the position in the
 plan, the trained tensors, the running stage's optimizer, every process's latent sampler, torch's RNG."""
+import logging
+
 import torch
 
-from attndreambooth.trainer.checkpoint import CheckpointError, flatten_optimizer, unflatten_optimizer
+from attndreambooth.trainer.checkpoint import flatten_optimizer, unflatten_optimizer
 from attndreambooth.trainer.training import restore_weights, trained_weights
+
+log = logging.getLogger(__name__)
 
 
 class RunState:
@@ -60,9 +64,11 @@ class RunState:
         sampler = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank]}
         if f"sampler_device.{rank}" in tensors:
             sampler["device_generator"] = tensors[f"sampler_device.{rank}"]
-        elif self.sampler.device_gen is not self.sampler.gen:
-            raise CheckpointError("this checkpoint was written on a CPU (one generator) and cannot continue on a "
-                                  "GPU bit for bit; resume it on a CPU, or start over (resume=false)")
+        elif self.sampler.device_gen is not self.sampler.gen:  # written on a CPU, or before draws moved to the GPU
+            self.sampler.device_gen.manual_seed(int(torch.randint(2**62, (1,), generator=self.sampler.gen)))
+            log.warning("the checkpoint holds no device generator (written on a CPU, or by a version that drew the "
+                        "batch on the host): the device generator is seeded from the run's own, so the run goes on, "
+                        "but not bit for bit as an uninterrupted one would")
         self.sampler.load_state_dict(sampler)
         torch.set_rng_state(tensors["rng.torch"])
         self.stage, self.step, self.done, self.global_step = meta["stage"], meta["step"], meta["done"], meta["global_step"]
