@@ -188,6 +188,7 @@ def test_a_finished_lora_run_writes_the_merged_pipeline_a_rerun_asks_for(lora_ru
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == kept and not (run / "pipeline").exists()
     T.main(args + tiny_overrides(run, **LORA, **{"runtime.save_merged_pipeline": "true"}))  # asked for: written
     assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["save_merged_pipeline"] is True  # recorded
+    assert (run / "config.yaml").read_text().startswith("# trained by 1 process\n")  # its header kept
     trained, rebuilt = (StableDiffusionPipeline.from_pretrained(p) for p in (lora_run / "pipeline", run / "pipeline"))
     for name, w in trained.unet.state_dict().items():  # the same merge as at the end of training, from the files
         torch.testing.assert_close(rebuilt.unet.state_dict()[name], w, atol=1e-6, rtol=0)

@@ -313,5 +313,23 @@ def test_the_device_generator_is_part_of_the_sampler_state():
     b.load_state_dict(state)
     got = b.sample(2), draw_noise(b, torch.zeros(2, 4, 2, 2), 1000)
     assert torch.equal(want[0], got[0]) and all(torch.equal(x, y) for x, y in zip(want[1], got[1]))
-    c = sampler()  # a checkpoint without it (written on a CPU) still loads
+    c = sampler()  # a checkpoint without it (written on a CPU) loads; the device generator is left as it was
     c.load_state_dict({k: v for k, v in state.items() if k != "device_generator"})
+    assert torch.equal(c.device_gen.get_state(), torch.Generator().manual_seed(2).get_state())
+    assert torch.equal(c.gen.get_state(), state["generator"]) and c.order == state["order"]
+
+
+def test_speed_switches_may_change_on_resume_and_the_rest_may_not(tmp_path):
+    """runtime.compile, its cache folder and the CUDA graph change how a step runs, not what it computes: a
+    resume may switch them; a changed schedule is still refused (a run folder written by hand, no training)."""
+    from attndreambooth.config.loading import load_config, to_yaml
+    from attndreambooth.config.schema import ConfigError
+    from attndreambooth.trainer.run_folder import run_folder_state
+    from conftest import SAMPLE
+    base = [f"output_dir={tmp_path}", f"data.instance_dir={SAMPLE}", "data.category=toy"]
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, base)))
+    state, changes = run_folder_state(load_config(None, base + ["runtime.compile=regional",
+                                                                f"runtime.compile_cache={tmp_path}/cc"]))
+    assert state == "resume" and {k for k, _, _ in changes} == {"runtime.compile", "runtime.compile_cache"}
+    with pytest.raises(ConfigError, match="stages.stage3.steps: 500 in the run, 400 now"):
+        run_folder_state(load_config(None, base + ["stages.stage3.steps=400"]))

@@ -121,6 +121,17 @@ def save_pipeline(pipe, folder, dtype):
             config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
+def replace_pipeline(pipe, folder, dtype):
+    """save_pipeline into `folder` atomically: written beside it, then renamed over it (a kill mid-write
+    leaves the previous folder or none, never half of one)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pipeline(pipe, tmp, dtype)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def plan_family(kind, where):
     """The family of a hub id or single file without a download: a .safetensors file by its tensor names, else
     the name (a plan reads no weights)."""

@@ -5,7 +5,6 @@ pipeline in a narrower dtype), or refused with the reason where the run no longe
 run's config.yaml then records the outputs the folder holds."""
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -60,7 +59,7 @@ def finished_work(cfg, plan, changes):
 
 def complete_finished(cfg, work):
     """Do `work` (finished_work's answer) in cfg.output_dir, then record the output options in its config.yaml."""
-    from attndreambooth.families.source import load_pipeline, save_pipeline
+    from attndreambooth.families.source import load_pipeline, replace_pipeline
     from attndreambooth.config.schema import ModelConfig
     from attndreambooth.inference.loading import load_unet_weights, quiet_libraries
     out, dtype = Path(cfg.output_dir), DTYPES[cfg.runtime.pipeline_dtype]
@@ -75,13 +74,12 @@ def complete_finished(cfg, work):
     else:
         pipe, _ = load_pipeline(ModelConfig(pretrained=str(out / "pipeline")), DTYPES["fp32"])
         how = "cast from the pipeline the run saved"
-    shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
-    save_pipeline(pipe, out / ".tmp-pipeline", dtype)
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    os.replace(out / ".tmp-pipeline", out / "pipeline")
-    record = yaml.safe_load((out / "config.yaml").read_text())
+    replace_pipeline(pipe, out / "pipeline", dtype)
+    text = (out / "config.yaml").read_text()
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))  # "# trained by N processes"
+    record = yaml.safe_load(text)
     for key in OUTPUT_KEYS:
         record["runtime"][key.split(".")[1]] = getattr(cfg.runtime, key.split(".")[1])
-    (out / ".tmp-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    (out / ".tmp-config.yaml").write_text(header + yaml.safe_dump(record, sort_keys=False))
     os.replace(out / ".tmp-config.yaml", out / "config.yaml")
     log.info("saved %s in %s (%s); the run is not trained again", out / "pipeline", cfg.runtime.pipeline_dtype, how)

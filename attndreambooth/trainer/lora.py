@@ -96,19 +96,21 @@ def merge_adapters(unet):
     return unet
 
 
+def target_layers(unet, part, family):
+    """{name: module} of the linear layers `part`'s adapter adapts (a plain Linear, or one peft wraps already)."""
+    pattern = re.compile(family.lora_targets[part])
+    return {n: m for n, m in unet.named_modules() if hasattr(m, "in_features") and pattern.fullmatch(n)}
+
+
 def lora_parameter_count(unet, part, family, rank=1):
     """Trainable parameters of an adapter of `rank` on `part`'s targets (meta device is fine): rank x (in +
-    out) for every linear layer the targets match (a plain Linear, or one that peft wraps already)."""
-    pattern = re.compile(family.lora_targets[part])
-    return sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
-               if hasattr(m, "in_features") and pattern.fullmatch(n))
+    out) for every layer it adapts."""
+    return sum(rank * (m.in_features + m.out_features) for m in target_layers(unet, part, family).values())
 
 
 def narrowest_target(unet, part, family):
     """(name, width) of the narrowest linear layer `part`'s adapter targets, width = min(in, out): a rank above
     it is no longer low-rank (the update B @ A is full rank at that width; the extra rank only adds parameters)."""
-    pattern = re.compile(family.lora_targets[part])
-    widths = {n: min(m.in_features, m.out_features) for n, m in unet.named_modules()
-              if hasattr(m, "in_features") and pattern.fullmatch(n)}
+    widths = {n: min(m.in_features, m.out_features) for n, m in target_layers(unet, part, family).items()}
     name = min(widths, key=widths.get)
     return name, widths[name]

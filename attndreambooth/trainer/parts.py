@@ -24,10 +24,16 @@ def trainable_parameters(part, unet, text_encoders, family, adapter=None):
     raise ValueError(f"unknown trainable part {part!r}")
 
 
+def vae_factor(vae_config):
+    """How many times smaller than the image its latent is: the VAE halves it once per block after its first
+    (SD's and SDXL's VAEs: 8; the shapes world's: 4). A config object or dict (a config.json read alone)."""
+    blocks = vae_config.get("block_out_channels") if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(blocks) - 1)
+
+
 def latent_side(vae_config, resolution):
-    """The latent's side for `resolution` px: the VAE halves the image once per block after its first (SD's and
-    SDXL's VAEs: 8x smaller; the shapes world's: 4x)."""
-    return resolution // 2 ** (len(vae_config.block_out_channels) - 1)
+    """The latent's side for `resolution` px."""
+    return resolution // vae_factor(vae_config)
 
 
 def map_side(latent, factor):

@@ -15,7 +15,7 @@ from attndreambooth.trainer.checkpoint import size_text
 from attndreambooth.trainer.concept import is_known_word
 from attndreambooth.trainer.data import fingerprint, list_images
 from attndreambooth.trainer.lora import adapter_part, lora_parameter_count, narrowest_target
-from attndreambooth.trainer.parts import latent_side, regularised_layers
+from attndreambooth.trainer.parts import latent_side, regularised_layers, vae_factor
 from attndreambooth.trainer.run_folder import (IMAGES_FILE, check_checkpoint_fits, check_same_images, check_world,
                                                hold_folder, run_folder_state)
 
@@ -57,10 +57,10 @@ def fit_memory(cfg):
         _, sizes = memory_sizes(cfg)
         fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
         validate(cfg)
-        savers = current_savers(cfg)  # what will run, read back from the resolved config, explicit settings included
-        ranks = sorted({s.config.lora_rank for s in Plan(cfg.stages) if s.lora})
+        plan = Plan(cfg.stages)  # what will run, read back from the resolved config, explicit settings included
+        savers, ranks = current_savers(cfg, plan), sorted({s.config.lora_rank for s in plan if s.lora})
         log.info("runtime.memory=%s: %s (estimated peak %.1f GiB)", cfg.runtime.memory, describe(savers, ranks),
-                 max(stage_peaks(sizes, Plan(cfg.stages), savers, cfg.runtime.mixed_precision).values()))
+                 max(stage_peaks(sizes, plan, savers, cfg.runtime.mixed_precision).values()))
     for s in Plan(cfg.stages):
         if s.lora and s.config.lr < 1e-5:
             log.warning("stages.%s: LoRA at lr %g, a full-weight learning rate; LoRA factors usually need about "
@@ -169,10 +169,11 @@ def check_inputs(cfg, download=True):
                               "diffusers folder") from None
     if download or kind != "hub":
         check_tokens(cfg)
+    vae_config = None  # model.vae's config.json; a hub id's only when downloads are allowed
     if cfg.model.vae and (download or not looks_like_hub_id(cfg.model.vae)):
         vae_config = read_vae_config(cfg.model.vae)
     layout = meta_models(cfg)  # built once for the checks below
-    if cfg.model.vae and (download or not looks_like_hub_id(cfg.model.vae)):
+    if vae_config is not None:
         check_vae_fits(cfg.model.vae, vae_config, layout.vae.config)
     check_sizes(cfg, layout)
     if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
@@ -183,7 +184,7 @@ def check_inputs(cfg, download=True):
 def check_sizes(cfg, layout):
     """Numbers that must fit the model: the resolution its VAE's factor (else the latent is cut), each LoRA
     rank the narrowest layer its adapter adapts."""
-    factor = 2 ** (len(layout.vae.config.block_out_channels) - 1)
+    factor = vae_factor(layout.vae.config)
     if cfg.data.resolution % factor:
         near = sorted({max(factor, cfg.data.resolution // factor * factor), -(-cfg.data.resolution // factor) * factor})
         raise ConfigError(f"config key 'data.resolution': {cfg.data.resolution} is not a multiple of this model's VAE "
@@ -250,11 +251,10 @@ def read_vae_config(vae):
 def check_vae_fits(vae, config, base):
     """A VAE the U-Net can use in place of the base's: the same downsampling factor (the latent size), latent
     channels (the U-Net's input) and scaling (the latents' magnitude the U-Net was trained on)."""
-    def fields(c):
-        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
-        return {"downsampling factor": 2 ** (len(get("block_out_channels", [0])) - 1),
-                "latent channels": get("latent_channels", 4), "scaling factor": get("scaling_factor", 0.18215)}
-    ours, theirs = fields(config), fields(base)
+    def fields(c):  # a dict (config.json) or diffusers' FrozenDict: both have .get
+        return {"downsampling factor": vae_factor(c), "latent channels": c.get("latent_channels", 4),
+                "scaling factor": c.get("scaling_factor", 0.18215)}
+    ours, theirs = fields(dict(config)), fields(dict(base))
     wrong = [f"{k} {ours[k]:g} (the base's: {theirs[k]:g})" for k in ours if ours[k] != theirs[k]]
     if wrong:
         raise ConfigError(f"config key 'model.vae': {vae!r} does not fit the base model's U-Net: its "

@@ -114,7 +114,7 @@ def embedding_files(cfg, models):
 def save_final(cfg, plan, pipe, models, out):
     """The slim artefacts: the embedding in two formats, the LoRA file of a LoRA run, and the complete
     pipeline (for a LoRA run only with runtime.save_merged_pipeline), each written atomically."""
-    from attndreambooth.families.source import save_pipeline
+    from attndreambooth.families.source import replace_pipeline
     from attndreambooth.trainer.concept import bake_concept
     from attndreambooth.trainer.lora import merge_adapters, save_lora
     for name, tensors in embedding_files(cfg, models).items():
@@ -128,10 +128,7 @@ def save_final(cfg, plan, pipe, models, out):
         merge_adapters(pipe.unet)
     for encoder in models.text_encoders:
         bake_concept(encoder)  # in place: the pipeline holds the same modules
-    shutil.rmtree(out / ".tmp-pipeline", ignore_errors=True)
-    save_pipeline(pipe, out / ".tmp-pipeline", DTYPES[cfg.runtime.pipeline_dtype])
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    os.replace(out / ".tmp-pipeline", out / "pipeline")
+    replace_pipeline(pipe, out / "pipeline", DTYPES[cfg.runtime.pipeline_dtype])
     log.info("saved %s (load with %s.from_pretrained)", out / "pipeline", type(pipe).__name__)
 
 

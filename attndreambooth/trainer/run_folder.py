@@ -22,9 +22,12 @@ IMAGES_FILE = "instance_images.json"  # the run's photos: name -> [bytes, sha256
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
 # way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
 # resume); everything else must match the run's config.yaml.
-RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard", "runtime.report_to",
-                     "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.keep_resume_state",
-                     "runtime.max_grad_norm", "runtime.pipeline_dtype", "runtime.save_merged_pipeline")
+# The compile switches (runtime.compile, .compile_cache) and the CUDA graph change how a step runs, not what
+# it computes, so a run started eager may continue compiled.
+RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
+                     "runtime.report_to", "runtime.checkpoint_every_steps", "runtime.keep_checkpoints",
+                     "runtime.keep_resume_state", "runtime.max_grad_norm", "runtime.pipeline_dtype",
+                     "runtime.save_merged_pipeline", "runtime.compile", "runtime.cuda_graph")
 
 
 def run_folder_state(cfg):

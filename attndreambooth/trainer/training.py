@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attention_reg import attention_reg_loss
+from attndreambooth.config.plan import DTYPES
 from attndreambooth.trainer.parts import trainable_parameters
 from attndreambooth.trainer.step import TERMS, GraphedStep, StepFunction, capturable_optimizer
 
@@ -171,7 +172,7 @@ def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, 
     weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
     autocast = None
     if graphed:  # a cached cast is a tensor made outside the graph
-        autocast = lambda: torch.autocast(device.type, DTYPES_BY_PRECISION[cfg.runtime.mixed_precision],  # noqa: E731
+        autocast = lambda: torch.autocast(device.type, DTYPES.get(cfg.runtime.mixed_precision, torch.float32),  # noqa: E731
                                           enabled=cfg.runtime.mixed_precision != "no", cache_enabled=False)
     step_fn = StepFunction(objective, optimizer, params, sampler, models, accelerator, cfg, per_process, weights,
                            run_text, hooks, autocast)
@@ -204,9 +205,6 @@ def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, 
     for p in params:
         p.requires_grad_(False)
     return time.perf_counter() - start, peak_memory_gib(device)
-
-
-DTYPES_BY_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 class Pending:
