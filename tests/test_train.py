@@ -180,6 +180,35 @@ def test_a_fault_on_one_rank_stops_both_with_the_message(tmp_path):
         "stage1 step 2: the loss is not finite") >= 2  # both ranks stop, neither hangs
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_second_node_writes_nothing_to_the_run_folder(tmp_path):
+    """Two torchrun "nodes" of one process each: the second node's process is RANK 1 and LOCAL_RANK 0, as on
+    another machine of a multi-node job. Everything the run folder holds (lock, config, logs, checkpoints,
+    weights) is written by the global rank 0; the other node's local rank 0 writes nothing."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(ROOT / "tests" / "node_writes.py"), str(tmp_path)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    first, second = (json.loads((tmp_path / f"writes_rank{r}.json").read_text()) for r in (0, 1))
+    assert second == []
+    wrote = "\n".join(first)  # the recording sees each kind of write the run makes
+    for what in ("open .lock", "open train.log", "open metrics.jsonl", "open config.yaml", "open tensorboard/",
+                 "save_file resume/.tmp-ckpt-", "save_file .tmp-learned_embeds.safetensors", "os.rename"):
+        assert what in wrote, (what, first)
+    assert (tmp_path / "run" / "finished.json").is_file()
+
+
 def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
     """The loss that trains is MSE + attention_reg.attention_reg_loss with the stage's weights."""
     from attention_reg import CrossAttentionCapture, attention_reg_loss
