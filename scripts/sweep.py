@@ -9,6 +9,8 @@
 
     python scripts/sweep.py --world shapes --out sweeps/shapes            # the paper's comparison, measured
     python scripts/sweep.py --world shapes --out sweeps/shapes_quick --quick
+    python scripts/sweep.py --dreambench ../dreambooth --subjects dog,cat --out sweeps/db \
+        --launcher slurm --partition gpu --time 2:00:00 --array_parallelism 16   # a Slurm job array
 
 A method is a config name under configs/ ("attndreambooth", "baselines/dreambooth", "ablations/no_stage2",
 or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/[seed_N/] as run/, samples/
@@ -21,111 +23,20 @@ interrupted sweep leaves whole seeds. The gathered table, sweep.json and the ide
 (one point per method) land in OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over
 concepts x seeds, AttnDreamBooth's paired differences to each method, per-concept means), scatter.png
 with the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
+With --launcher slurm each unfinished cell is a task of one job array (submitit); OUT/jobs.json records
+them, and the same command run again waits for the running ones, resubmits those that failed, timed out or
+were preempted (their trainings resume), and never a finished one (attndreambooth/sweep/jobs.py).
 """
 import argparse
-import concurrent.futures
+import importlib.util
 import json
-import os
-import queue
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from attndreambooth.bench import dreambench
-from sweep_checks import cell_dir, check_cells, check_protocol, hold_out, method_config, parse_concepts
-
-
-def scaled_steps(method, scale):
-    """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
-    from attndreambooth.config.loading import load_config
-    cfg = load_config(method_config(method), ["data.instance_dir=.", "data.category=x"], check=False)
-    return [f"stages.{name}.steps={max(1, round(st.steps * scale))}" for name, st in cfg.stages.items() if st.enabled]
-
-
-def cell_commands(concept, folder, category, method, seed, args, cell):
-    """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
-    world = args.world == "shapes"
-    prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
-               else args.prompt_file or dreambench.prompt_file(category))
-    infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
-             *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
-    evaluate = (["--world", "shapes", "--concept", concept] if world
-                else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
-    score = ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
-                                     "--out", cell / "eval"])
-    if method == "reference":  # the base model alone, `{}` the category word
-        return [("infer.py", ["--base", args.base_model, "--category", category, *infer]), score]
-    train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
-             f"output_dir={cell / 'run'}", *args.set]
-    if seed is not None:
-        train.append(f"runtime.seed={seed}")
-    if args.step_scale != 1:
-        train += scaled_steps(method, args.step_scale)
-    return [("train_attndreambooth.py", train), ("infer.py", [cell / "run", *infer]), score]
-
-
-def call_in_process(script, argv, log):
-    """Run a script's main(argv) in this process (a CPU saves each subprocess's seconds of imports); its
-    output goes to `log`; a failure or sys.exit(message) raises."""
-    import contextlib
-    import importlib.util
-    import logging
-
-    from accelerate.state import AcceleratorState
-    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    AcceleratorState._reset_state(True)  # each training builds its own Accelerator, as a fresh process would
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # into this cell's log
-            module.main([str(a) for a in argv])
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise RuntimeError(str(e.code)) from None
-    finally:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # the console again
-
-
-def slots(args):
-    """Where cells run: one slot per GPU (its CUDA_VISIBLE_DEVICES), else --jobs CPU slots; a slot is the
-    environment of its subprocesses, None for this process (one CPU job: no import cost per script)."""
-    gpus = ([int(g) for g in args.gpus.split(",")] if args.gpus else list(range(torch.cuda.device_count())))
-    if gpus:
-        return [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus]
-    if args.jobs == 1:
-        return [None]
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * args.jobs
-
-
-def run_cell(concept, folder, category, method, seed, args, slot):
-    """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or in this process);
-    returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted training resumes."""
-    cell = cell_dir(args.out, concept, method, seed)
-    metrics = cell / "eval" / "metrics.json"
-    name = f"{concept} / {method}" + ("" if seed is None else f" / seed {seed}")
-    if metrics.is_file():
-        print(f"[{name}] done before: skipped", flush=True)
-        return json.loads(metrics.read_text())
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
-    cell.mkdir(parents=True, exist_ok=True)
-    with open(cell / "sweep.log", "a") as log:
-        for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
-            print(f"[{name}] {Path(script).name}", flush=True)
-            try:
-                if slot is None:
-                    call_in_process(script, argv, log)
-                elif subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], env=env, cwd=ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT).returncode:
-                    raise RuntimeError("exit status != 0")
-            except Exception as e:
-                raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
-    return json.loads(metrics.read_text())
+from attndreambooth.sweep import cluster, jobs
+from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, method_config, metrics_file
+from attndreambooth.sweep.local import run_local, slots
+from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
 
 
 def gather_world(results, out, cells):
@@ -170,11 +81,17 @@ def main(argv=None):
     p.add_argument("--clip", default="openai/clip-vit-base-patch32")
     p.add_argument("--dino", default="facebook/dino-vits16")
     p.add_argument("--gpus", help="GPU indices to use (default: all visible; none on a CPU machine)")
-    p.add_argument("--jobs", type=int, default=1, help="without a GPU: cells at once, the cores shared out")
+    p.add_argument("--jobs", type=int, help="without a GPU: cells at once, the cores shared out (default 1)")
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
+    cluster.add_arguments(p)
     args = p.parse_args(argv)
-    if args.jobs < 1:
+    options = cluster.cluster_options(args)  # the launcher's options, each checked, before anything else
+    if args.launcher != "local" and not args.dry_run:
+        jobs.require_submitit(args.launcher)
+        if args.launcher == "slurm":
+            jobs.require_slurm()
+    if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.out)
     if args.world:
@@ -206,47 +123,73 @@ def main(argv=None):
     if not args.report_only:  # every cell's training config, and --out, before anything is written
         check_cells(args, cells)
     protocol = check_protocol(args)  # a refusal writes nothing, not even the lock
+    if args.dry_run:
+        return dry_run(args, out, cells, options)
     lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
     try:
-        return sweep(args, out, concepts, cells, protocol)
+        return sweep(args, out, concepts, cells, protocol, options)
     finally:
         if lock is not None:
             lock.close()
 
 
-def sweep(args, out, concepts, cells, protocol):
-    """Run (or with --report_only, read back) the cells, then write the report."""
+def dry_run(args, out, cells, options):
+    """--dry-run: each cell and whether it would run, and where: nothing submitted, trained or written."""
+    done = [c for c in cells if metrics_file(out, c).is_file()]
+    for c in cells:
+        print(f"{'finished' if c in done else 'to run  '}  {cell_name(c)}  ({cell_path(out, c)})")
+    todo = len(cells) - len(done)
+    if args.launcher == "local":
+        where = slots(args)
+        print(f"{todo} of {len(cells)} cells would run on this machine, {len(where)} at a time: {where}")
+        return None
+    print(f"{todo} of {len(cells)} cells would be submitted as one job array ({args.launcher}; cells whose "
+          f"Slurm jobs still run are waited for, not submitted) with submitit.AutoExecutor parameters:")
+    for key, value in cluster.executor_parameters(options, args.launcher).items():
+        print(f"  {key}: {value!r}")
+    if importlib.util.find_spec("submitit") is None:
+        print("submitit is not installed: pip install submitit before submitting")
+    return None
+
+
+def sweep(args, out, concepts, cells, protocol, options):
+    """Run the cells (here, or as cluster jobs), or with --report_only read back those finished; then write
+    the report of every finished cell."""
     if args.report_only:
-        done = [(c, folder, cat, m, seed) for c, folder, cat, m, seed in cells
-                if (cell_dir(out, c, m, seed) / "eval" / "metrics.json").is_file()]
+        done = [c for c in cells if metrics_file(out, c).is_file()]
         if not done:
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
-        cells = done  # each read back below, none run
-    else:  # OUT is this process's now (its lock): record what the cells are measured with
-        (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
-        if args.world:
-            from attndreambooth.bench.shapes.bench import write_prompts
-            write_prompts(out, concepts, args.num_prompts)
-    where = slots(args)
-    free = queue.Queue()
-    for slot in where:
-        free.put(slot)
+        return report(args, out, done)
+    (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")  # OUT is this process's (its lock)
+    if args.world:
+        from attndreambooth.bench.shapes.bench import write_prompts
+        write_prompts(out, concepts, args.num_prompts)
+    if args.launcher == "local":
+        jobs.check_no_slurm_jobs(out, cells)
+        run_local(args, cells)
+        return report(args, out, cells)
+    ended = jobs.run_jobs(args, out, cells, options)
+    if ended is None:  # --detach
+        return None
+    done, failed = ended
+    results = report(args, out, done) if done else {}
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(cells)} cells failed (named above); rerun the same command "
+                         "to resubmit them (their trainings resume from their checkpoints)")
+    return results
 
-    def task(cell):
-        slot = free.get()
-        try:
-            return run_cell(*cell, args, slot)
-        finally:
-            free.put(slot)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(len(where)) as pool:
-        results = dict(zip([(c, m, seed) for c, _, _, m, seed in cells], pool.map(task, cells)))
+def report(args, out, cells):
+    """The report of these (finished) cells from their metrics: sweep.md/.json and the scatter, or the world's
+    comparison; returns {(concept, method, seed): metrics}."""
+    results = {(c, m, seed): json.loads(metrics_file(out, (c, f, cat, m, seed)).read_text())
+               for c, f, cat, m, seed in cells}
     if args.world:
         text = gather_world(results, out, cells)
     else:
-        text = dreambench.write_table({(c, m if seed is None else f"{m} seed {seed}"): r for (c, m, seed), r in results.items()}, out)
+        text = dreambench.write_table({(c, m if seed is None else f"{m} seed {seed}"): r
+                                       for (c, m, seed), r in results.items()}, out)
     print(text)
     return results
 

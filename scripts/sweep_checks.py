@@ -1,29 +1,13 @@
 """What scripts/sweep.py refuses before it trains or writes anything: concepts given wrongly, a training
 config that would fail in its first cell (a --set typo, a missing folder), an --out it cannot write, an --out
-measured with other options, and an --out another sweep is running in; and the two names those checks share
-with the sweep: a method's config file and a cell's folder."""
+measured with other options, and an --out another sweep is running in."""
 import json
 from pathlib import Path
 
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.schema import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def method_config(name):
-    """A method's config file: a name under configs/ (e.g. baselines/dreambooth) or a .yaml path."""
-    path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"error: method {name!r}: no config {path}")
-    return path
-
-
-def cell_dir(out, concept, method, seed):
-    """OUT/<concept>/<method>/[seed_N/]: one cell's run/, samples/ and eval/."""
-    cell = Path(out) / concept / method.replace("/", "_")
-    return cell / f"seed_{seed}" if seed is not None else cell
+from attndreambooth.sweep.cells import ROOT, cell_dir, method_config
 
 
 def parse_concepts(text):

@@ -109,11 +109,13 @@ def test_sweep_slots(monkeypatch):
     import argparse
 
     import sweep
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 0)
-    assert sweep.slots(argparse.Namespace(gpus=None, jobs=1)) == [None]
-    assert sweep.slots(argparse.Namespace(gpus=None, jobs=3)) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
-    gpus = sweep.slots(argparse.Namespace(gpus="1,3", jobs=4))
+
+    from attndreambooth.sweep import local
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(local.torch.cuda, "device_count", lambda: 0)
+    assert local.slots(argparse.Namespace(gpus=None, jobs=None)) == [None]
+    assert local.slots(argparse.Namespace(gpus=None, jobs=3)) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
+    gpus = local.slots(argparse.Namespace(gpus="1,3", jobs=4))
     assert gpus == [{"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "3"}]
     with pytest.raises(SystemExit):
         sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])

@@ -1,0 +1,144 @@
+"""One cell of a sweep (concept, method[, seed]): its folder, the commands that train, sample and score it,
+and running them, in this process, in subprocesses, or as a cluster job (`CellJob`, which submitit pickles)."""
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from attndreambooth.bench import dreambench
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the scripts a cell runs and the configs it names
+
+
+def method_config(name):
+    """A method's config file: a name under configs/ (e.g. baselines/dreambooth) or a .yaml path."""
+    path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: method {name!r}: no config {path}")
+    return path
+
+
+def cell_dir(out, concept, method, seed):
+    """OUT/<concept>/<method>/[seed_N/]: one cell's run/, samples/ and eval/."""
+    cell = Path(out) / concept / method.replace("/", "_")
+    return cell / f"seed_{seed}" if seed is not None else cell
+
+
+def cell_name(cell):
+    """A cell (concept, photos, category, method, seed) as the logs name it."""
+    concept, _, _, method, seed = cell
+    return f"{concept} / {method}" + ("" if seed is None else f" / seed {seed}")
+
+
+def cell_path(out, cell):
+    concept, _, _, method, seed = cell
+    return cell_dir(out, concept, method, seed)
+
+
+def metrics_file(out, cell):
+    """What marks a cell finished: written last, by its evaluation."""
+    return cell_path(out, cell) / "eval" / "metrics.json"
+
+
+def scaled_steps(method, scale):
+    """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
+    from attndreambooth.config.loading import load_config
+    cfg = load_config(method_config(method), ["data.instance_dir=.", "data.category=x"], check=False)
+    return [f"stages.{name}.steps={max(1, round(st.steps * scale))}" for name, st in cfg.stages.items() if st.enabled]
+
+
+def cell_commands(concept, folder, category, method, seed, args, cell):
+    """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
+    world = args.world == "shapes"
+    prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
+               else args.prompt_file or dreambench.prompt_file(category))
+    infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
+             *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
+    evaluate = (["--world", "shapes", "--concept", concept] if world
+                else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
+    score = ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
+                                     "--out", cell / "eval"])
+    if method == "reference":  # the base model alone, `{}` the category word
+        return [("infer.py", ["--base", args.base_model, "--category", category, *infer]), score]
+    train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
+             f"output_dir={cell / 'run'}", *args.set]
+    if seed is not None:
+        train.append(f"runtime.seed={seed}")
+    if args.step_scale != 1:
+        train += scaled_steps(method, args.step_scale)
+    return [("train_attndreambooth.py", train), ("infer.py", [cell / "run", *infer]), score]
+
+
+def call_in_process(script, argv, log):
+    """Run a script's main(argv) in this process (a CPU saves each subprocess's seconds of imports); its
+    output goes to `log`; a failure or sys.exit(message) raises."""
+    from accelerate.state import AcceleratorState
+    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    AcceleratorState._reset_state(True)  # each training builds its own Accelerator, as a fresh process would
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # into this cell's log
+            module.main([str(a) for a in argv])
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(str(e.code)) from None
+    finally:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # the console again
+
+
+def command_line(script, argv, processes):
+    """A script's subprocess command; a training on several GPUs of one job goes through torchrun."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+              if processes > 1 and script == "train_attndreambooth.py" else [sys.executable])
+    return [*launch, str(ROOT / script), *map(str, argv)]
+
+
+def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
+    """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or with slot None in
+    this process); returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted
+    training resumes from its checkpoint."""
+    cell = cell_dir(args.out, concept, method, seed)
+    metrics = cell / "eval" / "metrics.json"
+    name = cell_name((concept, folder, category, method, seed))
+    if metrics.is_file():
+        print(f"[{name}] done before: skipped", flush=True)
+        return json.loads(metrics.read_text())
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
+    cell.mkdir(parents=True, exist_ok=True)
+    with open(cell / "sweep.log", "a") as log:
+        for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
+            print(f"[{name}] {Path(script).name}", flush=True)
+            try:
+                if slot is None:
+                    call_in_process(script, argv, log)
+                elif subprocess.run(command_line(script, argv, processes), env=env, stdout=log,  # in this cwd:
+                                    stderr=subprocess.STDOUT).returncode:  # relative --out, photos mean the same
+                    raise RuntimeError("exit status != 0")
+            except Exception as e:
+                raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
+    return json.loads(metrics.read_text())
+
+
+class CellJob:
+    """One cell as a cluster job: submitit pickles it and calls it on the node, where the cell runs in
+    subprocesses with the job's environment (its GPUs: a training on several goes through torchrun). On a
+    timeout or a preemption submitit calls `checkpoint` and requeues the same call; the training then resumes
+    from the cell's own checkpoint."""
+
+    def __init__(self, cell, args, slot, processes):
+        self.cell, self.args, self.slot, self.processes = cell, args, slot, processes
+        self.cwd = os.getcwd()  # relative paths (--out, photo folders) mean what they meant to the submitter
+
+    def __call__(self):
+        os.chdir(self.cwd)
+        return run_cell(*self.cell, self.args, self.slot, self.processes)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission  # in the job: submitit is what runs it
+        return DelayedSubmission(self, *args, **kwargs)

@@ -1,0 +1,171 @@
+"""The cells as cluster jobs, through submitit: one job array per submission, one task per cell. OUT/jobs.json
+records which job runs which cell, so a rerun of the same command resubmits only the cells whose jobs ended
+without the cell's metrics (failed, timed out, preempted, cancelled: their trainings resume from their own
+checkpoints), waits for the ones still queued or running, and never submits a finished cell."""
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from attndreambooth.sweep.cells import CellJob, cell_dir, cell_name, cell_path, metrics_file
+from attndreambooth.sweep.cluster import executor_parameters
+from attndreambooth.sweep.local import job_slots
+
+RECORD = "jobs.json"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "READY",
+          "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}  # sacct's states of a job that may still finish
+POLL_S = 30  # seconds between looks at the cells' metrics while waiting (sacct is asked less often, by submitit)
+
+
+def require_submitit(launcher):
+    try:
+        importlib.import_module("submitit")
+    except ImportError:
+        raise SystemExit(f"error: --launcher {launcher} needs submitit, an optional extra: pip install submitit") from None
+
+
+def require_slurm():
+    """submitit's Slurm executor calls sbatch and sacct and needs srun beside them: a login node's commands."""
+    if missing := [c for c in ("sbatch", "sacct", "srun") if shutil.which(c) is None]:
+        raise SystemExit(f"error: --launcher slurm: no {missing[0]} on PATH; run the sweep on a Slurm login node "
+                         "(or --launcher submitit-local to try the jobs on this machine)")
+
+
+def cell_key(cell):
+    concept, _, _, method, seed = cell
+    return str(cell_dir("", concept, method, seed))
+
+
+def read_record(out):
+    path = Path(out) / RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {path}: cannot be read ({e}); move it aside (the cells' jobs are then unknown "
+                         "to the sweep and their unfinished cells are submitted again)") from None
+
+
+def write_record(out, record):
+    path = Path(out) / RECORD
+    tmp = path.with_name(f".tmp-{RECORD}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)  # a kill mid-write leaves the previous record
+
+
+def slurm_job(out, job_id):
+    import submitit
+    return submitit.SlurmJob(folder=Path(out) / "jobs" / "%j", job_id=job_id)
+
+
+def slurm_states(out, job_ids):
+    """{job id: sacct's state word} in one sacct call for all (submitit's watcher asks for the jobs registered
+    with it, and otherwise waits seconds before asking again: one at a time, later jobs would read UNKNOWN)."""
+    jobs = {i: slurm_job(out, i) for i in job_ids}
+    if not jobs:
+        return {}
+    next(iter(jobs.values())).watcher.update()
+    return {i: (j.watcher.get_state(i, mode="cache").split() or ["UNKNOWN"])[0] for i, j in jobs.items()}
+
+
+def sort_cells(out, cells, launcher):
+    """(finished, {cell: its job still queued or running}, cells to submit). Only Slurm's jobs outlive the
+    process that submitted them; submitit-local's ended with it."""
+    record, finished, unfinished = read_record(out), [], []
+    for cell in cells:
+        (finished if metrics_file(out, cell).is_file() else unfinished).append(cell)
+    recorded = {c: record[cell_key(c)]["job_id"] for c in unfinished
+                if launcher == "slurm" and record.get(cell_key(c), {}).get("launcher") == "slurm"}
+    states = slurm_states(out, set(recorded.values()))
+    running = {c: slurm_job(out, i) for c, i in recorded.items() if states[i] in ACTIVE}
+    return finished, running, [c for c in unfinished if c not in running]
+
+
+def check_no_slurm_jobs(out, cells):
+    """The local launcher on an OUT whose unfinished cells were submitted to Slurm: refused while a job may still
+    run them (two trainings in one run folder; the trainer's lock holds only where the file system's locks do)."""
+    record = read_record(out)
+    submitted = [(c, record[cell_key(c)]["job_id"]) for c in cells if not metrics_file(out, c).is_file()
+                 and record.get(cell_key(c), {}).get("launcher") == "slurm"]
+    if not submitted:
+        return
+    askable = shutil.which("sacct") and importlib.util.find_spec("submitit")
+    states = slurm_states(out, {i for _, i in submitted}) if askable else {}
+    for cell, job_id in submitted:
+        state = states.get(job_id)
+        if state is None or state in ACTIVE:
+            raise SystemExit(f"error: {out}: cell {cell_name(cell)} was submitted to Slurm as job {job_id}"
+                             + (f", which is {state}" if state else ", which this machine cannot ask about (no sacct)")
+                             + f"; rerun with --launcher slurm to wait for it, or remove {Path(out) / RECORD} once "
+                             "it has ended")
+
+
+def submit(args, out, cells, options):
+    """One job array of the cells; returns {cell: job} and adds them to OUT/jobs.json."""
+    import submitit
+    slurm = args.launcher == "slurm"
+    executor = submitit.AutoExecutor(folder=Path(out) / "jobs" / "%j", cluster="slurm" if slurm else "local")
+    executor.update_parameters(**executor_parameters(options, args.launcher))
+    where = [{}] * len(cells) if slurm else job_slots(len(cells))  # Slurm's jobs: the environment Slurm gives
+    try:
+        with executor.batch():
+            jobs = [executor.submit(CellJob(cell, args, slot, options.get("gpus_per_task", 1)))
+                    for cell, slot in zip(cells, where)]
+    except Exception as e:  # sbatch's own refusal (an unknown partition or account, a limit) as its one line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise SystemExit(f"error: submitting {len(cells)} cell{'s' * (len(cells) != 1)} failed: {lines[-1] if lines else e}") from None
+    record = read_record(out)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    record.update({cell_key(c): {"launcher": args.launcher, "job_id": j.job_id, "submitted": stamp}
+                   for c, j in zip(cells, jobs)})
+    write_record(out, record)
+    return dict(zip(cells, jobs))
+
+
+def wait(out, jobs, launcher):
+    """Until every job has ended: each cell reported as it finishes, or as failed (its job ended without its
+    metrics); returns the failed cells."""
+    pending, failed = dict(jobs), []
+    try:
+        while pending:
+            for cell, job in list(pending.items()):
+                if metrics_file(out, cell).is_file():
+                    print(f"[{cell_name(cell)}] finished (job {job.job_id})", flush=True)
+                elif job.done():
+                    if metrics_file(out, cell).is_file():
+                        continue  # written as the job ended: reported on the next look
+                    failed.append(cell)
+                    print(f"[{cell_name(cell)}] job {job.job_id} ended ({job.state}) without the "
+                          f"cell's metrics; see {cell_path(out, cell) / 'sweep.log'} and "
+                          f"{job.paths.stderr}", flush=True)
+                else:
+                    continue
+                del pending[cell]
+            if pending:
+                time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        goes_on = "go on" if launcher == "slurm" else "stop with this process"
+        raise SystemExit(f"stopped waiting for {len(pending)} jobs; they {goes_on}. Rerun the same command to "
+                         "wait again (finished cells are kept), or add --report_only for what has finished") from None
+    return failed
+
+
+def run_jobs(args, out, cells, options):
+    """The cluster launchers' sweep: submit what is unfinished and not running, then (unless --detach) wait
+    for every job. Returns the finished cells and the failed ones, or None when detached."""
+    finished, running, to_submit = sort_cells(out, cells, args.launcher)
+    print(f"{len(finished)} of {len(cells)} cells finished before, {len(running)} still queued or running as "
+          f"Slurm jobs, {len(to_submit)} to submit", flush=True)
+    jobs = submit(args, out, to_submit, options) if to_submit else {}
+    if jobs:
+        ids = sorted({j.job_id.split("_")[0] for j in jobs.values()})
+        print(f"submitted {len(jobs)} cell{'s' * (len(jobs) != 1)} as job {', '.join(ids)} ({args.launcher}); their logs: "
+              f"{Path(out) / 'jobs'}/<job id>/, each cell's own: <cell>/sweep.log", flush=True)
+    if args.detach:
+        print("detached: rerun the same command (without --detach) to wait for the jobs and write the report, "
+              "or with --report_only for the cells finished so far", flush=True)
+        return None
+    failed = wait(out, {**running, **jobs}, args.launcher)
+    return [c for c in cells if metrics_file(out, c).is_file()], failed

@@ -1,0 +1,61 @@
+"""The local launcher: the cells on this machine, one per GPU (CUDA_VISIBLE_DEVICES, a subprocess each), on a
+CPU one at a time in this process or --jobs N at once with the cores shared out."""
+import concurrent.futures
+import os
+import queue
+
+import torch
+
+from attndreambooth.sweep.cells import run_cell
+
+
+def visible_gpus():
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (a sweep started with CUDA_VISIBLE_DEVICES=2,3
+    runs on 2 and 3, not on 0 and 1)."""
+    count = torch.cuda.device_count()
+    given = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return given[:count] if len(given) >= count else [str(g) for g in range(count)]
+
+
+def slots(args):
+    """Where cells run: one slot per GPU (its CUDA_VISIBLE_DEVICES), else --jobs CPU slots; a slot is the
+    environment of its subprocesses, None for this process (one CPU job: no import cost per script)."""
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else visible_gpus()
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+    jobs = args.jobs or 1
+    if jobs == 1:
+        return [None]
+    return [shared_cores(jobs)] * jobs
+
+
+def job_slots(n):
+    """The environments of n cells started at once as submitit's local jobs: the GPUs dealt out in turn (the
+    local executor itself would hide them), or the cores shared out."""
+    gpus = visible_gpus()
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)] if gpus else [shared_cores(n)] * n
+
+
+def shared_cores(at_once):
+    """The thread counts for one of `at_once` CPU processes: small models use two cores badly, so two 1-thread
+    trainings did 1.7x the work of one 2-thread training, and more threads than cores spin."""
+    threads = str(max(1, (os.cpu_count() or 1) // at_once))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def run_local(args, cells):
+    """Every cell, each slot taking the next; returns {(concept, method, seed): metrics}."""
+    where = slots(args)
+    free = queue.Queue()
+    for slot in where:
+        free.put(slot)
+
+    def task(cell):
+        slot = free.get()
+        try:
+            return run_cell(*cell, args, slot)
+        finally:
+            free.put(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(len(where)) as pool:
+        return dict(zip([(c, m, seed) for c, _, _, m, seed in cells], pool.map(task, cells)))
