@@ -50,14 +50,14 @@ def gather_world(results, out, cells):
     return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples)
 
 
-def parse_seeds(parser, text):
+def parse_seeds(p, text):
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        parser.error(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2")
+        p.error(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2")
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", default="", help="name=folder:category,... (your own concepts); with --world: "
                    "names of the world's concepts (default: all)")
@@ -85,6 +85,11 @@ def main(argv=None):
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
     cluster.add_arguments(p)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     options = cluster.cluster_options(args)  # the launcher's options, each checked, before anything else
     if args.launcher != "local" and not args.dry_run:

@@ -1,8 +1,9 @@
 """A fake Slurm on PATH for the sweep's cluster launcher tests: `sbatch FILE` records the submission script
 and answers "Submitted batch job N" (100, 101, ...), or refuses as a real sbatch does when FAKE_SLURM/refuse
 holds a message; `sacct` answers the state of each asked job (each task of an array: ID_0, ID_1, ...) from
-FAKE_SLURM/states ("ID STATE" lines), else FAKE_SLURM/default_state, else PENDING; srun, squeue and scancel do nothing.
-Nothing runs: a test runs a submitted cell itself from the pickle submitit wrote."""
+FAKE_SLURM/states ("ID STATE" lines), else FAKE_SLURM/default_state, else PENDING; `srun CMD...` runs CMD
+here (one node), `scontrol show hostnames` answers 127.0.0.1; squeue and scancel do nothing. No job runs by
+itself: a test runs a submitted cell from the pickle submitit wrote."""
 import os
 import stat
 import sys
@@ -21,6 +22,11 @@ if name == "sbatch":
     n = len(list(home.glob("sbatch_*.sh")))
     (home / f"sbatch_{{100 + n}}.sh").write_text(Path(sys.argv[-1]).read_text())
     print(f"Submitted batch job {{100 + n}}")
+elif name == "srun":  # one node: run the step here
+    import os
+    os.execvp(sys.argv[1], sys.argv[1:])
+elif name == "scontrol":  # `scontrol show hostnames LIST`: this machine
+    print("127.0.0.1")
 elif name == "sacct":
     states = dict(l.split() for l in (home / "states").read_text().splitlines() if l.strip()) \\
         if (home / "states").is_file() else {{}}
@@ -40,7 +46,7 @@ def install(home):
     """The fake commands in home/bin; returns that folder (put it first on PATH)."""
     home = Path(home)
     (home / "bin").mkdir(parents=True, exist_ok=True)
-    for name in ("sbatch", "sacct", "srun", "squeue", "scancel"):
+    for name in ("sbatch", "sacct", "srun", "scontrol", "squeue", "scancel"):
         path = home / "bin" / name
         path.write_text(TOOL.format(python=sys.executable, home=str(home)))
         path.chmod(path.stat().st_mode | stat.S_IEXEC)

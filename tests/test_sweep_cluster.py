@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,48 @@ def test_slurm_refusals_that_need_the_machine(tmp_path, slurm, monkeypatch, caps
     said = capsys.readouterr().out
     assert "2 of 2 cells would be submitted as one job array (slurm" in said and "slurm_partition: 'gpu'" in said
     assert len(fake_slurm.calls(slurm, "sbatch")) == 1  # the refused one only: a dry run submits nothing
+
+
+def test_the_multinode_sbatch_example_trains(tmp_path, slurm):
+    """docs/slurm/train_multinode.sbatch as Slurm would run it, on one node of two CPU processes: the stand-in
+    srun runs its torchrun here, which meets itself at the address scontrol gives; the run trains and is
+    written once. Its header asks for what its command starts (a process per GPU of each node)."""
+    import subprocess
+
+    from conftest import ROOT, tiny_overrides
+    from test_train import free_port
+    script = ROOT / "docs" / "slurm" / "train_multinode.sbatch"
+    header = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script.read_text(), re.M))
+    assert header["nodes"] == "2" and header["ntasks-per-node"] == "1" and header["gpus-per-node"] == "8"
+    env = dict(os.environ, SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="7", PROCESSES_PER_NODE="2",
+               CONFIG="configs/tiny.yaml", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               PATH=f"{slurm / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(script), *tiny_overrides(tmp_path / "run", **{"runtime.tensorboard": "false"})],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("# trained by 2 processes")
+    assert (tmp_path / "run" / "finished.json").is_file()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 9  # one writer, 9 steps
+    assert [c[0] for c in fake_slurm.calls(slurm, "srun")] == ["torchrun"]
+
+
+def test_the_readme_and_docs_cluster_examples_are_valid(monkeypatch):
+    """Every sweep command the README shows parses, with its cluster options checked as a run would check
+    them; docs/slurm/sweep_cluster.yaml is a valid --cluster_config."""
+    import shlex
+
+    from attndreambooth.sweep import cluster
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)  # the README's paths are the checkout's
+    readme = (ROOT / "README.md").read_text()
+    assert "## Beyond one machine" in readme and "docs/slurm/train_multinode.sbatch" in readme
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"^python scripts/sweep\.py (?:.*\\\n)*.*$", readme, re.M)]
+    assert any("--launcher slurm" in c for c in commands) and len(commands) >= 3
+    for command in commands:
+        args = sweep.parser().parse_args(shlex.split(command, comments=True)[2:])
+        options = cluster.cluster_options(args)
+        if args.launcher == "slurm":
+            assert options["partition"] == "gpu" and options["array_parallelism"] == 16
+    yaml_options = cluster.read_config(ROOT / "docs" / "slurm" / "sweep_cluster.yaml")
+    assert yaml_options["time"] == 120 and yaml_options["sbatch"] == {"mail_type": "END"}
+    assert cluster.executor_parameters({**yaml_options, "gpus_per_task": 1}, "slurm")["slurm_setup"] == ["module load cuda"]

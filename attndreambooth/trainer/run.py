@@ -143,7 +143,7 @@ def run(cfg, plan, state, paths, hooks=None):
     from attndreambooth.trainer.lora import save_lora
     from attndreambooth.trainer.run_folder import mark_finished, world_size
     from attndreambooth.trainer.state import RunState
-    from attndreambooth.trainer.trackers import hyperparameters, log_grid, log_with, trackers_in_use
+    from attndreambooth.trainer.trackers import hyperparameters, log_grid, log_with, start_trackers, trackers_in_use
     from attndreambooth.trainer.training import Hooks, Reporter, run_stage
 
     hooks, out = hooks or Hooks(), Path(cfg.output_dir)
@@ -166,9 +166,7 @@ def run(cfg, plan, state, paths, hooks=None):
     setup_logging(out, accelerator.is_main_process)
     log.info("%d process%s train%s", world, "es" * (world > 1), ", each on its share of every batch" * (world > 1))
     if trackers:
-        accelerator.init_trackers("attndreambooth", config=hyperparameters(yaml.safe_load(to_yaml(cfg))),
-                                  init_kwargs={"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}})
-        log.info("reporting to %s", ", ".join(trackers))
+        start_trackers(accelerator, trackers, hyperparameters(yaml.safe_load(to_yaml(cfg))), out.name)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 

@@ -26,6 +26,19 @@ def log_with(names, out):
     return [TensorBoardTracker("tensorboard", str(out)) if n == "tensorboard" else n for n in names] or None
 
 
+def start_trackers(accelerator, names, config, run_name):
+    """accelerate's init_trackers, before any weights load; a tracker that cannot start where it is set up
+    (mlflow's tracking URI, wandb's login, a server it cannot reach) is one line naming it, not a traceback."""
+    from attndreambooth.config.schema import ConfigError
+    try:
+        accelerator.init_trackers("attndreambooth", config=config,
+                                  init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
+    except Exception as e:  # each library raises its own kinds
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"config key 'runtime.report_to': {', '.join(names)} could not start: {first}") from None
+    log.info("reporting to %s", ", ".join(names))
+
+
 def hyperparameters(record, prefix=""):
     """The config as flat `section.key` scalars (lists as text): what every tracker takes as hyper-parameters."""
     flat = {}
