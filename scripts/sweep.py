@@ -92,7 +92,7 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     options = cluster.cluster_options(args)  # the launcher's options, each checked, before anything else
-    if args.launcher != "local" and not args.dry_run:
+    if args.launcher != "local" and not (args.dry_run or args.report_only):  # those read; they submit nothing
         jobs.require_submitit(args.launcher)
         if args.launcher == "slurm":
             jobs.require_slurm()
@@ -170,8 +170,9 @@ def sweep(args, out, concepts, cells, protocol, options):
     if args.world:
         from attndreambooth.bench.shapes.bench import write_prompts
         write_prompts(out, concepts, args.num_prompts)
-    if args.launcher == "local":
+    if args.launcher != "slurm":  # cells a Slurm job may still be running stay its own
         jobs.check_no_slurm_jobs(out, cells)
+    if args.launcher == "local":
         run_local(args, cells)
         return report(args, out, cells)
     ended = jobs.run_jobs(args, out, cells, options)

@@ -71,11 +71,13 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
 def test_slurm_submits_one_array_resubmits_only_what_failed_and_waits(tmp_path, slurm, monkeypatch, capsys):
     out = tmp_path / "s"
     options = ["--launcher", "slurm", "--partition", "gpu", "--gpus_per_task", "2", "--time", "1:30:00",
-               "--array_parallelism", "1", "--sbatch", "mail-type=END", "--setup", "module load cuda"]
+               "--array_parallelism", "1", "--sbatch", "mail-type=END", "--sbatch", "exclusive",
+               "--setup", "module load cuda"]
     sweep.main([*grid(out), *options, "--detach"])
     script = (slurm / "sbatch_100.sh").read_text()
     for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --time=90", "#SBATCH --mail-type=END", "#SBATCH --ntasks-per-node=1", "module load cuda"):
+                 "#SBATCH --time=90", "#SBATCH --mail-type=END", "#SBATCH --exclusive", "#SBATCH --ntasks-per-node=1",
+                 "module load cuda"):
         assert line in script.splitlines(), (line, script)
     record = json.loads((out / "jobs.json").read_text())
     first, second = (record[f"toy/{m.replace('/', '_')}"]["job_id"] for m in METHODS)
@@ -124,6 +126,8 @@ def test_slurm_submits_one_array_resubmits_only_what_failed_and_waits(tmp_path, 
     with pytest.raises(SystemExit, match=r"^error: .*: cell toy / ablations/no_reg was submitted to Slurm as job 102, "
                                          r"which is RUNNING; rerun with --launcher slurm to wait for it"):
         sweep.main(grid(out))  # the local launcher on a cell a Slurm job is running: refused
+    with pytest.raises(SystemExit, match=r"was submitted to Slurm as job 102, which is RUNNING"):
+        sweep.main([*grid(out), "--launcher", "submitit-local"])  # and submitit's local executor
 
 
 def refused(argv, capsys):
@@ -151,7 +155,9 @@ def test_bad_cluster_input_is_one_line_before_anything_is_submitted(tmp_path, sl
             ([*base, "--time", "soon"], "error: --time: 'soon': give a positive time limit"),
             ([*base, "--sbatch", "partition=big"], "error: --sbatch: partition: set by the sweep itself or by its "
                                                    "own option (--partition)"),
-            ([*base, "--sbatch", "exclusive"], "error: --sbatch: ['exclusive']: give sbatch options as KEY=VALUE"),
+            ([*base, "--sbatch", "mail-type=END", "--sbatch=9lives"], "error: --sbatch: 9lives=True: give an sbatch "
+                                                                    "option's long name"),
+            ([*base, "--sbatch", "mail type=END"], "error: --sbatch: mail type='END': give an sbatch option's long name"),
             ([*base, "--cluster_config", str(tmp_path / "cluster.yaml")], "unknown option 'gpus' (options: "),
             ([*base, "--cluster_config", str(tmp_path / "list.yaml")], "give a mapping of options"),
             ([*base, "--cluster_config", str(tmp_path / "broken.yaml")], "not YAML"),
@@ -175,6 +181,7 @@ def test_slurm_refusals_that_need_the_machine(tmp_path, slurm, monkeypatch, caps
     monkeypatch.setattr(jobs, "POLL_S", 0.2)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert refused(base, capsys).startswith("error: --launcher slurm: no sbatch on PATH; run the sweep on a Slurm")
+    assert refused([*base, "--report_only"], capsys).startswith("error: --report_only: no finished cell")  # reads only
     monkeypatch.setenv("PATH", f"{slurm / 'bin'}:/usr/bin:/bin")
     from attndreambooth.trainer.run_folder import hold_folder
     running = hold_folder(out, "--out", "a running sweep")  # a local sweep on the same --out

@@ -29,8 +29,8 @@ def add_arguments(parser):
     group.add_argument("--time", help=f"a cell's time limit: minutes or [D-]HH:MM[:SS] (default {DEFAULT_TIME})")
     group.add_argument("--setup", action="append", help="a shell line the job runs first, e.g. 'module load cuda' "
                        "(repeatable)")
-    group.add_argument("--sbatch", action="append", help="another sbatch option as KEY=VALUE, e.g. mail-type=END "
-                       "(repeatable)")
+    group.add_argument("--sbatch", action="append", help="another sbatch option as KEY=VALUE, e.g. mail-type=END, "
+                       "or a flag's KEY, e.g. exclusive (repeatable)")
     group.add_argument("--detach", action="store_true", help="slurm: submit and return; rerun the same command "
                        "to wait for the jobs and report")
     group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
@@ -78,15 +78,16 @@ def checked(key, value, where):
         if not isinstance(lines, list) or not all(isinstance(x, str) and x.strip() for x in lines):
             refuse("give shell lines (a list of strings)")
         return lines
-    items = value.items() if isinstance(value, dict) else None  # sbatch
-    if items is None and isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
-        items = [x.split("=", 1) for x in value]
+    items = value.items() if isinstance(value, dict) else None  # sbatch: KEY=VALUE, or KEY alone for a flag
+    if items is None and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
+        items = [x.split("=", 1) if "=" in x else (x, True) for x in value]
     if items is None:
-        refuse("give sbatch options as KEY=VALUE (a mapping in the YAML)")
+        refuse("give sbatch options as KEY=VALUE or a flag's KEY (a mapping in the YAML)")
     extra = {}
     for flag, setting in items:
         name = str(flag).lstrip("-").replace("-", "_")
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or isinstance(setting, (dict, list)):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or isinstance(setting, (dict, list)) or setting is False \
+                or setting is None:
             raise SystemExit(f"error: {where}: {flag}={setting!r}: give an sbatch option's long name and a value")
         if name in OWN_FLAGS:
             raise SystemExit(f"error: {where}: {flag}: set by the sweep itself or by its own option "
