@@ -144,6 +144,7 @@ def test_bad_cluster_input_is_one_line_before_anything_is_submitted(tmp_path, sl
     (tmp_path / "list.yaml").write_text("- partition\n")
     (tmp_path / "broken.yaml").write_text("partition: [gpu\n")
     (tmp_path / "zero.yaml").write_text("gpus_per_task: 0\n")
+    (tmp_path / "part.yaml").write_text("partition: gpu\ntime: 30\n")
     for argv, message in (
             ([*grid(out), "--launcher", "pbs"], "argument --launcher: invalid choice: 'pbs'"),
             ([*base, "--partition", ""], "error: --partition: '': give a partition's name (one word)"),
@@ -164,6 +165,12 @@ def test_bad_cluster_input_is_one_line_before_anything_is_submitted(tmp_path, sl
             ([*base, "--cluster_config", str(tmp_path / "zero.yaml")], "zero.yaml: gpus_per_task: 0: give a whole"),
             ([*base, "--cluster_config", str(tmp_path / "none.yaml")], "none.yaml: cannot be read"),
             ([*grid(out), "--partition", "gpu"], "error: --partition is an option of --launcher slurm"),
+            ([*grid(out), "--cluster_config", str(tmp_path / "part.yaml")], "error: --cluster_config is an option of "
+                                                                            "--launcher slurm"),
+            ([*grid(out), "--launcher", "submitit-local", "--cluster_config", str(tmp_path / "cluster.yaml")],
+             "cluster.yaml: unknown option 'gpus'"),
+            ([*grid(out), "--launcher", "submitit-local", "--cluster_config", str(tmp_path / "part.yaml")],
+             f"error: --cluster_config {tmp_path / 'part.yaml'}: partition: a Slurm option; --launcher submitit-local"),
             ([*base, "--jobs", "2"], "error: --jobs is an option of --launcher local"),
             ([*grid(out), "--launcher", "submitit-local", "--detach"], "error: --detach: a Slurm option")):
         said = refused(argv, capsys)

@@ -116,16 +116,18 @@ def cluster_options(args):
     """The options for args.launcher, the command line over --cluster_config, each checked; an option that the
     launcher would ignore is refused (a local sweep given --partition would say nothing and run here)."""
     options = read_config(args.cluster_config) if args.cluster_config else {}
+    named = {k: f"--cluster_config {args.cluster_config}: {k}" for k in options}  # where each came from
     for key in OPTIONS:
         if getattr(args, key) is not None:
-            options[key] = checked(key, getattr(args, key), f"--{key}")
-    given = [k for k in options] + [k for k in ("detach",) if args.detach]
-    if args.launcher == "local" and given:
-        raise SystemExit(f"error: --{given[0]} is an option of --launcher slurm (or submitit-local); the local "
-                         "launcher runs the cells on this machine")
-    if args.launcher == "submitit-local" and (slurm_only := [k for k in given if k not in LOCAL_OPTIONS]):
-        raise SystemExit(f"error: --{slurm_only[0]}: a Slurm option; --launcher submitit-local runs the jobs on "
-                         "this machine, as children of this process (options: --time, --setup)")
+            options[key], named[key] = checked(key, getattr(args, key), f"--{key}"), f"--{key}"
+    if args.detach:
+        named["detach"] = "--detach"
+    if args.launcher == "local" and (args.cluster_config or named):
+        raise SystemExit(f"error: {'--cluster_config' if args.cluster_config else next(iter(named.values()))} is "
+                         "an option of --launcher slurm (or submitit-local); the local launcher runs the cells here")
+    if args.launcher == "submitit-local" and (slurm_only := [w for k, w in named.items() if k not in LOCAL_OPTIONS]):
+        raise SystemExit(f"error: {slurm_only[0]}: a Slurm option; --launcher submitit-local runs the jobs on this "
+                         "machine, as children of this process (its options: time, setup)")
     if args.launcher != "local":
         for key, value in (("jobs", args.jobs), ("gpus", args.gpus)):
             if value is not None:

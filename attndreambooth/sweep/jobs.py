@@ -124,6 +124,19 @@ def submit(args, out, cells, options):
     return dict(zip(cells, jobs))
 
 
+def why(job):
+    """A failed job's own last word: the cell's error when its Python raised, else what the scheduler did."""
+    if job.paths.result_pickle.exists():
+        try:
+            error = job.exception()
+        except Exception as e:  # an unreadable result is a reason too
+            error = e
+        if error is not None:
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            return lines[-1].strip() if lines else type(error).__name__
+    return "killed by the scheduler or the node (no result)"
+
+
 def wait(out, jobs, launcher):
     """Until every job has ended: each cell reported as it finishes, or as failed (its job ended without its
     metrics); returns the failed cells."""
@@ -137,9 +150,8 @@ def wait(out, jobs, launcher):
                     if metrics_file(out, cell).is_file():
                         continue  # written as the job ended: reported on the next look
                     failed.append(cell)
-                    print(f"[{cell_name(cell)}] job {job.job_id} ended ({job.state}) without the "
-                          f"cell's metrics; see {cell_path(out, cell) / 'sweep.log'} and "
-                          f"{job.paths.stderr}", flush=True)
+                    print(f"[{cell_name(cell)}] job {job.job_id} ended ({job.state}) without the cell's metrics: "
+                          f"{why(job)}; see {cell_path(out, cell) / 'sweep.log'} and {job.paths.stderr}", flush=True)
                 else:
                     continue
                 del pending[cell]
