@@ -1,4 +1,5 @@
 """The shapes world: deterministic scenes, and metrics checked against renders whose answer is known."""
+import json
 import random
 
 import numpy as np
@@ -342,3 +343,21 @@ def test_shape_words_attention_iou_on_constructed_maps():
     assert attention_iou(maps[first].numpy(), main["blob"].mask) > 0.7  # a 16x16 map of a 64 px mask: ~0.77 at best
     assert attention_iou(maps[last].numpy(), second["blob"].mask) > 0.5  # a small object, 4 px a cell
     assert attention_iou(maps[first].numpy(), second["blob"].mask) == 0.0  # the main word is not on the second
+
+
+def test_the_second_worlds_published_numbers_are_its_report():
+    """The README's and docs/shapes_world.md's figures for the second world's model are its report's."""
+    from conftest import ROOT
+    report = json.loads((ROOT / "docs" / "shapes_v2" / "report.json").read_text())
+    acc, iou = report["eval"]["accuracy"], report["eval"]["attention_iou"]
+    pct = lambda key: f"{100 * acc[key]:g} %"  # noqa: E731
+    row = (f"| measured | {' | '.join(pct(k) for k in ('background', 'shape', 'colour', 'pattern', 'position', 'second'))}"
+           f" | {iou['main']:.2f} (ceiling {iou['ceiling']:.2f}) |")
+    assert row in (ROOT / "README.md").read_text()
+    docs = (ROOT / "docs" / "shapes_world.md").read_text()
+    for line, key in (("| background | 63.5 % |", "background"), ("| shape | 23 % |", "shape"),
+                      ("| position | 26 % |", "position"), ("| second object | 67 % |", "second")):
+        assert f"{line} {pct(key)} |" in docs
+    trip = report["vae_round_trip"]["identity"]
+    assert " / ".join(f"{trip[c]:.2f}" for c in ("checker_star", "split_circle", "dot_heart", "stripe_square")) in docs
+    assert f"{report['train_seconds']:,} s" in docs

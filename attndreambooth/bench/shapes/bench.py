@@ -98,7 +98,7 @@ def paired_differences(cells, against="attndreambooth"):
             pairs.setdefault(m, []).extend((a, o) for (c2, s2), a in mine.items() if c2 == c and s in (None, s2))
     return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
                                   if all(k in a and k in o for a, o in ps)})
-            for m, ps in pairs.items()}
+            for m, ps in pairs.items() if ps}  # a grid without AttnDreamBooth has no pairs, and no such table
 
 
 def per_concept(cells):
