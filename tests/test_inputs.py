@@ -136,7 +136,8 @@ def test_no_test_switch_is_read_from_the_environment():
     """Faults are injected by tests through hooks; production code reads only these variables."""
     import re
     allowed = {"WORLD_SIZE", "RANK", "ATTNDB_CACHE",
-               "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}  # these two are set, not read: torch's compile caches
+               "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",  # these two are set, not read: torch's compile caches
+               "CUDA_VISIBLE_DEVICES"}  # the user's choice of GPUs, which a sweep's cells keep (sweep/local.py)
     files = [*ROOT.glob("*.py"), *(ROOT / "attndreambooth").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
     names = {m for f in files for m in re.findall(r"environ(?:\.get)?\(?\[?[\"']([A-Z_]+)", f.read_text())}
     assert names and names <= allowed, names - allowed

@@ -9,7 +9,7 @@ from conftest import ROOT
 # bottom to top; a module may import its own layer and the ones below (attention_reg.py is a library file
 # of its own, below everything; the command-line faces, infer.py and train_attndreambooth.py, are on top)
 LAYERS = ("attention_reg", "attndreambooth.config", "attndreambooth.families", "attndreambooth.inference",
-          "attndreambooth.trainer", "attndreambooth.bench", "infer", "train_attndreambooth")
+          "attndreambooth.trainer", "attndreambooth.bench", "attndreambooth.sweep", "infer", "train_attndreambooth")
 
 
 def modules():
