@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from attndreambooth.bench.shapes import read as R
-from attndreambooth.bench.shapes.bench import (T975, bench_prompts, mean_ci, paired_differences, per_concept, summarise, table)
+from attndreambooth.bench.shapes.bench import bench_prompts, paired_differences, per_concept, summarise, table
+from attndreambooth.bench.shapes.stats import T975, holm, mean_ci, sign_flip_p
 from attndreambooth.bench.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
 from attndreambooth.bench.shapes.score import parse_caption
 
@@ -49,6 +50,20 @@ def test_bench_prompts_are_held_out_single_then_combined_attributes():
         assert named[:6] == [1] * 6, prompts[:6]  # background, background, position, position, size, second
         assert all(n >= 3 for n in named[6:])
         assert sum(s.second is not None for s in scenes[6:]) >= 2
+
+
+def test_sign_flip_p_and_holm_by_hand():
+    """Three positive pairs: of the 8 sign patterns only all-plus and all-minus reach the observed mean,
+    p = 2/8; a mixed set counts its ties. Holm at 5 % over four p-values: 0.005 x 4 and 0.01 x 3 pass,
+    0.03 x 2 = 0.06 fails and stops 0.04 too."""
+    assert sign_flip_p([1, 2, 3]) == 0.25
+    assert sign_flip_p([1, -1, 2]) == 6 / 8  # all but the two patterns that cancel to 0 (+--, -++)
+    want = sum(abs(a * 1 + b * -1 + c * 2) / 3 >= 2 / 3 - 1e-12 for a in (1, -1) for b in (1, -1) for c in (1, -1)) / 8
+    assert sign_flip_p([1, -1, 2]) == want
+    assert sign_flip_p([0, 0]) == 1.0 and sign_flip_p([]) == 1.0
+    assert sign_flip_p([0.1] * 12) == 2 / 4096  # the smallest p 12 pairs can give
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}) == {"d": True, "a": True, "c": False, "b": False}
+    assert holm({"a": 0.2}) == {"a": False} and holm({"a": 0.05}) == {"a": True}
 
 
 def test_mean_ci_by_hand():
@@ -152,7 +167,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert metrics["prompts"][0]["identity"] == pytest.approx(identity(image, "split_circle"))
     assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
     table = (tmp_path / "s" / "comparison.md").read_text()
-    main, _, paired, _, concepts = table.strip().split("\n\n")
+    main, _, paired, note, _, concepts = table.strip().split("\n\n")
+    assert note.startswith("Multiple comparisons: this table holds 6 intervals; 0 exclude 0") and "keep 0." in note
     assert main.count("\n") == 4 and "± " in main  # header, rule, reference and the two methods
     diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
     ours, ti = (metrics["overall"]["identity"],
@@ -207,3 +223,23 @@ def test_readme_and_docs_tables_are_the_committed_report():
         assert len(copies) >= 2, page  # the main table and the paired differences at least
         for header, body in copies:
             assert body == report[header], f"{page}: the table under {header[:40]!r} differs from the report"
+
+
+def test_the_published_multiple_comparison_figures_are_the_committed_cells():
+    """The README's and docs' account of the first world's multiple comparisons is what stats.py computes
+    from docs/shapes_results/comparison.json's cells."""
+    import json
+
+    from attndreambooth.bench.shapes.bench import METRICS, pairs_of
+    from attndreambooth.bench.shapes.stats import paired_tests
+    from conftest import ROOT
+    report = json.loads((ROOT / "docs" / "shapes_results" / "comparison.json").read_text())
+    cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
+    tests = paired_tests(pairs_of(cells), METRICS)
+    kept = sorted(key for key, t in tests.items() if t["holm"])
+    assert kept == [("base model, category word", "identity"), ("no_stage2", "attention_iou")]
+    said = (f"The paired table holds {len(tests)} intervals. {sum(t['excludes_0'] for t in tests.values())} of them "
+            f"exclude 0, where about {0.05 * len(tests):.1f} would by chance alone at 95 %.")
+    for page in ("README.md", "docs/shapes_comparison.md"):
+        assert said in (ROOT / page).read_text().replace("\n  ", " ").replace("\n", " "), page
+    assert round(tests[("no_reg", "attention_share")]["p"], 3) == 0.006

@@ -3,7 +3,6 @@ concept, the statistics (mean and 95 % confidence interval over concepts x seeds
 table, the identity-vs-text scatter with its intervals, and a grid of samples with [V]'s attention.
 scripts/sweep.py --world shapes runs it."""
 import json
-import math
 import random
 import statistics
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from attndreambooth.bench.shapes.scene import CONCEPTS, random_scene
+from attndreambooth.bench.shapes.stats import mean_ci, multiplicity_note, paired_tests
 
 METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db", "no_stage1", "no_stage2", "no_stage3",
            "no_reg", "pooled")  # configs/shapes/<name>.yaml
@@ -20,9 +20,6 @@ DATA = Path(__file__).resolve().parents[3] / "data" / "shapes"  # each concept's
 REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
 METRICS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
            "attention_iou": "[V] attention IoU"}
-# t quantile 0.975 for 1..30 degrees of freedom; 1.96 beyond
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # the prompts' first six: one attribute each (what is left out of the full caption), then full captions
 SINGLES = (("size", "position"), ("size", "position"), ("size", "background"), ("size", "background"),
            ("position", "background"), ("size", "position", "background"))
@@ -58,15 +55,6 @@ def write_prompts(out, concepts, n):
         (Path(out) / "prompts" / f"{c}.txt").write_text("\n".join(bench_prompts(c, n)) + "\n")
 
 
-def mean_ci(values):
-    """(mean, half-width of its 95 % confidence interval by Student's t; 0 for one value)."""
-    values = [float(v) for v in values]
-    if len(values) < 2:
-        return (values[0] if values else float("nan")), 0.0
-    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
-    return statistics.mean(values), t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def summarise(cells):
     """{method: {metric: (mean, ci), "n": cells}} from {(concept, method, seed): overall metrics}."""
     by_method = {}
@@ -76,12 +64,14 @@ def summarise(cells):
             for m, rows in by_method.items()}
 
 
-def table(summary, head=("method", "cells"), sign=""):
-    """Markdown: one row per method, mean ± 95 % half-width per metric (`sign`="+" for differences)."""
+def table(summary, head=("method", "cells"), sign="", marked=()):
+    """Markdown: one row per method, mean ± 95 % half-width per metric (`sign`="+" for differences); the
+    (method, metric) cells in `marked` get a star."""
     lines = [f"| {head[0]} | {head[1]} | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method, row in summary.items():
         ci = lambda k: f"{row[k][1]:.3f}" if row["n"] > 1 else "n/a"  # noqa: E731  (one cell: no interval)
-        cells = [f"{row[k][0]:{sign}.3f} ± {ci(k)}" if k in row else "n/a" for k in METRICS]
+        star = lambda k: " *" if (method, k) in marked else ""  # noqa: E731
+        cells = [f"{row[k][0]:{sign}.3f} ± {ci(k)}{star(k)}" if k in row else "n/a" for k in METRICS]
         lines.append(f"| {method} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -91,14 +81,20 @@ def paired_differences(cells, against="attndreambooth"):
     cells both have (the reference, trained on nothing, pairs by concept with every seed). The concept's
     difficulty, most of the spread between cells, cancels within a pair, so these intervals are the ones
     that say whether two methods differ."""
+    return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
+                                  if all(k in a and k in o for a, o in ps)})
+            for m, ps in pairs_of(cells, against).items()}
+
+
+def pairs_of(cells, against="attndreambooth"):
+    """{method: [(against's overall metrics, the method's)]} over the (concept, seed) cells both have; a grid
+    without `against` has none (and the report no paired table)."""
     mine = {(c, s): o for (c, m, s), o in cells.items() if m == against}
     pairs = {}
     for (c, m, s), o in cells.items():
         if m != against:
             pairs.setdefault(m, []).extend((a, o) for (c2, s2), a in mine.items() if c2 == c and s in (None, s2))
-    return {m: dict(n=len(ps), **{k: mean_ci([a[k] - o[k] for a, o in ps]) for k in METRICS
-                                  if all(k in a and k in o for a, o in ps)})
-            for m, ps in pairs.items() if ps}  # a grid without AttnDreamBooth has no pairs, and no such table
+    return {m: ps for m, ps in pairs.items() if ps}
 
 
 def per_concept(cells):
@@ -180,8 +176,11 @@ def write_report(cells, out, samples):
     text = table(summary)
     parts = [text]
     if paired:
+        tests = paired_tests(pairs_of(cells), METRICS)
+        survivors = {key for key, t in tests.items() if t["holm"]}
         parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
-                  "differences; > 0: AttnDreamBooth higher):", table(paired, ("attndreambooth minus", "pairs"), "+")]
+                  "differences; > 0: AttnDreamBooth higher; * survives a Holm correction):",
+                  table(paired, ("attndreambooth minus", "pairs"), "+", survivors), multiplicity_note(tests)]
     parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
     (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
 
