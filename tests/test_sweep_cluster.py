@@ -55,6 +55,9 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
     for m in METHODS:
         metrics = json.loads((cell(out, m) / "eval" / "metrics.json").read_text())
         assert results[("toy", m, None)] == metrics and (cell(out, m) / "run" / "finished.json").is_file()
+        timings = json.loads((cell(out, m) / "timings.json").read_text())  # the cell's cost, by part
+        assert set(timings) == {"train_attndreambooth", "infer", "evaluate", "processes"}
+        assert all(timings[k] > 0 for k in ("train_attndreambooth", "infer", "evaluate"))
     record = json.loads((out / "jobs.json").read_text())
     assert {v["launcher"] for v in record.values()} == {"submitit-local"} and len(record) == 2
     logs = {p.name for p in (out / "jobs").iterdir() if p.name != "%j"}

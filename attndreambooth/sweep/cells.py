@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from attndreambooth.bench import dreambench
@@ -111,9 +112,11 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
         return json.loads(metrics.read_text())
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
     cell.mkdir(parents=True, exist_ok=True)
+    seconds = {}  # what the cell costs, by part (this attempt's; a resumed training counts what it redid)
     with open(cell / "sweep.log", "a") as log:
         for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
             print(f"[{name}] {Path(script).name}", flush=True)
+            start = time.perf_counter()
             try:
                 if slot is None:
                     call_in_process(script, argv, log)
@@ -122,6 +125,9 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
                     raise RuntimeError("exit status != 0")
             except Exception as e:
                 raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
+            seconds[Path(script).stem] = round(time.perf_counter() - start, 2)
+    (cell / "timings.json").write_text(json.dumps(dict(seconds, processes="this one" if slot is None else
+                                                       "one per script"), indent=1) + "\n")
     return json.loads(metrics.read_text())
 
 

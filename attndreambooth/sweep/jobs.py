@@ -144,16 +144,14 @@ def wait(out, jobs, launcher):
     try:
         while pending:
             for cell, job in list(pending.items()):
+                if not job.done():  # its metrics may be written while it still finishes the cell
+                    continue
                 if metrics_file(out, cell).is_file():
                     print(f"[{cell_name(cell)}] finished (job {job.job_id})", flush=True)
-                elif job.done():
-                    if metrics_file(out, cell).is_file():
-                        continue  # written as the job ended: reported on the next look
+                else:
                     failed.append(cell)
                     print(f"[{cell_name(cell)}] job {job.job_id} ended ({job.state}) without the cell's metrics: "
                           f"{why(job)}; see {cell_path(out, cell) / 'sweep.log'} and {job.paths.stderr}", flush=True)
-                else:
-                    continue
                 del pending[cell]
             if pending:
                 time.sleep(POLL_S)
