@@ -34,7 +34,7 @@ from pathlib import Path
 
 from attndreambooth.bench import dreambench
 from attndreambooth.sweep import cluster, jobs
-from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, method_config, metrics_file
+from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
 from attndreambooth.sweep.local import run_local, slots
 from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
 
@@ -140,7 +140,7 @@ def main(argv=None):
 
 def dry_run(args, out, cells, options):
     """--dry-run: each cell and whether it would run, and where: nothing submitted, trained or written."""
-    done = [c for c in cells if metrics_file(out, c).is_file()]
+    done = finished(out, cells)
     for c in cells:
         print(f"{'finished' if c in done else 'to run  '}  {cell_name(c)}  ({cell_path(out, c)})")
     todo = len(cells) - len(done)
@@ -161,7 +161,7 @@ def sweep(args, out, concepts, cells, protocol, options):
     """Run the cells (here, or as cluster jobs), or with --report_only read back those finished; then write
     the report of every finished cell."""
     if args.report_only:
-        done = [c for c in cells if metrics_file(out, c).is_file()]
+        done = finished(out, cells)
         if not done:
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
@@ -189,8 +189,7 @@ def sweep(args, out, concepts, cells, protocol, options):
 def report(args, out, cells):
     """The report of these (finished) cells from their metrics: sweep.md/.json and the scatter, or the world's
     comparison; returns {(concept, method, seed): metrics}."""
-    results = {(c, m, seed): json.loads(metrics_file(out, (c, f, cat, m, seed)).read_text())
-               for c, f, cat, m, seed in cells}
+    results = {(c[0], c[3], c[4]): json.loads(metrics_file(out, c).read_text()) for c in cells}
     if args.world:
         text = gather_world(results, out, cells)
     else:

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,16 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
     the same command again finds both finished and submits nothing."""
     monkeypatch.setattr(jobs, "POLL_S", 0.2)
     out = tmp_path / "s"
+    start = time.perf_counter()
     results = sweep.main([*grid(out), "--launcher", "submitit-local"])
+    wall = time.perf_counter() - start
     for m in METHODS:
         metrics = json.loads((cell(out, m) / "eval" / "metrics.json").read_text())
         assert results[("toy", m, None)] == metrics and (cell(out, m) / "run" / "finished.json").is_file()
         timings = json.loads((cell(out, m) / "timings.json").read_text())  # the cell's cost, by part
         assert set(timings) == {"train_attndreambooth", "infer", "evaluate", "processes"}
-        assert all(timings[k] > 0 for k in ("train_attndreambooth", "infer", "evaluate"))
+        parts = [timings[k] for k in ("train_attndreambooth", "infer", "evaluate")]
+        assert all(t > 0 for t in parts) and sum(parts) < wall  # the parts of a cell that ran within the sweep
     record = json.loads((out / "jobs.json").read_text())
     assert {v["launcher"] for v in record.values()} == {"submitit-local"} and len(record) == 2
     logs = {p.name for p in (out / "jobs").iterdir() if p.name != "%j"}
@@ -74,12 +78,12 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
 def test_slurm_submits_one_array_resubmits_only_what_failed_and_waits(tmp_path, slurm, monkeypatch, capsys):
     out = tmp_path / "s"
     options = ["--launcher", "slurm", "--partition", "gpu", "--gpus_per_task", "2", "--time", "1:30:00",
-               "--array_parallelism", "1", "--sbatch", "mail-type=END", "--sbatch", "exclusive",
+               "--array_parallelism", "1", "--sbatch", "mail-type=END", "--sbatch", "exclusive", "--sbatch", "nice=0",
                "--setup", "module load cuda"]
     sweep.main([*grid(out), *options, "--detach"])
     script = (slurm / "sbatch_100.sh").read_text()
     for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --time=90", "#SBATCH --mail-type=END", "#SBATCH --exclusive", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --time=90", "#SBATCH --mail-type=END", "#SBATCH --exclusive", "#SBATCH --nice=0", "#SBATCH --ntasks-per-node=1",
                  "module load cuda"):
         assert line in script.splitlines(), (line, script)
     record = json.loads((out / "jobs.json").read_text())

@@ -45,6 +45,11 @@ def metrics_file(out, cell):
     return cell_path(out, cell) / "eval" / "metrics.json"
 
 
+def finished(out, cells):
+    """The cells of `cells` whose metrics exist."""
+    return [c for c in cells if metrics_file(out, c).is_file()]
+
+
 def scaled_steps(method, scale):
     """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
     from attndreambooth.config.loading import load_config
@@ -104,9 +109,8 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
     """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or with slot None in
     this process); returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted
     training resumes from its checkpoint."""
-    cell = cell_dir(args.out, concept, method, seed)
-    metrics = cell / "eval" / "metrics.json"
-    name = cell_name((concept, folder, category, method, seed))
+    this = (concept, folder, category, method, seed)
+    cell, metrics, name = cell_path(args.out, this), metrics_file(args.out, this), cell_name(this)
     if metrics.is_file():
         print(f"[{name}] done before: skipped", flush=True)
         return json.loads(metrics.read_text())

@@ -25,7 +25,8 @@ def add_arguments(parser):
     for key in NAMES:
         group.add_argument(f"--{key}", help=f"Slurm: {NAMES[key]}")
     for key in COUNTS:
-        group.add_argument(f"--{key}", help=f"Slurm: {COUNTS[key]}" + (" (default 1)" if key == "gpus_per_task" else ""))
+        default = " (default 1)" if key == "gpus_per_task" else ""
+        group.add_argument(f"--{key}", help=f"Slurm: {COUNTS[key]}{default}")
     group.add_argument("--time", help=f"a cell's time limit: minutes or [D-]HH:MM[:SS] (default {DEFAULT_TIME})")
     group.add_argument("--setup", action="append", help="a shell line the job runs first, e.g. 'module load cuda' "
                        "(repeatable)")
@@ -78,7 +79,12 @@ def checked(key, value, where):
         if not isinstance(lines, list) or not all(isinstance(x, str) and x.strip() for x in lines):
             refuse("give shell lines (a list of strings)")
         return lines
-    items = value.items() if isinstance(value, dict) else None  # sbatch: KEY=VALUE, or KEY alone for a flag
+    return sbatch_options(value, where, refuse)
+
+
+def sbatch_options(value, where, refuse):
+    """--sbatch KEY=VALUE / FLAG items (a mapping in the YAML) as submitit's additional parameters."""
+    items = value.items() if isinstance(value, dict) else None
     if items is None and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
         items = [x.split("=", 1) if "=" in x else (x, True) for x in value]
     if items is None:
@@ -86,12 +92,13 @@ def checked(key, value, where):
     extra = {}
     for flag, setting in items:
         name = str(flag).lstrip("-").replace("-", "_")
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or isinstance(setting, (dict, list)) or setting is False \
-                or setting is None:
+        unusable = setting is False or setting is None or isinstance(setting, (dict, list))  # 0 is a value
+        if unusable or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise SystemExit(f"error: {where}: {flag}={setting!r}: give an sbatch option's long name and a value")
         if name in OWN_FLAGS:
-            raise SystemExit(f"error: {where}: {flag}: set by the sweep itself or by its own option "
-                             f"(--{name if name in OPTIONS else 'gpus_per_task, --time, ...'}); remove it here")
+            own = name if name in OPTIONS else "gpus_per_task, --time, ..."
+            raise SystemExit(f"error: {where}: {flag}: set by the sweep itself or by its own option (--{own}); "
+                             "remove it here")
         extra[name] = setting
     return extra
 
@@ -108,7 +115,8 @@ def read_config(path):
     if not isinstance(data, dict):
         raise SystemExit(f"error: --cluster_config {path}: give a mapping of options, e.g. partition: gpu")
     if unknown := [k for k in data if k not in OPTIONS]:
-        raise SystemExit(f"error: --cluster_config {path}: unknown option {unknown[0]!r} (options: {', '.join(OPTIONS)})")
+        raise SystemExit(f"error: --cluster_config {path}: unknown option {unknown[0]!r} "
+                         f"(options: {', '.join(OPTIONS)})")
     return {k: checked(k, v, f"--cluster_config {path}: {k}") for k, v in data.items()}
 
 

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from attndreambooth.sweep.cells import CellJob, cell_dir, cell_name, cell_path, metrics_file
+from attndreambooth.sweep.cells import CellJob, cell_name, cell_path, finished, metrics_file
 from attndreambooth.sweep.cluster import executor_parameters
 from attndreambooth.sweep.local import job_slots
 
@@ -24,7 +24,8 @@ def require_submitit(launcher):
     try:
         importlib.import_module("submitit")
     except ImportError:
-        raise SystemExit(f"error: --launcher {launcher} needs submitit, an optional extra: pip install submitit") from None
+        raise SystemExit(f"error: --launcher {launcher} needs submitit, an optional extra: "
+                         "pip install submitit") from None
 
 
 def require_slurm():
@@ -35,8 +36,13 @@ def require_slurm():
 
 
 def cell_key(cell):
-    concept, _, _, method, seed = cell
-    return str(cell_dir("", concept, method, seed))
+    return cell_path("", cell).as_posix()
+
+
+def last_line(text, fallback):
+    """A message's last non-empty line: what sbatch or a failed cell said last."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else fallback
 
 
 def read_record(out):
@@ -70,30 +76,31 @@ def slurm_states(out, job_ids):
     return {i: (j.watcher.get_state(i, mode="cache").split() or ["UNKNOWN"])[0] for i, j in jobs.items()}
 
 
+def slurm_submitted(out, cells):
+    """{cell: its recorded Slurm job id} for the unfinished cells that jobs.json says were submitted to Slurm."""
+    record, done = read_record(out), finished(out, cells)
+    return {c: record[cell_key(c)]["job_id"] for c in cells
+            if c not in done and record.get(cell_key(c), {}).get("launcher") == "slurm"}
+
+
 def sort_cells(out, cells, launcher):
     """(finished, {cell: its job still queued or running}, cells to submit). Only Slurm's jobs outlive the
     process that submitted them; submitit-local's ended with it."""
-    record, finished, unfinished = read_record(out), [], []
-    for cell in cells:
-        (finished if metrics_file(out, cell).is_file() else unfinished).append(cell)
-    recorded = {c: record[cell_key(c)]["job_id"] for c in unfinished
-                if launcher == "slurm" and record.get(cell_key(c), {}).get("launcher") == "slurm"}
+    done = finished(out, cells)
+    recorded = slurm_submitted(out, cells) if launcher == "slurm" else {}
     states = slurm_states(out, set(recorded.values()))
     running = {c: slurm_job(out, i) for c, i in recorded.items() if states[i] in ACTIVE}
-    return finished, running, [c for c in unfinished if c not in running]
+    return done, running, [c for c in cells if c not in done and c not in running]
 
 
 def check_no_slurm_jobs(out, cells):
-    """The local launcher on an OUT whose unfinished cells were submitted to Slurm: refused while a job may still
-    run them (two trainings in one run folder; the trainer's lock holds only where the file system's locks do)."""
-    record = read_record(out)
-    submitted = [(c, record[cell_key(c)]["job_id"]) for c in cells if not metrics_file(out, c).is_file()
-                 and record.get(cell_key(c), {}).get("launcher") == "slurm"]
-    if not submitted:
-        return
-    askable = shutil.which("sacct") and importlib.util.find_spec("submitit")
-    states = slurm_states(out, {i for _, i in submitted}) if askable else {}
-    for cell, job_id in submitted:
+    """The local launchers on an OUT whose unfinished cells were submitted to Slurm: refused while a job may
+    still run them (two trainings in one run folder; the trainer's lock holds only where the file system's
+    locks do)."""
+    submitted = slurm_submitted(out, cells)
+    askable = submitted and shutil.which("sacct") and importlib.util.find_spec("submitit")
+    states = slurm_states(out, set(submitted.values())) if askable else {}
+    for cell, job_id in submitted.items():
         state = states.get(job_id)
         if state is None or state in ACTIVE:
             raise SystemExit(f"error: {out}: cell {cell_name(cell)} was submitted to Slurm as job {job_id}"
@@ -114,8 +121,8 @@ def submit(args, out, cells, options):
             jobs = [executor.submit(CellJob(cell, args, slot, options.get("gpus_per_task", 1)))
                     for cell, slot in zip(cells, where)]
     except Exception as e:  # sbatch's own refusal (an unknown partition or account, a limit) as its one line
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        raise SystemExit(f"error: submitting {len(cells)} cell{'s' * (len(cells) != 1)} failed: {lines[-1] if lines else e}") from None
+        raise SystemExit(f"error: submitting {len(cells)} cell{'s' * (len(cells) != 1)} failed: "
+                         f"{last_line(e, type(e).__name__)}") from None
     record = read_record(out)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     record.update({cell_key(c): {"launcher": args.launcher, "job_id": j.job_id, "submitted": stamp}
@@ -132,8 +139,7 @@ def why(job):
         except Exception as e:  # an unreadable result is a reason too
             error = e
         if error is not None:
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            return lines[-1].strip() if lines else type(error).__name__
+            return last_line(error, type(error).__name__)
     return "killed by the scheduler or the node (no result)"
 
 
@@ -165,17 +171,17 @@ def wait(out, jobs, launcher):
 def run_jobs(args, out, cells, options):
     """The cluster launchers' sweep: submit what is unfinished and not running, then (unless --detach) wait
     for every job. Returns the finished cells and the failed ones, or None when detached."""
-    finished, running, to_submit = sort_cells(out, cells, args.launcher)
-    print(f"{len(finished)} of {len(cells)} cells finished before, {len(running)} still queued or running as "
+    done, running, to_submit = sort_cells(out, cells, args.launcher)
+    print(f"{len(done)} of {len(cells)} cells finished before, {len(running)} still queued or running as "
           f"Slurm jobs, {len(to_submit)} to submit", flush=True)
     jobs = submit(args, out, to_submit, options) if to_submit else {}
     if jobs:
         ids = sorted({j.job_id.split("_")[0] for j in jobs.values()})
-        print(f"submitted {len(jobs)} cell{'s' * (len(jobs) != 1)} as job {', '.join(ids)} ({args.launcher}); their logs: "
-              f"{Path(out) / 'jobs'}/<job id>/, each cell's own: <cell>/sweep.log", flush=True)
+        print(f"submitted {len(jobs)} cell{'s' * (len(jobs) != 1)} as job {', '.join(ids)} ({args.launcher}); "
+              f"their logs: {Path(out) / 'jobs'}/<job id>/, each cell's own: <cell>/sweep.log", flush=True)
     if args.detach:
         print("detached: rerun the same command (without --detach) to wait for the jobs and write the report, "
               "or with --report_only for the cells finished so far", flush=True)
         return None
     failed = wait(out, {**running, **jobs}, args.launcher)
-    return [c for c in cells if metrics_file(out, c).is_file()], failed
+    return finished(out, cells), failed

@@ -44,7 +44,7 @@ def shared_cores(at_once):
 
 
 def run_local(args, cells):
-    """Every cell, each slot taking the next; returns {(concept, method, seed): metrics}."""
+    """Every cell, each slot taking the next (the report reads their metrics back); a failed cell raises."""
     where = slots(args)
     free = queue.Queue()
     for slot in where:
@@ -58,4 +58,4 @@ def run_local(args, cells):
             free.put(slot)
 
     with concurrent.futures.ThreadPoolExecutor(len(where)) as pool:
-        return dict(zip([(c, m, seed) for c, _, _, m, seed in cells], pool.map(task, cells)))
+        list(pool.map(task, cells))  # in order: the first failure is the one raised

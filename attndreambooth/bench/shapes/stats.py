@@ -53,8 +53,9 @@ def paired_tests(pairs, metrics):
              if all(k in a and k in o for a, o in ps)}
     p = {key: sign_flip_p(d) for key, d in diffs.items()}
     survives = holm(p)
+    intervals = {key: mean_ci(d) for key, d in diffs.items()}
     return {key: dict(p=p[key], holm=survives[key],
-                      excludes_0=len(d) > 1 and abs(mean_ci(d)[0]) > mean_ci(d)[1]) for key, d in diffs.items()}
+                      excludes_0=len(d) > 1 and abs(intervals[key][0]) > intervals[key][1]) for key, d in diffs.items()}
 
 
 def multiplicity_note(tests):
