@@ -129,7 +129,7 @@ def test_objective_target_follows_prediction_type(tiny_pipe, prediction_type):
     t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
     objective = AttnDreamBoothLoss(SD, unet, [tiny_pipe.text_encoder], sched, capture=None, reduction="per_layer")
     with torch.no_grad():
-        loss, mse, reg, _, _ = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
+        loss, mse, reg, _, _, _ = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
                                          var_weight=5.0).values()
         assert reg.item() == 0 and loss.item() == mse.item()  # no capture: the regulariser is off
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -217,7 +217,7 @@ def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
     t, cond = torch.tensor([3, 900]), torch.randn(1, 77, 32, generator=g)
     with CrossAttentionCapture(unet, [5, 6]) as cap:
         objective = AttnDreamBoothLoss(SD, unet, [tiny_pipe.text_encoder], tiny_pipe.scheduler, cap, "pooled")
-        loss, mse, reg, mean_term, var_term = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
+        loss, mse, reg, mean_term, var_term, _ = objective(x0, noise, t, cond=Conditioning(cond), mean_weight=2.0,
                                                         var_weight=5.0).values()
         want = attention_reg_loss(cap.maps, 2.0, 5.0, "pooled")
     assert reg.item() == pytest.approx(want.item(), rel=1e-6) and reg.item() > 0

@@ -44,6 +44,20 @@ def validate(cfg: Config, card_pending=False):
     need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
     need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
          f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
+    pr = cfg.prior
+    if pr.enabled:
+        need(pr.num_class_images >= 1, "prior.num_class_images", f"{pr.num_class_images} must be >= 1")
+        need(math.isfinite(pr.weight) and pr.weight > 0, "prior.weight", f"{pr.weight} must be a number > 0 "
+             "(to train without the prior, set prior.enabled=false)")
+        need(pr.steps >= 1, "prior.steps", f"{pr.steps} must be >= 1")
+        need(pr.class_dir is None or not os.path.isfile(os.path.expanduser(pr.class_dir)), "prior.class_dir",
+             f"{pr.class_dir} is a file; give a folder (of class images, or for the ones generated here)")
+        need(pr.class_prompt is None or (pr.class_prompt.strip() and "{placeholder}" not in pr.class_prompt),
+             "prior.class_prompt", f"{pr.class_prompt!r} must be a prompt of the class alone, without [V]")
+        need(any(st.enabled and set(st.train) & set(UNET_PARTS) for st in cfg.stages.values()),
+             "prior.enabled", "no enabled stage trains U-Net weights, so the prior loss would never apply")
+        need(not cfg.runtime.cuda_graph, "runtime.cuda_graph", "is not built for prior preservation's second "
+             "batch; set runtime.cuda_graph=false or prior.enabled=false")
     need(cfg.runtime.mixed_precision in PRECISIONS, "runtime.mixed_precision",
          f"{cfg.runtime.mixed_precision!r} is not one of {PRECISIONS}")
     for name in cfg.runtime.report_to:

@@ -64,6 +64,19 @@ class RegConfig:
 
 
 @dataclass
+class PriorConfig:
+    """DreamBooth's prior preservation (Ruiz et al. 2023, Eq. 2 there): each batch also holds class images
+    made by the base model, denoised with the class prompt, their loss added with `weight`; in the stages
+    that train U-Net weights (an embedding-only stage has nothing it could preserve)."""
+    enabled: bool = False  # off: the paper's AttnDreamBooth and its DreamBooth baseline train without it
+    class_dir: Optional[str] = None  # class images (yours, or generated here if fewer); null = OUTPUT_DIR/class_images
+    class_prompt: Optional[str] = None  # null = the training prompt without [V] ("a photo of a dog")
+    num_class_images: int = 100  # generated up to this many with the base model (diffusers' example: 100)
+    weight: float = 1.0  # lambda of the prior loss (DreamBooth: 1)
+    steps: int = 25  # sampler steps (DPM-Solver++, CFG 7.5) when generating class images
+
+
+@dataclass
 class StageConfig:
     train: List[str] = MISSING  # parts that train: embedding | cross_attention | unet
     steps: int = MISSING  # optimizer steps
@@ -131,6 +144,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     stages: Dict[str, StageConfig] = field(default_factory=paper_stages)  # run in this order
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -26,6 +26,11 @@ class Conditioning:
         """The one prompt's conditioning broadcast over a batch."""
         return Conditioning(self.hidden.expand(batch, -1, -1), {k: v.expand(batch, -1) for k, v in self.extra.items()})
 
+    def cat(self, other):
+        """This batch's conditioning followed by `other`'s (in this one's dtype)."""
+        join = lambda a, b: torch.cat([a, b.to(a.dtype)])  # noqa: E731
+        return Conditioning(join(self.hidden, other.hidden), {k: join(v, other.extra[k]) for k, v in self.extra.items()})
+
 
 class Family(ABC):
     """The defaults are those of a UNet2DConditionModel with one CLIP text encoder (SD 1.x/2.x); a family

@@ -32,7 +32,7 @@ def fingerprint_changes(old, new):
     return "; ".join(f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for what, names in parts)
 
 
-def list_images(data_cfg, report=None):
+def list_images(data_cfg, report=None, key="data.instance_dir"):
     """The instance images, each fully decoded once to check it. Non-image files, unreadable,
     truncated or tiny images fail with the file named (or are skipped if the config says so);
     conversions, small and duplicate images are reported through `report` (default: the log)."""
@@ -62,10 +62,10 @@ def list_images(data_cfg, report=None):
         else:
             unusable.append(f"  {path} {problem}")
     if unusable:
-        raise ValueError(f"data.instance_dir: {len(unusable)} file(s) cannot be used:\n" + "\n".join(unusable)
+        raise ValueError(f"{key}: {len(unusable)} file(s) cannot be used:\n" + "\n".join(unusable)
                          + "\nremove them, or set data.skip_invalid_files=true to skip such files")
     if not images:
-        raise ValueError(f"data.instance_dir: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{key}: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -211,9 +211,12 @@ class LatentSampler:
         self.geometry = None if geometry is None else geometry.to(mean.device)  # moved once, not per step
         self.num_images, self.views = num_images, mean.shape[0] // num_images
         self.order, self.staged = [], None
+        self.prior = None  # prior preservation's class-image sampler (trainer/prior.py), drawing with these generators
 
     def state_dict(self):
         state = {"generator": self.gen.get_state(), "order": list(self.order)}
+        if self.prior is not None:
+            state["prior_order"] = list(self.prior.order)
         if self.device_gen is not self.gen:
             state["device_generator"] = self.device_gen.get_state()
         return state
@@ -223,6 +226,8 @@ class LatentSampler:
         if self.device_gen is not self.gen and "device_generator" in state:  # else RunState seeded it
             self.device_gen.set_state(state["device_generator"])
         self.order = list(state["order"])
+        if self.prior is not None:
+            self.prior.order = list(state.get("prior_order") or [])
 
     def _next_image(self):
         if not self.order:

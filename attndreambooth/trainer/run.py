@@ -50,6 +50,7 @@ def prepare(cfg, plan, accelerator, paths):
     from attndreambooth.trainer.data import LatentSampler, encode_view_pool
     from attndreambooth.trainer.lora import add_adapters
     from attndreambooth.trainer.parts import latent_side, regularised_layers
+    from attndreambooth.trainer.prior import attach_prior
     from attndreambooth.trainer.training import Models
 
     pipe, family = load_pipeline(cfg.model)
@@ -94,6 +95,9 @@ def prepare(cfg, plan, accelerator, paths):
     gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else None  # a CPU: one generator
     sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen)
+    prior_cond = None
+    if cfg.prior.enabled:  # the class images, made by the model as loaded (before any stage trains it)
+        prior_cond = attach_prior(cfg, pipe, family, text_encoders, tokenizers, sampler, accelerator)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
         layers = regularised_layers(family, unet, cfg.reg.map_sizes, latent_side(vae.config, cfg.data.resolution))
@@ -101,7 +105,7 @@ def prepare(cfg, plan, accelerator, paths):
         log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
                  len(family.cross_attention_layers(unet)))
     models = Models(family, unet, text_encoders, DDPMScheduler.from_config(pipe.scheduler.config), capture,
-                    [ids.to(device) for ids in input_ids])
+                    [ids.to(device) for ids in input_ids], prior_cond=prior_cond)
     return pipe, models, sampler
 
 

@@ -49,7 +49,7 @@ class RunState:
         weights = trained_weights(self.plan[self.stage].holds, self.models)
         tensors = {f"weights.{n}": p for n, p in weights.items()}
         meta = dict(stage=self.stage, step=self.step, done=self.done, global_step=self.global_step, optimizer=None,
-                    orders=[s["order"] for s in sampler_states])
+                    orders=[s["order"] for s in sampler_states], prior_orders=[s.get("prior_order") for s in sampler_states])
         if self.optimizer is not None and not self.done:
             optim_tensors, meta["optimizer"] = flatten_optimizer(self.optimizer.state_dict())
             tensors.update(optim_tensors)
@@ -61,7 +61,8 @@ class RunState:
 
     def load_state_dict(self, tensors, meta, rank=0):
         restore_weights({k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}, self.models)
-        sampler = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank]}
+        sampler = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank],
+                   "prior_order": (meta.get("prior_orders") or [None] * (rank + 1))[rank]}
         if f"sampler_device.{rank}" in tensors:
             sampler["device_generator"] = tensors[f"sampler_device.{rank}"]
         elif self.sampler.device_gen is not self.sampler.gen:  # written on a CPU, or before draws moved to the GPU

@@ -16,11 +16,11 @@ import torch
 
 from attndreambooth.trainer.data import draw_noise
 
-TERMS = ("loss", "mse", "reg", "reg_mean", "reg_var")
+TERMS = ("loss", "mse", "reg", "reg_mean", "reg_var", "prior")  # prior: the class images' MSE (or 0)
 
 
 class StepFunction:
-    """The step of a stage: `__call__(point)` trains one step and returns its TERMS as a (5,) float tensor on
+    """The step of a stage: `__call__(point)` trains one step and returns its TERMS as a (6,) float tensor on
     the device (`point` names the step for the test hooks)."""
 
     def __init__(self, objective, optimizer, params, sampler, models, accelerator, cfg, per_process, weights,
@@ -42,12 +42,26 @@ class StepFunction:
         noise, timesteps = draw_noise(self.sampler, latents, self.T)
         return latents.to(self.accelerator.device), noise, timesteps, geometry
 
+    def prior_batch(self):
+        """Prior preservation's batch (trainer/prior.py): as many class latents, their noise, timesteps, geometry
+        and the class prompt's conditioning; None in a stage without it."""
+        if not self.weights.get("prior_weight"):
+            return None
+        prior = self.sampler.prior
+        if self.models.family.needs_view_geometry:
+            latents, geometry = prior.sample(self.per_process, with_geometry=True)
+        else:
+            latents, geometry = prior.sample(self.per_process), None
+        noise, timesteps = draw_noise(prior, latents, self.T)
+        return latents.to(self.accelerator.device), noise, timesteps, geometry, self.models.prior_cond
+
     def __call__(self, point=None):
         latents, noise, timesteps, geometry = self.batch()
+        prior = self.prior_batch()
         with self.autocast():
             terms = self.objective(latents, noise, timesteps, input_ids=self.models.input_ids,
                                    cond=None if self.run_text else self.models.cond, view_geometry=geometry,
-                                   **self.weights)
+                                   prior=prior, **self.weights)
         if point is not None:
             terms["loss"] = self.hooks.loss(point, terms["loss"])
         self.accelerator.backward(terms["loss"])

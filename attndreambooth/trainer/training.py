@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from attention_reg import attention_reg_loss
 from attndreambooth.config.plan import DTYPES
 from attndreambooth.trainer.parts import trainable_parameters
+from attndreambooth.trainer.prior import uses_prior
 from attndreambooth.trainer.step import TERMS, GraphedStep, StepFunction, capturable_optimizer
 
 log = logging.getLogger(__name__)
@@ -33,26 +34,39 @@ class AttnDreamBoothLoss(nn.Module):
         return self.family.encode(list(self.text_encoders), input_ids)
 
     def forward(self, latents, noise, timesteps, input_ids=None, cond=None, mean_weight=0.0, var_weight=0.0,
-                view_geometry=None):
-        """Returns {term: value} for TERMS: loss = mse + reg, reg = Eq. 2 with the given weights. `cond` is the
-        cached conditioning (see `encode`), else the text encoder(s) run once on `input_ids` and it is
-        broadcast over the batch; a family whose denoiser takes each view's size and crop (SDXL) gets
-        `view_geometry` (B, 6)."""
+                view_geometry=None, prior=None, prior_weight=0.0):
+        """Returns {term: value} for TERMS: loss = mse + reg (+ prior_weight * prior), reg = Eq. 2 with the given
+        weights. `cond` is the cached conditioning (see `encode`), else the text encoder(s) run once on
+        `input_ids` and it is broadcast over the batch; a family whose denoiser takes each view's size and crop
+        (SDXL) gets `view_geometry` (B, 6). `prior` (StepFunction.prior_batch): the class images' latents, noise,
+        timesteps, geometry and conditioning, denoised in the same U-Net call; Eq. 2 reads only the instance half."""
         if cond is None:
             cond = self.encode(input_ids)
-        inputs = self.family.denoiser_inputs(cond.expand(latents.shape[0]), view_geometry)
+        n, cond = latents.shape[0], cond.expand(latents.shape[0])
+        if prior is not None:
+            p_latents, p_noise, p_timesteps, p_geometry, p_cond = prior
+            latents, noise, timesteps = torch.cat([latents, p_latents]), torch.cat([noise, p_noise]), torch.cat(
+                [timesteps, p_timesteps])
+            cond = cond.cat(p_cond.expand(p_latents.shape[0]))
+            view_geometry = None if view_geometry is None else torch.cat([view_geometry, p_geometry])
+        inputs = self.family.denoiser_inputs(cond, view_geometry)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.family.training_target(self.noise_scheduler, latents, noise, timesteps)
         if self.capture is not None:
             self.capture.clear()
-        pred = self.unet(noisy, timesteps, **inputs).sample
-        mse = F.mse_loss(pred.float(), target.float())
+        pred = self.unet(noisy, timesteps, **inputs).sample.float()
+        mse = F.mse_loss(pred[:n], target[:n].float())
+        loss = mse
+        prior_mse = mse.new_zeros(())
+        if prior is not None:
+            prior_mse = F.mse_loss(pred[n:], target[n:].float())
+            loss = mse + prior_weight * prior_mse
         if self.capture is None:  # regulariser off
             zero = mse.new_zeros(())
-            return dict(loss=mse, mse=mse, reg=zero, reg_mean=zero, reg_var=zero)
-        reg, mean_term, var_term = attention_reg_loss(self.capture.maps, mean_weight, var_weight, self.reduction,
-                                                      with_terms=True)
-        return dict(loss=mse + reg, mse=mse, reg=reg, reg_mean=mean_term, reg_var=var_term)
+            return dict(loss=loss, mse=mse, reg=zero, reg_mean=zero, reg_var=zero, prior=prior_mse)
+        maps = self.capture.maps if prior is None else [m[:n] for m in self.capture.maps]
+        reg, mean_term, var_term = attention_reg_loss(maps, mean_weight, var_weight, self.reduction, with_terms=True)
+        return dict(loss=loss + reg, mse=mse, reg=reg, reg_mean=mean_term, reg_var=var_term, prior=prior_mse)
 
 
 class Hooks:
@@ -76,6 +90,7 @@ class Models:
     input_ids: list  # the training prompt's token ids (1, 77), one tensor per tokenizer
     cond: object = None  # the cached conditioning once [V] is frozen (families.Conditioning)
     cache_text: bool = True  # False: run the text encoder every step (the released code; for benchmarks)
+    prior_cond: object = None  # the class prompt's conditioning, with prior preservation (trainer/prior.py)
 
 
 def set_trainable(planned, models):
@@ -103,8 +118,9 @@ class Reporter:
             self.metrics.flush()
         name, step = record["stage"], record["step"]
         if step % self.cfg.runtime.log_every_steps == 0 or step == steps:
-            log.info("%s step %d/%d loss %.5f mse %.5f reg %.3e (mean %.3e var %.3e)", name, step, steps,
-                     record["loss"], record["mse"], record["reg"], record["reg_mean"], record["reg_var"])
+            prior = f" prior {record['prior']:.5f}" if self.cfg.prior.enabled and record["prior"] else ""
+            log.info("%s step %d/%d loss %.5f mse %.5f%s reg %.3e (mean %.3e var %.3e)", name, step, steps,
+                     record["loss"], record["mse"], prior, record["reg"], record["reg_mean"], record["reg_var"])
         self.accelerator.log({f"{name}/{k}": record[k] for k in (*AttnDreamBoothLoss.TERMS, "lr")},
                              step=self.global_step)
         every = self.cfg.validation.every_steps
@@ -169,7 +185,8 @@ def run_stage(planned, models, sampler, accelerator, cfg, reporter, state=None, 
     start_step = 0 if state is None else state.begin(name, optimizer)
     # per_layer sums Eq. 2 over the batch; DDP averages over processes, so scale to the global batch's sum.
     batch_sum = accelerator.num_processes if cfg.reg.reduction == "per_layer" else 1
-    weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight)
+    weights = dict(mean_weight=batch_sum * stage.reg_mean_weight, var_weight=batch_sum * stage.reg_var_weight,
+                   prior_weight=cfg.prior.weight if uses_prior(cfg, stage) else 0.0)
     autocast = None
     if graphed:  # a cached cast is a tensor made outside the graph
         autocast = lambda: torch.autocast(device.type, DTYPES.get(cfg.runtime.mixed_precision, torch.float32),  # noqa: E731
