@@ -29,7 +29,7 @@ from attndreambooth.families import of_pipeline
 from attndreambooth.families.source import quiet_known_noise
 from attndreambooth.inference.attention_maps import figure, token_labels
 from attndreambooth.inference.loading import load_pipe, safetensors_keys
-from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample
+from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample_prompts
 
 log = logging.getLogger("infer")
 
@@ -69,9 +69,10 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
         elif placeholder is not None and concept_position(pipe.tokenizer, template, placeholder) >= pipe.tokenizer.model_max_length - 1:
             log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
                         template, pipe.tokenizer.model_max_length)
-        prompt = template.replace("{}", concept or "")
+    texts = [template.replace("{}", concept or "") for template in prompts]
+    for index, images, maps in sample_prompts(pipe, texts, num_images, seed, attention_maps=attention_maps, **settings):
+        template, prompt = prompts[index], texts[index]
         folder = out_dir / prompt_folder(template, source)
-        images, maps = sample(pipe, prompt, num_images, seed, attention_maps=attention_maps, **settings)
         folder.mkdir(parents=True, exist_ok=True)
         for old in (f for pattern in OUTPUT_FILES for f in folder.glob(pattern)):
             old.unlink()  # an earlier call's images must not mix with this call's
@@ -161,7 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="prompt with {} for the concept (repeatable)")
     p.add_argument("--prompt_file", help="one prompt per line, {} for the concept")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="images per denoiser call, across prompts (a small "
+                   "model on a CPU runs faster per image in larger batches)")
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)

@@ -81,6 +81,26 @@ def test_generate_is_reproducible_per_seed(runs, tmp_path):
     assert meta["prompt"] == "a <v> toy on the beach" and meta["seed"] == 7 and meta["steps"] == 2
 
 
+def test_batches_across_prompts_give_each_prompt_its_own_images_and_maps(runs, tmp_path):
+    """One denoiser call holding images of several prompts (batch 5 over 3 prompts x 2 images) gives every
+    prompt the images and attention maps of sampling it alone (to a level of 255: batching rounds floats)."""
+    pipe, concept, _ = infer.load_pipe(runs[1])
+    prompts = ["a {} on the beach", "a {} in the snow", "a red {}"]
+    together = infer.generate(pipe, concept, prompts, tmp_path / "t", num_images=2, seed=3, attention_maps=True,
+                              **dict(FAST, batch_size=5))
+    for template in prompts:
+        alone = infer.generate(pipe, concept, [template], tmp_path / "a", num_images=2, seed=3, attention_maps=True,
+                               **dict(FAST, batch_size=2))
+        (images,) = alone.values()
+        mixed = together[template.replace("{}", concept)]
+        assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(images, mixed))
+        slug = infer.slug(template.replace("{}", "V"))
+        maps_t = np.load(next((tmp_path / "t").glob(f"{slug}-*/attention_maps.npz")))["maps"]
+        maps_a = np.load(next((tmp_path / "a").glob(f"{slug}-*/attention_maps.npz")))["maps"]
+        np.testing.assert_allclose(maps_t, maps_a, atol=1e-4)
+        assert not np.allclose(maps_t[0], maps_t[1])  # image 0 and 1: seeds 3 and 4, not one map twice
+
+
 def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
     """A subprocess with only diffusers loads pipeline/, makes an image, and its conditioning for the
     training prompt equals what the training code computes from the base model and the learned row."""
