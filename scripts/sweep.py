@@ -17,7 +17,7 @@ or a path). Each cell (concept, method[, seed]) lives in OUT/<concept>/<method>/
 and eval/; a cell whose eval/metrics.json exists is skipped, and an interrupted training resumes (with the
 options OUT/protocol.json records: a rerun measuring otherwise, e.g. --quick, is refused). Cells run
 in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a CPU one at a time in this
-process, or --jobs N at once (a subprocess each, the cores shared out: small models use two cores badly,
+process, or --jobs N at once (N worker processes, the cores shared out: small models use two cores badly,
 so two 1-thread trainings did 1.7x the work of one 2-thread training). Cells go seed by seed, so an
 interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter
 (one point per method) land in OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over
@@ -32,6 +32,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 from attndreambooth.bench import dreambench
 from attndreambooth.sweep import cluster, jobs
 from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
@@ -42,8 +44,8 @@ from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
 def gather_world(results, out, cells):
     """The world's report (attndreambooth.bench.shapes.bench.write_report) from the cells' metrics and, for the
     grid, the samples of the first seed."""
-    from attndreambooth.bench.shapes.bench import REFERENCE, write_report
-    name = lambda m: REFERENCE if m == "reference" else m.split("/")[-1]  # noqa: E731
+    from attndreambooth.bench.shapes.bench import BASELINES, write_report
+    name = lambda m: BASELINES.get(m, m.split("/")[-1])  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
@@ -70,7 +72,10 @@ def parser():
     p.add_argument("--out", required=True)
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (DreamBench: 4)")
     p.add_argument("--num_prompts", type=int, default=20, help="with --world: held-out prompts per concept")
-    p.add_argument("--sampler_steps", type=int, default=25, help="with --world: sampler steps per image")
+    p.add_argument("--sampler_steps", type=int, default=15, help="with --world: sampler steps per image (15: the "
+                   "metrics of 25 within run-to-run noise, docs/shapes_comparison.md)")
+    p.add_argument("--sampler_batch", type=int, default=16, help="with --world: images per denoiser call, across "
+                   "a cell's prompts (16: 1.3x faster per image than 4 on a CPU; more on a GPU)")
     p.add_argument("--base_model", default=str(ROOT / "models" / "shapes"), help="with --world: the reference's model")
     p.add_argument("--step_scale", type=float, default=1.0, help="multiply every stage's steps (a quick look)")
     p.add_argument("--quick", action="store_true", help="with --world: one concept, one seed, the four main "
@@ -168,8 +173,11 @@ def sweep(args, out, concepts, cells, protocol, options):
         return report(args, out, done)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")  # OUT is this process's (its lock)
     if args.world:
-        from attndreambooth.bench.shapes.bench import write_prompts
+        from attndreambooth.bench.shapes.bench import write_floor_captions, write_prompts
         write_prompts(out, concepts, args.num_prompts)
+        floors = [c[0] for c in set(cells) - set(finished(out, cells)) if c[3] == "floor"]
+        if floors:  # the base model's best description of each concept, chosen once, before any cell runs
+            write_floor_captions(out, floors, args.base_model, "cuda" if torch.cuda.is_available() else "cpu")
     if args.launcher != "slurm":  # cells a Slurm job may still be running stay its own
         jobs.check_no_slurm_jobs(out, cells)
     if args.launcher == "local":

@@ -7,7 +7,7 @@ from pathlib import Path
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.schema import ConfigError
-from attndreambooth.sweep.cells import ROOT, cell_dir, method_config
+from attndreambooth.sweep.cells import ROOT, UNTRAINED, cell_dir, method_config
 
 
 def parse_concepts(text):
@@ -30,7 +30,7 @@ def check_cells(args, cells):
     if problem := folder_problem(args.out):
         raise SystemExit(f"error: --out: {problem}")
     for concept, folder, category, method, seed in cells:
-        if method == "reference":
+        if method in UNTRAINED:
             continue
         run = cell_dir(args.out, concept, method, seed) / "run"
         try:

@@ -102,6 +102,40 @@ def test_patterned_vae_scenes_are_deterministic_and_varied():
     assert min(colours) >= 2 and max(colours) > 50  # flat objects and patterns (plus anti-aliased edges)
 
 
+def test_every_view_of_a_world_photo_is_the_photo_itself():
+    """Why the comparison runs no view-pool arm (views_per_image 16 against the released code's fresh view per
+    step): with the world's config (64 px photos trained at 64 px, no rotation, no flip) every augmented view
+    is the photo, pixel for pixel, so a pool of views and a fresh one per step are the same data."""
+    from PIL import Image
+
+    from attndreambooth.bench.shapes.bench import DATA
+    from attndreambooth.config.loading import load_config
+    from attndreambooth.trainer.data import augmented_view, list_images, load_rgb
+    from conftest import ROOT
+    for concept in CONCEPTS:
+        cfg = load_config(ROOT / "configs/shapes/attndreambooth.yaml", [f"data.instance_dir={DATA / concept}",
+                                                                         "output_dir=unused"], check=False).data
+        rng = random.Random(0)
+        for path in list_images(cfg):
+            photo = load_rgb(path, cfg.alpha_background, 2 * cfg.resolution)
+            views = [augmented_view(photo, cfg.resolution, cfg.augment, rng)[0] for _ in range(cfg.views_per_image)]
+            assert all(np.array_equal(np.asarray(v), np.asarray(Image.open(path).convert("RGB"))) for v in views)
+
+
+def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
+    """DreamBooth with prior preservation takes OUT/class_images/<category>/ (made once for all its cells);
+    a method without it is given no such key."""
+    from types import SimpleNamespace
+
+    from attndreambooth.sweep.cells import cell_commands
+    args = SimpleNamespace(world="shapes", out=str(tmp_path), num_images=2, sampler_steps=3, sampler_batch=4,
+                           infer_args="", set=[], step_scale=1)
+    for method, want in (("shapes/dreambooth_prior", [f"prior.class_dir={tmp_path / 'class_images' / 'star'}"]),
+                         ("shapes/dreambooth", [])):
+        (train, argv), *_ = cell_commands("checker_star", "photos", "star", method, 0, args, tmp_path / "cell")
+        assert train == "train_attndreambooth.py" and [a for a in argv if str(a).startswith("prior.")] == want
+
+
 def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
     """--base without --embeds: the base model, {} the category word; a {} without a category is refused
     before any weight loads."""
@@ -149,10 +183,16 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     (tmp_path / "s" / "protocol.json").write_text(json.dumps({"num_prompts": 3}))  # nothing to mix, not refused
     results = sweep.main(args)  # two cells at once, each in its own processes (the in-process path: test_evaluate)
     assert json.loads((tmp_path / "s" / "protocol.json").read_text())["num_prompts"] == 7
-    assert set(results) == {("split_circle", "reference", None), ("split_circle", "shapes/attndreambooth", 0),
-                            ("split_circle", "shapes/textual_inversion", 0)}
+    assert set(results) == {("split_circle", "reference", None), ("split_circle", "floor", None),
+                            ("split_circle", "shapes/attndreambooth", 0), ("split_circle", "shapes/textual_inversion", 0)}
     report = json.loads((tmp_path / "s" / "comparison.json").read_text())
-    assert set(report["methods"]) == {"base model, category word", "attndreambooth", "textual_inversion"}
+    assert set(report["methods"]) == {"base model, category word", "base model, best caption", "attndreambooth",
+                                      "textual_inversion"}
+    from attndreambooth.bench.shapes.world_report import describing_captions
+    caption = json.loads((tmp_path / "s" / "floor_captions.json").read_text())["split_circle"]["caption"]
+    assert caption in describing_captions("split_circle")  # the best of those tried, on scenes of its own
+    floor = sorted((tmp_path / "s" / "split_circle" / "floor" / "samples").glob("*/prompt.json"))[0]
+    assert caption in json.loads(floor.read_text())["prompt"]  # what the floor's images were made from
     cell = tmp_path / "s" / "split_circle" / "shapes_attndreambooth" / "seed_0"
     metrics = json.loads((cell / "eval" / "metrics.json").read_text())
     assert len(metrics["prompts"]) == 7 and metrics["prompts"][6]["prompt"].startswith("a ")
@@ -168,8 +208,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
     table = (tmp_path / "s" / "comparison.md").read_text()
     main, _, paired, note, _, concepts = table.strip().split("\n\n")
-    assert note.startswith("Multiple comparisons: this table holds 6 intervals; 0 exclude 0") and "keep 0." in note
-    assert main.count("\n") == 4 and "± " in main  # header, rule, reference and the two methods
+    assert note.startswith("Multiple comparisons: this table holds 8 intervals; 0 exclude 0") and "keep 0." in note
+    assert main.count("\n") == 5 and "± " in main  # header, rule, the base model's two rows and the two methods
     diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
     ours, ti = (metrics["overall"]["identity"],
                 json.loads((cell.parent.parent / "shapes_textual_inversion" / "seed_0" / "eval" / "metrics.json")
@@ -182,7 +222,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     more[more.index("--methods") + 1] += ",shapes/dreambooth"
     capsys.readouterr()
     assert sweep.main(more) == results and not (tmp_path / "s" / "split_circle" / "shapes_dreambooth").exists()
-    assert "3 of 4 cells finished" in capsys.readouterr().out  # the missing cell is counted, not trained
+    assert "4 of 5 cells finished" in capsys.readouterr().out  # the missing cell is counted, not trained
     before = {f: f.stat().st_mtime_ns for f in (tmp_path / "s").rglob("*")}
     other = [*args]
     other[other.index("--num_prompts") + 1] = "5"  # measured otherwise: refused before anything is written

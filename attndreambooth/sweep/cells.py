@@ -13,6 +13,7 @@ from pathlib import Path
 from attndreambooth.bench import dreambench
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the scripts a cell runs and the configs it names
+UNTRAINED = ("reference", "floor")  # the base model's cells (the world's category word and best caption)
 
 
 def method_config(name):
@@ -50,28 +51,45 @@ def finished(out, cells):
     return [c for c in cells if metrics_file(out, c).is_file()]
 
 
+def method_settings(method):
+    """A method's config as its file gives it (the concept filled in with placeholders)."""
+    from attndreambooth.config.loading import load_config
+    return load_config(method_config(method), ["data.instance_dir=.", "data.category=x", "output_dir=."], check=False)
+
+
 def scaled_steps(method, scale):
     """`stages.<name>.steps=...` overrides that scale every enabled stage of a method (the quick mode)."""
-    from attndreambooth.config.loading import load_config
-    cfg = load_config(method_config(method), ["data.instance_dir=.", "data.category=x"], check=False)
+    cfg = method_settings(method)
     return [f"stages.{name}.steps={max(1, round(st.steps * scale))}" for name, st in cfg.stages.items() if st.enabled]
 
 
-def cell_commands(concept, folder, category, method, seed, args, cell):
-    """The cell's (script, argv) steps: train (not for the reference), generate, evaluate."""
+def shared_class_images(method, out, category):
+    """A method with prior preservation takes its class images from OUT/class_images/<category>/, made once by
+    the base model for all its cells (unless its config names a folder)."""
+    prior = method_settings(method).prior
+    return [f"prior.class_dir={Path(out) / 'class_images' / category}"] if prior.enabled and not prior.class_dir else []
+
+
+def cell_commands(concept, folder, category, method, seed, args, cell, samples="samples", evaluation="eval"):
+    """The cell's (script, argv) steps: train (not for the base model's cells), generate into cell/`samples`,
+    evaluate into cell/`evaluation`."""
     world = args.world == "shapes"
     prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
                else args.prompt_file or dreambench.prompt_file(category))
-    infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / "samples",
-             *(["--attention_maps", "--steps", args.sampler_steps] if world else []), *args.infer_args.split()]
+    world_infer = ["--attention_maps", "--steps", args.sampler_steps, "--batch_size", args.sampler_batch]
+    infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / samples,
+             *(world_infer if world else []), *args.infer_args.split()]
     evaluate = (["--world", "shapes", "--concept", concept] if world
                 else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
-    score = ("scripts/evaluate.py", ["--samples", cell / "samples", *evaluate, "--name", method,
-                                     "--out", cell / "eval"])
+    score = ("scripts/evaluate.py", ["--samples", cell / samples, *evaluate, "--name", method,
+                                     "--out", cell / evaluation])
     if method == "reference":  # the base model alone, `{}` the category word
         return [("infer.py", ["--base", args.base_model, "--category", category, *infer]), score]
+    if method == "floor":  # the base model, `{}` its best description (bench.write_floor_captions)
+        caption = json.loads((Path(args.out) / "floor_captions.json").read_text())[concept]["caption"]
+        return [("infer.py", ["--base", args.base_model, "--category", caption, *infer]), score]
     train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
-             f"output_dir={cell / 'run'}", *args.set]
+             f"output_dir={cell / 'run'}", *shared_class_images(method, args.out, category), *args.set]
     if seed is not None:
         train.append(f"runtime.seed={seed}")
     if args.step_scale != 1:

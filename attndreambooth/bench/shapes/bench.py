@@ -13,11 +13,14 @@ from PIL import Image, ImageDraw, ImageFont
 from attndreambooth.bench.shapes.scene import CONCEPTS, random_scene
 from attndreambooth.bench.shapes.stats import mean_ci, multiplicity_note, paired_tests
 
-METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db", "no_stage1", "no_stage2", "no_stage3",
-           "no_reg", "pooled")  # configs/shapes/<name>.yaml
+METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "dreambooth_prior", "ti_db", "no_stage1", "no_stage2",
+           "no_stage3", "no_reg", "pooled")  # configs/shapes/<name>.yaml
 QUICK_METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db")
 DATA = Path(__file__).resolve().parents[3] / "data" / "shapes"  # each concept's five photos
 REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
+FLOOR = "base model, best caption"  # ... with the best description a user could write ("a big orange and teal
+#                                     checkered star ..."), chosen on other scenes (OUT/floor_captions.json)
+BASELINES = {"reference": REFERENCE, "floor": FLOOR}  # the base model's cells: no training, no seed
 METRICS = {"identity": "identity", "text": "text alignment", "attention_share": "[V] attention share",
            "attention_iou": "[V] attention IoU"}
 # the prompts' first six: one attribute each (what is left out of the full caption), then full captions
@@ -42,10 +45,28 @@ def bench_prompts(concept, n=20, seed=0):
 
 def world_cells(concepts, methods, seeds):
     """The grid, seed by seed (an interrupted sweep leaves whole seeds): (concept, its photos' folder,
-    category, method, seed) cells, each concept's base-model reference first (method "reference", no seed)."""
+    category, method, seed) cells, each concept's base-model cells first (methods "reference" and "floor",
+    no seed)."""
     cell = lambda c, m, seed: (c, DATA / c, CONCEPTS[c][0], m, seed)  # noqa: E731
-    return ([cell(c, "reference", None) for c in concepts]
+    return ([cell(c, m, None) for c in concepts for m in BASELINES]
             + [cell(c, m, seed) for seed in seeds for c in concepts for m in methods])
+
+
+def write_floor_captions(out, concepts, base_model, device="cpu"):
+    """OUT/floor_captions.json: per concept the base model's best descriptive caption and the identities of
+    each tried (world_report.caption_floor: 8 scenes of its own, not the benchmark's prompts); concepts
+    already there are kept (a resumed sweep)."""
+    path = Path(out) / "floor_captions.json"
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [c for c in concepts if c not in have]
+    if todo:
+        from attndreambooth.bench.shapes.world_report import caption_floor
+        from attndreambooth.inference.loading import load_pipe
+        pipe, _, _ = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")
+        pipe.set_progress_bar_config(disable=True)
+        have.update(caption_floor(pipe, todo))
+        path.write_text(json.dumps(have, indent=1) + "\n")
+    return {c: have[c]["caption"] for c in concepts}
 
 
 def write_prompts(out, concepts, n):
@@ -191,6 +212,6 @@ def write_report(cells, out, samples):
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
         indent=1))
     scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
-            grey=[REFERENCE])  # axes fit the intervals: the methods lie close together
+            grey=[REFERENCE, FLOOR])  # axes fit the intervals: the methods lie close together
     grid(samples, out / "grid.png")
     return text

@@ -60,7 +60,10 @@ def score_folder(folder, concept=None, placeholder="<v>"):
     """Per-prompt numbers for one infer.py prompt folder."""
     record = json.loads((Path(folder) / "prompt.json").read_text())
     placeholder = record.get("placeholder", placeholder)
-    scene = parse_caption(record["prompt"], placeholder, concept)
+    if concept is not None and "{}" in record.get("template", ""):  # the benchmark's scene, whatever {} was
+        scene = parse_caption(record["template"].replace("{}", f"<v> {CONCEPTS[concept][0]}"), "<v>", concept)
+    else:  # (the base model's "best caption" names colours and a pattern: its scene is still the concept's)
+        scene = parse_caption(record["prompt"], placeholder, concept)
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.isdigit())
     images = [load_rgb(p) for p in paths]
     out = dict(prompt=record["prompt"], images=len(images),
