@@ -30,15 +30,20 @@ were preempted (their trainings resume), and never a finished one (attndreamboot
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from attndreambooth.bench import dreambench
+from attndreambooth.config.checks import folder_problem
 from attndreambooth.sweep import cluster, jobs
 from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
 from attndreambooth.sweep.local import run_local, slots
 from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
+
+
+PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json", "floor_captions.json")
 
 
 def gather_world(results, out, cells):
@@ -49,7 +54,10 @@ def gather_world(results, out, cells):
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
-    return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples)
+    timings = {(c, name(m), seed): json.loads(path.read_text()) for c, _, _, m, seed in cells
+               if (path := cell_dir(out, c, m, seed) / "timings.json").is_file()}
+    return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples,
+                        timings)
 
 
 def parse_seeds(p, text):
@@ -87,6 +95,8 @@ def parser():
     p.add_argument("--dino", default="facebook/dino-vits16")
     p.add_argument("--gpus", help="GPU indices to use (default: all visible; none on a CPU machine)")
     p.add_argument("--jobs", type=int, help="without a GPU: cells at once, the cores shared out (default 1)")
+    p.add_argument("--publish", help="with --world: also copy the report (comparison.md/.json, scatter.png, "
+                   "grid.png, protocol.json, floor_captions.json) into this folder, e.g. docs/shapes_results_r2")
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
     cluster.add_arguments(p)
@@ -103,6 +113,10 @@ def main(argv=None):
             jobs.require_slurm()
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
+    if args.publish and not args.world:
+        p.error("--publish copies the shapes world's report; give it with --world shapes")
+    if args.publish and (problem := folder_problem(args.publish)):
+        raise SystemExit(f"error: --publish: {problem}")
     out = Path(args.out)
     if args.world:
         from attndreambooth.bench.shapes.bench import METHODS, QUICK_METHODS, world_cells
@@ -177,7 +191,8 @@ def sweep(args, out, concepts, cells, protocol, options):
         write_prompts(out, concepts, args.num_prompts)
         floors = [c[0] for c in set(cells) - set(finished(out, cells)) if c[3] == "floor"]
         if floors:  # the base model's best description of each concept, chosen once, before any cell runs
-            write_floor_captions(out, floors, args.base_model, "cuda" if torch.cuda.is_available() else "cpu")
+            write_floor_captions(out, floors, args.base_model, args.sampler_steps,
+                                 "cuda" if torch.cuda.is_available() else "cpu")
     if args.launcher != "slurm":  # cells a Slurm job may still be running stay its own
         jobs.check_no_slurm_jobs(out, cells)
     if args.launcher == "local":
@@ -200,6 +215,11 @@ def report(args, out, cells):
     results = {(c[0], c[3], c[4]): json.loads(metrics_file(out, c).read_text()) for c in cells}
     if args.world:
         text = gather_world(results, out, cells)
+        if args.publish:  # the report alone, for a repository: the cells' images and weights stay in OUT
+            Path(args.publish).mkdir(parents=True, exist_ok=True)
+            for name in PUBLISHED:
+                if (out / name).is_file():
+                    shutil.copyfile(out / name, Path(args.publish) / name)
     else:
         text = dreambench.write_table({(c, m if seed is None else f"{m} seed {seed}"): r
                                        for (c, m, seed), r in results.items()}, out)

@@ -178,7 +178,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     import sweep
     args = ["--world", "shapes", "--concepts", "split_circle", "--seeds", "0", "--out", str(tmp_path / "s"),
             "--methods", "shapes/attndreambooth,shapes/textual_inversion", "--num_prompts", "7", "--num_images", "1",
-            "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2", "--jobs", "2"]
+            "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2", "--jobs", "2",
+            "--publish", str(tmp_path / "docs")]
     (tmp_path / "s").mkdir()  # a first try that finished no cell (stopped by a bad photo, say) under other options:
     (tmp_path / "s" / "protocol.json").write_text(json.dumps({"num_prompts": 3}))  # nothing to mix, not refused
     results = sweep.main(args)  # two cells at once, each in its own processes (the in-process path: test_evaluate)
@@ -207,8 +208,16 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert metrics["prompts"][0]["identity"] == pytest.approx(identity(image, "split_circle"))
     assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
     table = (tmp_path / "s" / "comparison.md").read_text()
-    main, _, paired, note, _, concepts = table.strip().split("\n\n")
+    main, _, paired, note, _, concepts, _, costs = table.strip().split("\n\n")
     assert note.startswith("Multiple comparisons: this table holds 8 intervals; 0 exclude 0") and "keep 0." in note
+    timing = json.loads((cell / "timings.json").read_text())  # the cell's own record of its parts
+    row = next(r for r in costs.splitlines() if r.startswith("| attndreambooth | 1 |")).split(" | ")
+    assert row[2:5] == [f"{timing[k]:.0f} s" for k in ("train_attndreambooth", "infer", "evaluate")]
+    assert row[5] == f"{sum(timing[k] for k in ('train_attndreambooth', 'infer', 'evaluate')):.0f} s |"
+    published = sorted(p.name for p in (tmp_path / "docs").iterdir())  # --publish: the report alone
+    assert published == sorted(["comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json",
+                                "floor_captions.json"])
+    assert (tmp_path / "docs" / "comparison.md").read_text() == table
     assert main.count("\n") == 5 and "± " in main  # header, rule, the base model's two rows and the two methods
     diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
     ours, ti = (metrics["overall"]["identity"],

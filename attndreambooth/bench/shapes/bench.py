@@ -52,10 +52,10 @@ def world_cells(concepts, methods, seeds):
             + [cell(c, m, seed) for seed in seeds for c in concepts for m in methods])
 
 
-def write_floor_captions(out, concepts, base_model, device="cpu"):
+def write_floor_captions(out, concepts, base_model, steps, device="cpu"):
     """OUT/floor_captions.json: per concept the base model's best descriptive caption and the identities of
-    each tried (world_report.caption_floor: 8 scenes of its own, not the benchmark's prompts); concepts
-    already there are kept (a resumed sweep)."""
+    each tried (world_report.caption_floor: 8 scenes of its own, not the benchmark's prompts, sampled with
+    the sweep's `steps`); concepts already there are kept (a resumed sweep)."""
     path = Path(out) / "floor_captions.json"
     have = json.loads(path.read_text()) if path.is_file() else {}
     todo = [c for c in concepts if c not in have]
@@ -64,7 +64,7 @@ def write_floor_captions(out, concepts, base_model, device="cpu"):
         from attndreambooth.inference.loading import load_pipe
         pipe, _, _ = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")
         pipe.set_progress_bar_config(disable=True)
-        have.update(caption_floor(pipe, todo))
+        have.update(caption_floor(pipe, todo, steps=steps))
         path.write_text(json.dumps(have, indent=1) + "\n")
     return {c: have[c]["caption"] for c in concepts}
 
@@ -133,6 +133,27 @@ def per_concept(cells):
     return "\n".join(lines)
 
 
+PARTS = {"train_attndreambooth": "training", "infer": "sampling", "evaluate": "scoring"}  # a cell's timings.json
+
+
+def cost(timings):
+    """{method: {"cells": n, part: mean seconds, ..., "total": mean seconds}} from {(concept, method, seed):
+    a cell's timings.json}; a cell resumed after a stop counts what its last attempt redid."""
+    by_method = {}
+    for (_, method, _), t in timings.items():
+        by_method.setdefault(method, []).append(t)
+    return {m: dict(cells=len(rows), **{part: statistics.mean(r.get(part, 0.0) for r in rows) for part in PARTS},
+                    total=statistics.mean(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
+            for m, rows in by_method.items()}
+
+
+def cost_table(costs):
+    lines = ["| method | cells | " + " | ".join(PARTS.values()) + " | cell |", "|---|---|" + "---|" * (len(PARTS) + 1)]
+    lines += [f"| {m} | {c['cells']} | " + " | ".join(f"{c[part]:.0f} s" for part in PARTS) + f" | {c['total']:.0f} s |"
+              for m, c in costs.items()]
+    return "\n".join(lines)
+
+
 def scatter_points(summary):
     """(label, text, identity, their half-widths) per method, for attndreambooth.bench.scatter."""
     out = []
@@ -187,10 +208,10 @@ def grid(samples, path, prompts=3, side=96):
     sheet.save(path)
 
 
-def write_report(cells, out, samples):
-    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means), scatter.png
-    and grid.png in `out`, from {(concept, method, seed): overall metrics} and {(concept, method): samples
-    folder}; returns the table."""
+def write_report(cells, out, samples, timings=None):
+    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means, and with
+    `timings` what a cell cost by part), scatter.png and grid.png in `out`, from {(concept, method, seed):
+    overall metrics} and {(concept, method): samples folder}; returns the table."""
     from attndreambooth.bench.scatter import scatter
     out = Path(out)
     summary, paired = summarise(cells), paired_differences(cells)
@@ -203,12 +224,16 @@ def write_report(cells, out, samples):
                   "differences; > 0: AttnDreamBooth higher; * survives a Holm correction):",
                   table(paired, ("attndreambooth minus", "pairs"), "+", survivors), multiplicity_note(tests)]
     parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
+    costs = cost(timings) if timings else {}
+    if costs:
+        parts += ["What a cell cost, mean seconds by part (each cell's timings.json; the processes that ran "
+                  "them shared the machine's cores):", cost_table(costs)]
     (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
 
     def as_lists(rows):
         return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
     (out / "comparison.json").write_text(json.dumps(dict(
-        methods=as_lists(summary), attndreambooth_minus=as_lists(paired),
+        methods=as_lists(summary), attndreambooth_minus=as_lists(paired), cost=costs,
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
         indent=1))
     scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",

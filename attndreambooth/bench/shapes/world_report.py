@@ -99,9 +99,10 @@ def describing_captions(concept):
     return [f"{x} and {y} {pattern} {category}" for x, y in pairs]
 
 
-def caption_floor(pipe, concepts, n=8, seed=0):
+def caption_floor(pipe, concepts, n=8, seed=0, steps=STEPS):
     """{concept: {"category word": identity, "best caption": identity, "caption": the best one}}: `n` images
-    of "a big {words} ..." (positions and backgrounds of the concept's benchmark scenes) per caption."""
+    of "a big {words} ..." (positions and backgrounds of the concept's benchmark scenes) per caption, each
+    sampled with `steps` DPM++ steps."""
     from attndreambooth.inference.sampling import sample
     out = {}
     for concept in concepts:
@@ -112,7 +113,7 @@ def caption_floor(pipe, concepts, n=8, seed=0):
             values = []
             for i, sc in enumerate(scenes):
                 text = sc.caption(placeholder="{}", omit=("size",)).replace("{} " + sc.main.shape, "big " + words)
-                (image,), _ = sample(pipe, text, 1, seed + i, steps=STEPS, guidance_scale=CFG)
+                (image,), _ = sample(pipe, text, 1, seed + i, steps=steps, guidance_scale=CFG)
                 values.append(identity(image, concept))
             return float(np.mean(values))
 
