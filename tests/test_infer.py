@@ -329,7 +329,7 @@ def test_second_call_leaves_no_stale_images_and_failure_no_folder(runs, tmp_path
     infer.generate(pipe, concept, ["a {} in the snow"], out, num_images=1, **FAST)
     (folder,) = out.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["000.png", "grid.png", "prompt.json"]
-    monkeypatch.setattr(infer, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(infer, "sample_prompts", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError):
         infer.generate(pipe, concept, ["a {} on the moon"], tmp_path / "never", num_images=1, **FAST)
     assert not (tmp_path / "never").exists()
