@@ -48,9 +48,8 @@ def main(argv=None):
     protocol = json.loads((out / "protocol.json").read_text())
     if args.steps == protocol["sampler_steps"]:
         sys.exit(f"error: --steps {args.steps} is the sweep's own; give another, e.g. 25")
-    sweep = SimpleNamespace(**protocol, out=str(out), sampler_batch=16,
-                            base_model=protocol["base_model"].replace("<repository>", str(ROOT)))
-    again = SimpleNamespace(**{**vars(sweep), "sampler_steps": args.steps})
+    again = SimpleNamespace(**{**protocol, "out": str(out), "sampler_batch": 16, "sampler_steps": args.steps,
+                               "base_model": protocol["base_model"].replace("<repository>", str(ROOT))})
     rows = []
     for concept, method_dir, seed in chosen_cells(out, args.cells):
         method = method_dir.replace("shapes_", "shapes/", 1) if method_dir.startswith("shapes_") else method_dir

@@ -246,6 +246,17 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
         sweep.main(args)
     assert sweep.main(more) == results  # a report only reads: it may run beside a sweep
     running.close()
+    import sampler_agreement  # the same cells sampled with other steps, beside theirs, compared
+    sampler_agreement.main(["--out", str(tmp_path / "s"), "--cells", "2", "--steps", "3"])
+    agreement = json.loads((tmp_path / "s" / "sampler_agreement.json").read_text())
+    assert [(r["method"], r["seed"]) for r in agreement["cells"]] == [("floor", None), ("reference", None)]
+    for row in agreement["cells"]:
+        cell = tmp_path / "s" / "split_circle" / row["method"]
+        assert row["after"] == json.loads((cell / "eval_3" / "metrics.json").read_text())["overall"]
+        assert row["before"] == json.loads((cell / "eval" / "metrics.json").read_text())["overall"]
+    assert agreement["summary"]["text"]["largest"] == max(abs(r["after"]["text"] - r["before"]["text"])
+                                                          for r in agreement["cells"])
+    assert sweep.main(more) == results  # the sweep's own samples and numbers untouched
 
 
 def test_readme_and_docs_tables_are_the_committed_report():
