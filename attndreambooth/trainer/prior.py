@@ -40,12 +40,14 @@ def class_images(cfg, pipe, family, accelerator):
     data_cfg = dataclasses.replace(cfg.data, instance_dir=str(folder),
                                    min_image_size=min(cfg.data.min_image_size, cfg.data.resolution))
     have = list_images(data_cfg, key="prior.class_dir") if folder.is_dir() and any(folder.iterdir()) else []
-    if len(have) < want and accelerator.is_main_process:
-        missing = [i for i in range(want) if not (folder / f"class_{i:05d}.png").exists()][:want - len(have)]
-        with accelerator.autocast():
-            generate(cfg, pipe, family, folder, missing)
-    accelerator.wait_for_everyone()
-    return list_images(data_cfg, key="prior.class_dir")[:want]
+    if len(have) < want:
+        if accelerator.is_main_process:
+            missing = [i for i in range(want) if not (folder / f"class_{i:05d}.png").exists()][:want - len(have)]
+            with accelerator.autocast():
+                generate(cfg, pipe, family, folder, missing)
+        accelerator.wait_for_everyone()
+        have = list_images(data_cfg, key="prior.class_dir")  # read again only when images were added
+    return have[:want]
 
 
 @torch.no_grad()

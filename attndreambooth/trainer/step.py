@@ -32,14 +32,16 @@ class StepFunction:
         self.T = models.noise_scheduler.config.num_train_timesteps
         self.staged = False  # GraphedStep: the sampler's images are staged by the host before each replay
 
-    def batch(self):
-        """Latents, noise, timesteps and (SDXL) the views' geometry, all drawn on the device."""
-        geometry, kwargs = None, dict(staged=True) if self.staged else {}
+    def batch(self, sampler=None, staged=None):
+        """Latents, noise, timesteps and (SDXL) the views' geometry from `sampler` (default the instance one),
+        all drawn on the device."""
+        sampler, staged = sampler or self.sampler, self.staged if staged is None else staged
+        geometry, kwargs = None, dict(staged=True) if staged else {}
         if self.models.family.needs_view_geometry:  # e.g. SDXL: each sampled view's size and crop conditioning
-            latents, geometry = self.sampler.sample(self.per_process, with_geometry=True, **kwargs)
+            latents, geometry = sampler.sample(self.per_process, with_geometry=True, **kwargs)
         else:
-            latents = self.sampler.sample(self.per_process, **kwargs)
-        noise, timesteps = draw_noise(self.sampler, latents, self.T)
+            latents = sampler.sample(self.per_process, **kwargs)
+        noise, timesteps = draw_noise(sampler, latents, self.T)
         return latents.to(self.accelerator.device), noise, timesteps, geometry
 
     def prior_batch(self):
@@ -47,13 +49,7 @@ class StepFunction:
         and the class prompt's conditioning; None in a stage without it."""
         if not self.weights.get("prior_weight"):
             return None
-        prior = self.sampler.prior
-        if self.models.family.needs_view_geometry:
-            latents, geometry = prior.sample(self.per_process, with_geometry=True)
-        else:
-            latents, geometry = prior.sample(self.per_process), None
-        noise, timesteps = draw_noise(prior, latents, self.T)
-        return latents.to(self.accelerator.device), noise, timesteps, geometry, self.models.prior_cond
+        return (*self.batch(self.sampler.prior, staged=False), self.models.prior_cond)
 
     def __call__(self, point=None):
         latents, noise, timesteps, geometry = self.batch()

@@ -55,14 +55,10 @@ class AttnDreamBoothLoss(nn.Module):
         if self.capture is not None:
             self.capture.clear()
         pred = self.unet(noisy, timesteps, **inputs).sample.float()
-        mse = F.mse_loss(pred[:n], target[:n].float())
-        loss = mse
-        prior_mse = mse.new_zeros(())
-        if prior is not None:
-            prior_mse = F.mse_loss(pred[n:], target[n:].float())
-            loss = mse + prior_weight * prior_mse
+        mse, zero = F.mse_loss(pred[:n], target[:n].float()), pred.new_zeros(())
+        prior_mse = zero if prior is None else F.mse_loss(pred[n:], target[n:].float())
+        loss = mse + prior_weight * prior_mse if prior is not None else mse
         if self.capture is None:  # regulariser off
-            zero = mse.new_zeros(())
             return dict(loss=loss, mse=mse, reg=zero, reg_mean=zero, reg_var=zero, prior=prior_mse)
         maps = self.capture.maps if prior is None else [m[:n] for m in self.capture.maps]
         reg, mean_term, var_term = attention_reg_loss(maps, mean_weight, var_weight, self.reduction, with_terms=True)
