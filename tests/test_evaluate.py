@@ -170,6 +170,15 @@ def test_sweep_two_concepts_two_methods_and_resume(tmp_path, capsys):
     sweep.main(args)
     assert capsys.readouterr().out.count("done before: skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("metrics.json")} == stamp
+    # A cell stopped after its training: the rerun samples and scores it, and its timings say the training
+    # was resumed (it timed no training), so the report's cost leaves it out.
+    cell = tmp_path / "sweep" / names[0] / "attndreambooth"
+    timings = {p.parent: json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("timings.json")}
+    assert len(timings) == 4 and not any(t["resumed"] for t in timings.values())
+    (cell / "eval" / "metrics.json").unlink()
+    sweep.main(args)
+    again = json.loads((cell / "timings.json").read_text())
+    assert again["resumed"] is True and again["train_attndreambooth"] < timings[cell]["train_attndreambooth"]
 
 
 @pytest.mark.skipif(not (DREAMBENCH / "prompts_and_classes.txt").is_file(), reason="DreamBench not beside the checkout")

@@ -135,6 +135,8 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
     cell.mkdir(parents=True, exist_ok=True)
     seconds = {}  # what the cell costs, by part (this attempt's; a resumed training counts what it redid)
+    run = cell / "run"
+    resumed = (run / "finished.json").is_file() or any(run.glob("ckpt-*"))  # its cost is not a cell's cost
     with open(cell / "sweep.log", "a") as log:
         for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
             print(f"[{name}] {Path(script).name}", flush=True)
@@ -149,7 +151,7 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
                 raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
             seconds[Path(script).stem] = round(time.perf_counter() - start, 2)
     (cell / "timings.json").write_text(json.dumps(dict(seconds, processes="this one" if slot is None else
-                                                       "one per script"), indent=1) + "\n")
+                                                       "one per script", resumed=resumed), indent=1) + "\n")
     return json.loads(metrics.read_text())
 
 

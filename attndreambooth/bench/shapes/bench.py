@@ -138,10 +138,12 @@ PARTS = {"train_attndreambooth": "training", "infer": "sampling", "evaluate": "s
 
 def cost(timings):
     """{method: {"cells": n, part: mean seconds, ..., "total": mean seconds}} from {(concept, method, seed):
-    a cell's timings.json}; a cell resumed after a stop counts what its last attempt redid."""
+    a cell's timings.json}. A cell whose training resumed after a stop timed only what its last attempt
+    redid, so it is left out (`resumed`; a method with only such cells has no row)."""
     by_method = {}
     for (_, method, _), t in timings.items():
-        by_method.setdefault(method, []).append(t)
+        if not t.get("resumed"):
+            by_method.setdefault(method, []).append(t)
     return {m: dict(cells=len(rows), **{part: statistics.mean(r.get(part, 0.0) for r in rows) for part in PARTS},
                     total=statistics.mean(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
             for m, rows in by_method.items()}
