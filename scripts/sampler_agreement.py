@@ -21,7 +21,9 @@ from attndreambooth.sweep.cells import ROOT, call_in_process, cell_commands, cel
 
 
 def chosen_cells(out, n):
-    """Up to n finished cells, one method after another (each method's first concept and seed, then the next)."""
+    """Up to n finished cells, one method after another, spread over the concepts: the k-th method (in name
+    order) starts at its k-th finished cell (concepts, then seeds, in name order), and every method's next
+    cell comes only after each method has one."""
     done = sorted(Path(out).glob("*/*/**/eval/metrics.json"))
     cells = []
     for metrics in done:
@@ -31,8 +33,8 @@ def chosen_cells(out, n):
     by_method = {}
     for c in cells:
         by_method.setdefault(c[1], []).append(c)
-    order = [row[i] for i in range(max(map(len, by_method.values()), default=0)) for row in by_method.values()
-             if i < len(row)]
+    rows = [row[k % len(row):] + row[:k % len(row)] for k, row in enumerate(by_method.values())]
+    order = [row[i] for i in range(max(map(len, rows), default=0)) for row in rows if i < len(row)]
     return order[:n]
 
 
