@@ -33,13 +33,18 @@ class FaultHooks(Hooks):
         return loss * float("nan") if point == self.nan else loss
 
 
-if __name__ == "__main__":
+def main(argv):
+    """Faults before "--", the trainer's arguments after it."""
     # Ctrl-C as in a terminal: a shell that starts the test suite in the background (`cmd &`) passes SIGINT
     # on ignored, and Python then installs no KeyboardInterrupt handler, so the injected Ctrl-C did nothing
     signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser()
     for name in ("kill", "interrupt", "disk_full", "nan"):
         p.add_argument(f"--{name}")
-    split = sys.argv.index("--")
-    faults = p.parse_args(sys.argv[1:split])
-    train_attndreambooth.main(sys.argv[split + 1:], hooks=FaultHooks(**vars(faults)))
+    split = argv.index("--")
+    faults = p.parse_args(argv[:split])
+    train_attndreambooth.main(argv[split + 1:], hooks=FaultHooks(**vars(faults)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from attndreambooth.trainer.checkpoint import Checkpointer
+import warm_runs
 from conftest import ROOT
 
 STEPS = {"stages.stage1.steps": 6, "stages.stage2.steps": 6, "stages.stage3.steps": 6}
@@ -17,12 +18,14 @@ STEPS = {"stages.stage1.steps": 6, "stages.stage2.steps": 6, "stages.stage3.step
 
 def train(out, faults=(), **overrides):
     """The trainer in its own process, as a user runs it (faults, e.g. ["--kill=stage1:3"], go through
-    tests/fault_runner.py's hooks); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    tests/fault_runner.py's hooks; the process is forked from one with the imports done, tests/warm_runs.py);
+    returns the CompletedProcess."""
     args = {"output_dir": out, "runtime.checkpoint_every_steps": 2, "runtime.tensorboard": "false", **STEPS, **overrides}
-    cmd = [sys.executable, str(ROOT / "tests/fault_runner.py"), *faults, "--", "--config", str(ROOT / "configs/tiny.yaml")]
-    return subprocess.run(cmd + [f"{k}={v}" for k, v in args.items()], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return trainer([*faults, "--", "--config", str(ROOT / "configs/tiny.yaml"), *(f"{k}={v}" for k, v in args.items())])
+
+
+def trainer(argv):
+    return warm_runs.run(argv, dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT)))
 
 
 def final_tensors(out):
@@ -246,13 +249,10 @@ def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     for stage, n, words in (("stage2", 3, "'stages.stage2.steps': 3, but the run in"),
                             ("stage1", 5, "did 6 steps before stage2, but this config's earlier stages have stage1 5")):
         config.write_text(with_steps(stage, n))
-        refused = subprocess.run([sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(config)],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=600,
-                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
+        refused = trainer(["--", "--config", str(config)])
         assert refused.returncode == 1 and words in refused.stderr, refused.stderr[-1500:]
     config.write_text(original)
-    resumed = subprocess.run([sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(config)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    resumed = trainer(["--", "--config", str(config)])
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]
 
 
