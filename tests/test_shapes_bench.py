@@ -66,6 +66,33 @@ def test_sign_flip_p_and_holm_by_hand():
     assert holm({"a": 0.2}) == {"a": False} and holm({"a": 0.05}) == {"a": True}
 
 
+def test_cost_by_hand_leaves_out_resumed_cells():
+    """Median seconds per part and per cell over a method's cells (a paused cell does not move it); a resumed
+    cell (it timed only what it redid) is left out, and a method with nothing else has no row."""
+    from attndreambooth.bench.shapes.bench import cost
+    t = lambda train, infer, ev, resumed=False: dict(train_attndreambooth=train, infer=infer, evaluate=ev,  # noqa
+                                                     processes="this one", resumed=resumed)
+    costs = cost({("a", "m", 0): t(100, 20, 10), ("b", "m", 0): t(200, 30, 20), ("a", "m", 1): t(4, 25, 9, True),
+                  ("c", "m", 0): t(1500, 40, 12), ("c", "m", 1): t(150, 10, 30),  # the first paused 20 min
+                  ("a", "n", 0): t(3, 20, 10, True), ("a", "old", 0): {"train_attndreambooth": 7, "infer": 1}})
+    assert costs == {"m": dict(cells=4, train_attndreambooth=175, infer=25, evaluate=16, total=220),
+                     "old": dict(cells=1, train_attndreambooth=7, infer=1, evaluate=0.0, total=8)}
+
+
+def test_sampler_agreement_spreads_its_cells_over_concepts(tmp_path):
+    """The k-th method starts at its k-th finished cell, so a few cells reach several concepts."""
+    from sampler_agreement import chosen_cells
+    for concept in ("a", "b", "c"):
+        for method in ("m1", "m2", "m3"):
+            (tmp_path / concept / method / "seed_0" / "eval").mkdir(parents=True)
+            (tmp_path / concept / method / "seed_0" / "eval" / "metrics.json").write_text("{}")
+        (tmp_path / concept / "reference" / "eval").mkdir(parents=True)
+        (tmp_path / concept / "reference" / "eval" / "metrics.json").write_text("{}")
+    (tmp_path / "b" / "m2" / "seed_0" / "eval" / "metrics.json").unlink()  # not finished
+    assert chosen_cells(tmp_path, 5) == [("a", "m1", 0), ("c", "m2", 0), ("c", "m3", 0), ("a", "reference", None),
+                                         ("b", "m1", 0)]
+
+
 def test_mean_ci_by_hand():
     values = [0.2, 0.4, 0.5, 0.9]
     mean, half = mean_ci(values)
@@ -260,29 +287,43 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
 
 
 def test_readme_and_docs_tables_are_the_committed_report():
-    """The README's and docs' comparison tables are pasted from docs/shapes_results/comparison.md (what the
-    one command wrote); a table with one of the report's headers must repeat the report's rows exactly."""
+    """The README's and docs' comparison tables are pasted from a committed report (what the one command
+    wrote): docs/shapes_results/, the first world's run (the rerun's report joins it when it is published).
+    Reports share their headers, so a page says whose tables follow with a line `<!-- report: docs/DIR -->`;
+    a table with one of a report's headers must repeat that report's rows exactly, and may not stand before
+    any marker."""
+    import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
+    reports = ("docs/shapes_results",)
 
     def tables(text):
-        found, rows = {}, []
+        found, rows, report = {}, [], None
         for line in [*text.splitlines(), ""]:
+            if marker := re.fullmatch(r"<!-- report: (\S+) -->", line.strip()):
+                report = marker[1]
             if line.startswith("|"):
                 rows.append(line.rstrip())
             elif rows:
-                found.setdefault(rows[0], []).append(rows[2:])
+                found.setdefault((report, rows[0]), []).append(rows[2:])
                 rows = []
         return found
 
-    report = {header: bodies[0] for header, bodies in
-              tables((root / "docs" / "shapes_results" / "comparison.md").read_text()).items()}
-    assert len(report) == 3
+    committed = {}
+    for name in reports:
+        committed[name] = {header: bodies[0] for (_, header), bodies in
+                           tables((root / name / "comparison.md").read_text()).items()}
+        assert len(committed[name]) >= 3, name
+    headers = {h for r in committed.values() for h in r}
     for page in ("README.md", "docs/shapes_comparison.md"):
-        copies = [(h, b) for h, bodies in tables((root / page).read_text()).items() if h in report for b in bodies]
-        assert len(copies) >= 2, page  # the main table and the paired differences at least
-        for header, body in copies:
-            assert body == report[header], f"{page}: the table under {header[:40]!r} differs from the report"
+        copies = [(r, h, b) for (r, h), bodies in tables((root / page).read_text()).items() if h in headers
+                  for b in bodies]
+        for name in reports:  # the main table and the paired differences of each report at least
+            assert sum(r == name for r, _, _ in copies) >= 2, f"{page}: {name}'s tables are not shown"
+        for report, header, body in copies:
+            assert report in committed, f"{page}: a table under {header[:40]!r} has no report marker before it"
+            assert body == committed[report].get(header), \
+                f"{page}: the table under {header[:40]!r} differs from {report}/comparison.md"
 
 
 def test_the_published_multiple_comparison_figures_are_the_committed_cells():

@@ -137,15 +137,16 @@ PARTS = {"train_attndreambooth": "training", "infer": "sampling", "evaluate": "s
 
 
 def cost(timings):
-    """{method: {"cells": n, part: mean seconds, ..., "total": mean seconds}} from {(concept, method, seed):
-    a cell's timings.json}. A cell whose training resumed after a stop timed only what its last attempt
-    redid, so it is left out (`resumed`; a method with only such cells has no row)."""
+    """{method: {"cells": n, part: median seconds, ..., "total": median seconds}} from {(concept, method,
+    seed): a cell's timings.json}. Medians, since a cell paused or slowed by other work on the machine times
+    that too; a cell whose training resumed after a stop timed only what its last attempt redid, so it is
+    left out (`resumed`; a method with only such cells has no row)."""
     by_method = {}
     for (_, method, _), t in timings.items():
         if not t.get("resumed"):
             by_method.setdefault(method, []).append(t)
-    return {m: dict(cells=len(rows), **{part: statistics.mean(r.get(part, 0.0) for r in rows) for part in PARTS},
-                    total=statistics.mean(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
+    return {m: dict(cells=len(rows), **{part: statistics.median(r.get(part, 0.0) for r in rows) for part in PARTS},
+                    total=statistics.median(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
             for m, rows in by_method.items()}
 
 
@@ -228,8 +229,8 @@ def write_report(cells, out, samples, timings=None):
     parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
     costs = cost(timings) if timings else {}
     if costs:
-        parts += ["What a cell cost, mean seconds by part (each cell's timings.json; the processes that ran "
-                  "them shared the machine's cores):", cost_table(costs)]
+        parts += ["What a cell cost, median seconds by part (each cell's timings.json, those resumed after a "
+                  "stop left out; the processes that ran them shared the machine's cores):", cost_table(costs)]
     (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
 
     def as_lists(rows):
