@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import warm_runs
 from conftest import ROOT
 from family_runs import digest
 
@@ -39,11 +40,10 @@ def test_a_run_folder_from_before_the_seam_resumes_to_its_weights(tmp_path, name
     layout, extra = OLD_RUNS[name]
     out = tmp_path / name
     shutil.copytree(DATA / "old_runs" / name, out)
-    cmd = [sys.executable, str(ROOT / "train_attndreambooth.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-           f"model.pretrained={layout}", "runtime.tensorboard=false", f"output_dir={out}", "stages.stage1.steps=3",
-           "stages.stage2.steps=3", "stages.stage3.steps=3", "data.views_per_image=2",
-           "runtime.checkpoint_every_steps=2", *extra]
-    done = subprocess.run(cmd, env=one_thread_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), f"model.pretrained={layout}", "runtime.tensorboard=false",
+            f"output_dir={out}", "stages.stage1.steps=3", "stages.stage2.steps=3", "stages.stage3.steps=3",
+            "data.views_per_image=2", "runtime.checkpoint_every_steps=2", *extra]
+    done = warm_runs.run(["--", *argv], one_thread_env())  # a new process, forked with the imports done
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
     want = json.loads((DATA / "old_runs" / "expected_digests.json").read_text())[name]
