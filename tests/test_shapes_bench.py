@@ -284,6 +284,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert agreement["summary"]["text"]["largest"] == max(abs(r["after"]["text"] - r["before"]["text"])
                                                           for r in agreement["cells"])
     assert sweep.main(more) == results  # the sweep's own samples and numbers untouched
+    for name in ("sampler_agreement.md", "sampler_agreement.json"):  # published with the report once they exist
+        assert (tmp_path / "docs" / name).read_bytes() == (tmp_path / "s" / name).read_bytes()
 
 
 def test_readme_and_docs_tables_are_the_committed_report():
