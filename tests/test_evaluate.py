@@ -181,6 +181,23 @@ def test_sweep_two_concepts_two_methods_and_resume(tmp_path, capsys):
     assert again["resumed"] is True and again["train_attndreambooth"] < timings[cell]["train_attndreambooth"]
 
 
+def test_a_run_resumes_when_finished_or_checkpointed(tmp_path):
+    """The sweep's test for a cell's timings: a run folder with a checkpoint the trainer wrote (under
+    run/resume/) or a finished.json continues an earlier attempt; an empty or half-written one does not."""
+    from attndreambooth.sweep.cells import resumes_a_run
+    from attndreambooth.trainer.checkpoint import Checkpointer
+    run = tmp_path / "run"
+    assert not resumes_a_run(run)
+    (run / "resume" / ".tmp-ckpt-000004").mkdir(parents=True)  # a write killed half-way is no checkpoint
+    assert not resumes_a_run(run)
+    Checkpointer(run, keep=2).save({"x": torch.zeros(2)}, dict(stage="stage1", step=4, global_step=4))
+    assert resumes_a_run(run)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "finished.json").write_text("{}")
+    assert resumes_a_run(other)
+
+
 @pytest.mark.skipif(not (DREAMBENCH / "prompts_and_classes.txt").is_file(), reason="DreamBench not beside the checkout")
 def test_prompt_files_match_dreambench():
     text = (DREAMBENCH / "prompts_and_classes.txt").read_text()

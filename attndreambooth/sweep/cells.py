@@ -123,6 +123,12 @@ def command_line(script, argv, processes):
     return [*launch, str(ROOT / script), *map(str, argv)]
 
 
+def resumes_a_run(run):
+    """Whether a training into `run` continues an earlier attempt: a finished run, or one with a checkpoint."""
+    from attndreambooth.trainer.checkpoint import Checkpointer
+    return (Path(run) / "finished.json").is_file() or bool(Checkpointer(run, keep=0).folders())
+
+
 def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
     """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or with slot None in
     this process); returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted
@@ -135,8 +141,7 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(slot or {}))
     cell.mkdir(parents=True, exist_ok=True)
     seconds = {}  # what the cell costs, by part (this attempt's; a resumed training counts what it redid)
-    run = cell / "run"
-    resumed = (run / "finished.json").is_file() or any(run.glob("ckpt-*"))  # its cost is not a cell's cost
+    resumed = resumes_a_run(cell / "run")  # then what it times is not what a cell costs
     with open(cell / "sweep.log", "a") as log:
         for script, argv in cell_commands(concept, folder, category, method, seed, args, cell):
             print(f"[{name}] {Path(script).name}", flush=True)
