@@ -44,21 +44,23 @@ from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
 
 
 PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json", "floor_captions.json",
-             "sampler_agreement.md", "sampler_agreement.json")  # the last two once scripts/sampler_agreement.py ran
+             "vae_ceiling.json", "sampler_agreement.md", "sampler_agreement.json")  # the last two once scripts/sampler_agreement.py ran
 
 
-def gather_world(results, out, cells):
-    """The world's report (attndreambooth.bench.shapes.bench.write_report) from the cells' metrics and, for the
-    grid, the samples of the first seed."""
-    from attndreambooth.bench.shapes.bench import BASELINES, write_report
+def gather_world(results, out, cells, base_model):
+    """The world's report (attndreambooth.bench.shapes.bench.write_report) from the cells' metrics, with the
+    base model's VAE ceiling per concept and, for the grid, the samples of the first seed."""
+    from attndreambooth.bench.shapes.bench import BASELINES, write_report, write_vae_ceiling
     name = lambda m: BASELINES.get(m, m.split("/")[-1])  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
     timings = {(c, name(m), seed): json.loads(path.read_text()) for c, _, _, m, seed in cells
                if (path := cell_dir(out, c, m, seed) / "timings.json").is_file()}
+    ceiling = write_vae_ceiling(out, {c: photos for c, photos, *_ in cells}, base_model,
+                                "cuda" if torch.cuda.is_available() else "cpu")
     return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples,
-                        timings)
+                        timings, ceiling)
 
 
 def parse_seeds(p, text):
@@ -216,7 +218,7 @@ def report(args, out, cells):
     comparison; returns {(concept, method, seed): metrics}."""
     results = {(c[0], c[3], c[4]): json.loads(metrics_file(out, c).read_text()) for c in cells}
     if args.world:
-        text = gather_world(results, out, cells)
+        text = gather_world(results, out, cells, args.base_model)
         if args.publish:  # the report alone, for a repository: the cells' images and weights stay in OUT
             Path(args.publish).mkdir(parents=True, exist_ok=True)
             for name in PUBLISHED:

@@ -243,7 +243,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert row[5] == f"{sum(timing[k] for k in ('train_attndreambooth', 'infer', 'evaluate')):.0f} s |"
     published = sorted(p.name for p in (tmp_path / "docs").iterdir())  # --publish: the report alone
     assert published == sorted(["comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json",
-                                "floor_captions.json"])
+                                "floor_captions.json", "vae_ceiling.json"])
     assert (tmp_path / "docs" / "comparison.md").read_text() == table
     assert main.count("\n") == 5 and "± " in main  # header, rule, the base model's two rows and the two methods
     diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
@@ -252,6 +252,19 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
                            .read_text())["overall"]["identity"])
     assert diff.split(" | ")[2] == f"{ours - ti:+.3f} ± n/a"  # the pair's difference, from the two cells
     assert concepts.splitlines()[2].startswith("| split_circle | ") and f"{ours:.3f} / " in concepts
+    import torch
+    from diffusers import AutoencoderKL  # the ceiling column: the photos through the base model's VAE, by hand
+    vae, photos = AutoencoderKL.from_pretrained(sweep.ROOT / "models" / "shapes", subfolder="vae"), []
+    for path in sorted((sweep.ROOT / "data" / "shapes" / "split_circle").glob("*.png")):
+        x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x[None]).latent_dist.mean).sample[0].clamp(-1, 1)
+        photos.append(Image.fromarray(((y.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()))
+    ceiling = json.loads((tmp_path / "s" / "vae_ceiling.json").read_text())["split_circle"]
+    assert len(photos) == 5 and ceiling == pytest.approx(np.mean([identity(im, "split_circle") for im in photos]),
+                                                         abs=1e-4)
+    assert concepts.splitlines()[0].startswith("| concept | VAE round trip (identity) | base model, category word |")
+    assert concepts.splitlines()[2].startswith(f"| split_circle | {ceiling:.3f} | ")
     assert (tmp_path / "s" / "scatter.png").is_file() and Image.open(tmp_path / "s" / "grid.png").size[0] > 300
     assert sweep.main(args) == results  # every cell done before: skipped, same numbers
     more = [*args, "--report_only"]
@@ -290,14 +303,14 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
 
 def test_readme_and_docs_tables_are_the_committed_report():
     """The README's and docs' comparison tables are pasted from a committed report (what the one command
-    wrote): docs/shapes_results/, the first world's run (the rerun's report joins it when it is published).
+    wrote): docs/shapes_results/ (the first run) and docs/shapes_results_r2/ (the rerun).
     Reports share their headers, so a page says whose tables follow with a line `<!-- report: docs/DIR -->`;
     a table with one of a report's headers must repeat that report's rows exactly, and may not stand before
     any marker."""
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    reports = ("docs/shapes_results",)
+    reports = ("docs/shapes_results", "docs/shapes_results_r2")
 
     def tables(text):
         found, rows, report = {}, [], None
@@ -346,3 +359,25 @@ def test_the_published_multiple_comparison_figures_are_the_committed_cells():
     for page in ("README.md", "docs/shapes_comparison.md"):
         assert said in (ROOT / page).read_text().replace("\n  ", " ").replace("\n", " "), page
     assert round(tests[("no_reg", "attention_share")]["p"], 3) == 0.006
+
+
+def test_the_reruns_multiple_comparison_paragraph_is_what_its_cells_give():
+    """The rerun's paragraph on multiple comparisons, quoted in the README and docs, is what stats.py computes
+    from docs/shapes_results_r2/comparison.json's cells, and what its comparison.md says."""
+    import json
+    import re
+
+    from attndreambooth.bench.shapes.bench import METRICS, pairs_of
+    from attndreambooth.bench.shapes.stats import multiplicity_note, paired_tests
+    from conftest import ROOT
+    report = json.loads((ROOT / "docs" / "shapes_results_r2" / "comparison.json").read_text())
+    cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
+    tests = paired_tests(pairs_of(cells), METRICS)
+    said = multiplicity_note(tests)
+    text = (ROOT / "docs" / "shapes_results_r2" / "comparison.md").read_text()
+    intervals = len(re.findall(r"\| [+-]\d\.\d{3} ± ", text))  # the paired table's cells: signed differences
+    assert said.startswith(f"Multiple comparisons: this table holds {intervals} intervals;"), said
+    stars = len(re.findall(r"\| [+-]\d\.\d{3} ± \d\.\d{3} \*", text))  # the table marks what Holm keeps
+    assert stars == sum(t["holm"] for t in tests.values())
+    for page in ("docs/shapes_results_r2/comparison.md", "README.md", "docs/shapes_comparison.md"):
+        assert said in " ".join((ROOT / page).read_text().split()), page

@@ -69,6 +69,27 @@ def write_floor_captions(out, concepts, base_model, steps, device="cpu"):
     return {c: have[c]["caption"] for c in concepts}
 
 
+def write_vae_ceiling(out, photos, base_model, device="cpu"):
+    """OUT/vae_ceiling.json: per concept (`photos`: {concept: its photos' folder}) the mean identity of its
+    training photos after the base model's VAE round trip (encode, decode): what a method that reproduced the
+    photos exactly would score through that VAE, so the most identity any method can show. Concepts already
+    there are kept (a resumed sweep); returns {concept: identity}."""
+    path = Path(out) / "vae_ceiling.json"
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [c for c in photos if c not in have]
+    if todo:
+        from attndreambooth.bench.shapes.read import identity
+        from attndreambooth.bench.shapes.world_report import round_trip
+        from attndreambooth.inference.loading import load_pipe
+        from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
+        vae = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")[0].vae
+        for c in todo:  # the photos as the trainer reads them (white behind any transparency)
+            images = [load_rgb(f) for f in sorted(Path(photos[c]).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            have[c] = float(np.mean([identity(im, c) for im in round_trip(vae, images)]))
+        path.write_text(json.dumps(have, indent=1) + "\n")
+    return {c: have[c] for c in photos}
+
+
 def write_prompts(out, concepts, n):
     """OUT/prompts/<concept>.txt: the held-out prompts each concept's cells sample."""
     (Path(out) / "prompts").mkdir(parents=True, exist_ok=True)
@@ -118,18 +139,21 @@ def pairs_of(cells, against="attndreambooth"):
     return {m: ps for m, ps in pairs.items() if ps}
 
 
-def per_concept(cells):
-    """Markdown: per concept and method, identity / text alignment, each the mean over the seeds."""
+def per_concept(cells, ceiling=None):
+    """Markdown: per concept and method, identity / text alignment, each the mean over the seeds; with
+    `ceiling` ({concept: identity}, write_vae_ceiling) a first column of what the VAE lets identity reach."""
     seeds = {}
     for (c, m, _), o in cells.items():
         seeds.setdefault((c, m), []).append(o)
     methods = list(dict.fromkeys(m for _, m in seeds))
     mean = lambda os_, k: statistics.mean(o[k] for o in os_)  # noqa: E731
-    lines = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    first = ["VAE round trip (identity)"] if ceiling else []
+    lines = ["| concept | " + " | ".join(first + methods) + " |", "|---|" + "---|" * len(first + methods)]
     for c in dict.fromkeys(c for c, _ in seeds):
         row = [f"{mean(seeds[c, m], 'identity'):.3f} / {mean(seeds[c, m], 'text'):.3f}" if (c, m) in seeds else ""
                for m in methods]
-        lines.append(f"| {c} | " + " | ".join(row) + " |")
+        lines.append(f"| {c} | " + " | ".join(([f"{ceiling[c]:.3f}" if c in ceiling else ""] if ceiling else []) + row)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -211,10 +235,11 @@ def grid(samples, path, prompts=3, side=96):
     sheet.save(path)
 
 
-def write_report(cells, out, samples, timings=None):
-    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means, and with
-    `timings` what a cell cost by part), scatter.png and grid.png in `out`, from {(concept, method, seed):
-    overall metrics} and {(concept, method): samples folder}; returns the table."""
+def write_report(cells, out, samples, timings=None, ceiling=None):
+    """comparison.md/.json (the table, AttnDreamBooth's paired differences, per-concept means, with `ceiling`
+    the VAE's own identity per concept, and with `timings` what a cell cost by part), scatter.png and grid.png
+    in `out`, from {(concept, method, seed): overall metrics} and {(concept, method): samples folder}; returns
+    the table."""
     from attndreambooth.bench.scatter import scatter
     out = Path(out)
     summary, paired = summarise(cells), paired_differences(cells)
@@ -226,7 +251,9 @@ def write_report(cells, out, samples, timings=None):
         parts += ["AttnDreamBooth minus each method, paired by concept and seed (mean ± 95 % interval of the "
                   "differences; > 0: AttnDreamBooth higher; * survives a Holm correction):",
                   table(paired, ("attndreambooth minus", "pairs"), "+", survivors), multiplicity_note(tests)]
-    parts += ["Per concept, identity / text alignment (mean over seeds):", per_concept(cells)]
+    parts += ["Per concept, identity / text alignment (mean over seeds)" + (
+        "; first, the identity of the concept's own photos after the base model's VAE (encode, decode), the most "
+        "a method can show:" if ceiling else ":"), per_concept(cells, ceiling)]
     costs = cost(timings) if timings else {}
     if costs:
         parts += ["What a cell cost, median seconds by part (each cell's timings.json, those resumed after a "
@@ -236,7 +263,7 @@ def write_report(cells, out, samples, timings=None):
     def as_lists(rows):
         return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
     (out / "comparison.json").write_text(json.dumps(dict(
-        methods=as_lists(summary), attndreambooth_minus=as_lists(paired), cost=costs,
+        methods=as_lists(summary), attndreambooth_minus=as_lists(paired), cost=costs, vae_ceiling=ceiling or {},
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
         indent=1))
     scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",

@@ -24,17 +24,20 @@ def _accumulate(totals, checks):
 
 
 @torch.no_grad()
+def round_trip(vae, images):
+    """PIL images through the VAE, encode (posterior mean) then decode, back as 8-bit PIL images."""
+    from attndreambooth.bench.shapes.pretrain import to_tensor
+    from PIL import Image
+    x = to_tensor([np.asarray(im.convert("RGB")) for im in images]).to(vae.device, vae.dtype)
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    return [Image.fromarray(((a.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for a in y]
+
+
+@torch.no_grad()
 def vae_round_trip(vae, n=300, seed=0):
     """Accuracy of every attribute after encode (posterior mean) and decode of `n` random scenes, and each
     concept's identity after the round trip of 8 of its photos."""
-    from attndreambooth.bench.shapes.pretrain import to_tensor
-    from PIL import Image
-
-    def trip(images):
-        x = to_tensor([np.asarray(im) for im in images]).to(vae.device, vae.dtype)
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        return [Image.fromarray(((a.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for a in y]
-
+    trip = lambda images: round_trip(vae, images)  # noqa: E731
     rng = random.Random(f"round-trip-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
     totals = {}
