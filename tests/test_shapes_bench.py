@@ -163,6 +163,22 @@ def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
         assert train == "train_attndreambooth.py" and [a for a in argv if str(a).startswith("prior.")] == want
 
 
+def test_the_vae_ceiling_is_kept_and_a_damaged_file_measured_again(tmp_path):
+    import json
+
+    from attndreambooth.bench.shapes.bench import DATA, write_vae_ceiling
+    from conftest import ROOT
+    photos = {"split_circle": DATA / "split_circle"}
+    (tmp_path / "vae_ceiling.json").write_text('{"split_circle": 0.5, "dot_heart": 0.25}')
+    assert write_vae_ceiling(tmp_path, photos, ROOT / "models" / "shapes") == {"split_circle": 0.5}  # kept
+    for damaged in ('{"split_circle": 0.8', '["split_circle"]', '{"split_circle": "high"}'):
+        (tmp_path / "vae_ceiling.json").write_text(damaged)
+        got = write_vae_ceiling(tmp_path, photos, ROOT / "models" / "shapes")["split_circle"]
+        published = json.loads((ROOT / "docs" / "shapes_results_r2" / "vae_ceiling.json").read_text())
+        assert got == pytest.approx(published["split_circle"], abs=1e-3)  # as the rerun measured it (another CPU:
+        #   the last bits of a convolution may differ)
+
+
 def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
     """--base without --embeds: the base model, {} the category word; a {} without a category is refused
     before any weight loads."""

@@ -75,7 +75,11 @@ def write_vae_ceiling(out, photos, base_model, device="cpu"):
     photos exactly would score through that VAE, so the most identity any method can show. Concepts already
     there are kept (a resumed sweep); returns {concept: identity}."""
     path = Path(out) / "vae_ceiling.json"
-    have = json.loads(path.read_text()) if path.is_file() else {}
+    try:  # derived data: a file cut short or edited by hand is measured again
+        have = json.loads(path.read_text()) if path.is_file() else {}
+        have = {c: float(v) for c, v in have.items()}
+    except (ValueError, TypeError, AttributeError):
+        have = {}
     todo = [c for c in photos if c not in have]
     if todo:
         from attndreambooth.bench.shapes.read import identity
