@@ -163,20 +163,35 @@ def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
         assert train == "train_attndreambooth.py" and [a for a in argv if str(a).startswith("prior.")] == want
 
 
-def test_the_vae_ceiling_is_kept_and_a_damaged_file_measured_again(tmp_path):
+def test_a_per_concept_file_keeps_its_entries_and_measures_damaged_ones_again(tmp_path):
+    """The floor captions' and VAE ceiling's file: what is there is kept, only what is missing, refused or in
+    a damaged file is measured, and the file is replaced whole (no part file left)."""
+    from attndreambooth.bench.shapes.bench import per_concept_file
+    path, asked = tmp_path / "f.json", []
+
+    def measure(todo):
+        asked.append(todo)
+        return {c: len(c) / 10 for c in todo}
+    number = lambda e: isinstance(e, float)  # noqa: E731
+    path.write_text('{"ab": 0.5, "abc": "high", "other": 0.1}')
+    assert per_concept_file(path, ["ab", "abc", "abcd"], measure, number) == {"ab": 0.5, "abc": 0.3, "abcd": 0.4}
+    assert asked == [["abc", "abcd"]]
+    assert per_concept_file(path, ["ab", "abcd"], measure, number) == {"ab": 0.5, "abcd": 0.4} and len(asked) == 1
+    for damaged in ('{"ab": 0.5', '["ab"]'):
+        path.write_text(damaged)
+        assert per_concept_file(path, ["ab"], measure, number) == {"ab": 0.2} and asked[-1] == ["ab"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_the_vae_ceiling_of_a_concept_is_what_the_rerun_published(tmp_path):
     import json
 
     from attndreambooth.bench.shapes.bench import DATA, write_vae_ceiling
     from conftest import ROOT
-    photos = {"split_circle": DATA / "split_circle"}
-    (tmp_path / "vae_ceiling.json").write_text('{"split_circle": 0.5, "dot_heart": 0.25}')
-    assert write_vae_ceiling(tmp_path, photos, ROOT / "models" / "shapes") == {"split_circle": 0.5}  # kept
-    for damaged in ('{"split_circle": 0.8', '["split_circle"]', '{"split_circle": "high"}'):
-        (tmp_path / "vae_ceiling.json").write_text(damaged)
-        got = write_vae_ceiling(tmp_path, photos, ROOT / "models" / "shapes")["split_circle"]
-        published = json.loads((ROOT / "docs" / "shapes_results_r2" / "vae_ceiling.json").read_text())
-        assert got == pytest.approx(published["split_circle"], abs=1e-3)  # as the rerun measured it (another CPU:
-        #   the last bits of a convolution may differ)
+    got = write_vae_ceiling(tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
+    published = json.loads((ROOT / "docs" / "shapes_results_r2" / "vae_ceiling.json").read_text())
+    assert got["split_circle"] == pytest.approx(published["split_circle"], abs=1e-3)  # another CPU may differ
+    #   in a convolution's last bits
 
 
 def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ concept, the statistics (mean and 95 % confidence interval over concepts x seeds
 table, the identity-vs-text scatter with its intervals, and a grid of samples with [V]'s attention.
 scripts/sweep.py --world shapes runs it."""
 import json
+import os
 import random
 import statistics
 from pathlib import Path
@@ -52,46 +53,60 @@ def world_cells(concepts, methods, seeds):
             + [cell(c, m, seed) for seed in seeds for c in concepts for m in methods])
 
 
+def per_concept_file(path, concepts, measure, valid):
+    """{concept: entry} kept in the JSON file `path`, a sweep's derived data: entries already there are kept
+    (a resumed sweep), those missing are `measure(todo)`d ({concept: entry}) and written at once (a report
+    beside a sweep never reads a half-written file); a damaged file, or an entry `valid` refuses, is measured
+    again."""
+    path = Path(path)
+    try:
+        have = json.loads(path.read_text()) if path.is_file() else {}
+        have = {c: e for c, e in have.items() if valid(e)}
+    except (ValueError, AttributeError):  # cut short, or not a mapping
+        have = {}
+    todo = [c for c in concepts if c not in have]
+    if todo:
+        have.update(measure(todo))
+        part = path.with_name(f".{path.name}.{os.getpid()}")
+        part.write_text(json.dumps(have, indent=1) + "\n")
+        os.replace(part, path)
+    return {c: have[c] for c in concepts}
+
+
+def _base_pipe(base_model, device):
+    from attndreambooth.inference.loading import load_pipe
+    pipe = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")[0]
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def write_floor_captions(out, concepts, base_model, steps, device="cpu"):
     """OUT/floor_captions.json: per concept the base model's best descriptive caption and the identities of
     each tried (world_report.caption_floor: 8 scenes of its own, not the benchmark's prompts, sampled with
-    the sweep's `steps`); concepts already there are kept (a resumed sweep)."""
-    path = Path(out) / "floor_captions.json"
-    have = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [c for c in concepts if c not in have]
-    if todo:
-        from attndreambooth.bench.shapes.world_report import caption_floor
-        from attndreambooth.inference.loading import load_pipe
-        pipe, _, _ = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")
-        pipe.set_progress_bar_config(disable=True)
-        have.update(caption_floor(pipe, todo, steps=steps))
-        path.write_text(json.dumps(have, indent=1) + "\n")
-    return {c: have[c]["caption"] for c in concepts}
+    the sweep's `steps`); returns {concept: caption}."""
+    from attndreambooth.bench.shapes.world_report import caption_floor
+    found = per_concept_file(Path(out) / "floor_captions.json", concepts,
+                             lambda todo: caption_floor(_base_pipe(base_model, device), todo, steps=steps),
+                             lambda e: isinstance(e, dict) and isinstance(e.get("caption"), str))
+    return {c: e["caption"] for c, e in found.items()}
 
 
 def write_vae_ceiling(out, photos, base_model, device="cpu"):
     """OUT/vae_ceiling.json: per concept (`photos`: {concept: its photos' folder}) the mean identity of its
     training photos after the base model's VAE round trip (encode, decode): what a method that reproduced the
-    photos exactly would score through that VAE, so the most identity any method can show. Concepts already
-    there are kept (a resumed sweep); returns {concept: identity}."""
-    path = Path(out) / "vae_ceiling.json"
-    try:  # derived data: a file cut short or edited by hand is measured again
-        have = json.loads(path.read_text()) if path.is_file() else {}
-        have = {c: float(v) for c, v in have.items()}
-    except (ValueError, TypeError, AttributeError):
-        have = {}
-    todo = [c for c in photos if c not in have]
-    if todo:
+    photos exactly would score through that VAE, so the most identity any method can show; returns
+    {concept: identity}."""
+    def measure(todo):
         from attndreambooth.bench.shapes.read import identity
         from attndreambooth.bench.shapes.world_report import round_trip
-        from attndreambooth.inference.loading import load_pipe
         from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
-        vae = load_pipe(None, None, base_model, None, [], "x", "fp32", device, "dpm++")[0].vae
+        vae, found = _base_pipe(base_model, device).vae, {}
         for c in todo:  # the photos as the trainer reads them (white behind any transparency)
             images = [load_rgb(f) for f in sorted(Path(photos[c]).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-            have[c] = float(np.mean([identity(im, c) for im in round_trip(vae, images)]))
-        path.write_text(json.dumps(have, indent=1) + "\n")
-    return {c: have[c] for c in photos}
+            found[c] = float(np.mean([identity(im, c) for im in round_trip(vae, images)]))
+        return found
+    return per_concept_file(Path(out) / "vae_ceiling.json", list(photos), measure,
+                            lambda e: isinstance(e, (int, float)) and not isinstance(e, bool))
 
 
 def write_prompts(out, concepts, n):
@@ -156,8 +171,8 @@ def per_concept(cells, ceiling=None):
     for c in dict.fromkeys(c for c, _ in seeds):
         row = [f"{mean(seeds[c, m], 'identity'):.3f} / {mean(seeds[c, m], 'text'):.3f}" if (c, m) in seeds else ""
                for m in methods]
-        lines.append(f"| {c} | " + " | ".join(([f"{ceiling[c]:.3f}" if c in ceiling else ""] if ceiling else []) + row)
-                     + " |")
+        bound = [f"{ceiling[c]:.3f}" if c in ceiling else ""] if ceiling else []
+        lines.append(f"| {c} | " + " | ".join(bound + row) + " |")
     return "\n".join(lines)
 
 

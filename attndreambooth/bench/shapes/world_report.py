@@ -37,15 +37,15 @@ def round_trip(vae, images):
 def vae_round_trip(vae, n=300, seed=0):
     """Accuracy of every attribute after encode (posterior mean) and decode of `n` random scenes, and each
     concept's identity after the round trip of 8 of its photos."""
-    trip = lambda images: round_trip(vae, images)  # noqa: E731
     rng = random.Random(f"round-trip-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
     totals = {}
     for i in range(0, n, 50):
-        for scene, image in zip(scenes[i:i + 50], trip([s.render(rng.randrange(2**31)) for s in scenes[i:i + 50]])):
+        images = round_trip(vae, [s.render(rng.randrange(2**31)) for s in scenes[i:i + 50]])
+        for scene, image in zip(scenes[i:i + 50], images):
             _accumulate(totals, alignment(image, scene)[1])
-    ids = {c: float(np.mean([identity(im, c) for im in trip([im for _, im in concept_photos(c, 8, seed=123)])]))
-           for c in CONCEPTS}
+    photos = {c: [im for _, im in concept_photos(c, 8, seed=123)] for c in CONCEPTS}
+    ids = {c: float(np.mean([identity(im, c) for im in round_trip(vae, photos[c])])) for c in CONCEPTS}
     return dict(scenes=n, accuracy={k: h / t for k, (h, t) in totals.items()}, identity=ids)
 
 
