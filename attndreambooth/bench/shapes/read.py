@@ -143,21 +143,28 @@ def fill_of(image, blob, shape):
     names = nearest(c0, OBJECT_COLOURS), nearest(c1, OBJECT_COLOURS)
     if np.linalg.norm(c0 - c1) < MIN_CONTRAST or min(share, 1 - share) < MIN_SHARE or names[0] == names[1]:
         return "plain", nearest(np.median(pixels, axis=0), OBJECT_COLOURS)
+    pattern, sign = best_pattern(blob, shape, inner, labels, PATTERNS, pattern_mask)
+    return pattern, names if sign > 0 else names[::-1]  # label 1 on the mask: cluster 1 is the second colour
+
+
+def best_pattern(blob, shape, inner, labels, patterns, mask_of):
+    """(pattern, sign): of `patterns` (masks from `mask_of(pattern, u, v)`), the one whose mask at the object's
+    fitted centre and radius, refined over sub-pixel shifts, correlates best with the interior's two-colour
+    split (`labels` over the pixels of `inner`); sign > 0 when label 1 falls on the mask."""
     (cx, cy), r = _fit_circle(blob, shape)
     ys, xs = np.nonzero(inner)
-    split = labels.astype(np.float64) - share
+    split = labels.astype(np.float64) - labels.mean()
     best = (-1.0, None, 1.0)
     for ox in SHIFTS:
         for oy in SHIFTS:
             u, v = (xs + 0.5 - cx - ox) / r, (ys + 0.5 - cy - oy) / r
-            for pattern in PATTERNS:
-                m = pattern_mask(pattern, u, v).astype(np.float64)
+            for pattern in patterns:
+                m = mask_of(pattern, u, v).astype(np.float64)
                 m -= m.mean()
                 denom = np.sqrt((m ** 2).sum() * (split ** 2).sum())
                 corr = float((m * split).sum() / denom) if denom > 0 else 0.0
                 best = max(best, (abs(corr), pattern, np.sign(corr)), key=lambda t: t[0])
-    _, pattern, sign = best
-    return pattern, names if sign > 0 else names[::-1]  # label 1 on the mask: cluster 1 is the second colour
+    return best[1], best[2]
 
 
 def _fit_circle(blob, shape):
@@ -240,7 +247,12 @@ def identity(image, concept, blob=None):
     found = blobs(image) if blob is None else [blob]
     if not found:
         return 0.0
-    blob, thing = found[0], Thing(CONCEPTS[concept][0], None, concept)
+    return fitted_r2(image, found[0], Thing(CONCEPTS[concept][0], None, concept), draw_thing)
+
+
+def fitted_r2(image, blob, thing, draw):
+    """The best R^2 (clipped at 0) over the blob's eroded interior of `thing` drawn by `draw(thing, centre,
+    radius)` where the blob is: centre and radius fitted from its mask, then refined coarse to fine."""
     inner = _erode(blob.mask)
     if inner.sum() < 4:
         return 0.0
@@ -248,7 +260,7 @@ def identity(image, concept, blob=None):
     centre, radius = _fit_circle(blob, thing.shape)
 
     def score(c, r):
-        return _explained(seen, np.asarray(draw_thing(thing, c, r), np.float32)[inner])
+        return _explained(seen, np.asarray(draw(thing, c, r), np.float32)[inner])
 
     best = (score(centre, radius), centre, radius)
     for step in (0.6, 0.3, 0.15):  # coarse to fine, around the best so far
