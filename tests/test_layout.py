@@ -91,3 +91,12 @@ def test_every_file_reads_in_one_sitting():
     files = [*ROOT.glob("*.py"), *(ROOT / "attndreambooth").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 310}
     assert long == {}, long
+
+
+def test_the_package_never_imports_the_worlds():
+    """The worlds (worlds/) are built on the trainer; a training run needs none of them."""
+    offenders = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "attndreambooth").rglob("*.py"))
+                 for node in ast.walk(ast.parse(p.read_text()))
+                 if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "worlds")
+                 or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "worlds" for a in node.names))]
+    assert offenders == []

@@ -132,7 +132,6 @@ def test_concepts_identity_and_object_masks():
     scene = Scene(Thing("square", "red"), "big", "right", "black", Thing("circle", "white"))
     main, second = object_masks(scene, 4)
     image = np.asarray(scene.render(4), np.float32)
-    assert abs(main.sum() - (image[..., 1] < 60).sum() + (image[..., 1] > 200).sum()) < 1 or True
     red = (np.abs(image - COLOURS["red"]).max(-1) < 5)
     white = (np.abs(image - COLOURS["white"]).max(-1) < 5)
     assert ((main > 0.99) == red).mean() > 0.995 and ((second > 0.99) == white).mean() > 0.995
@@ -281,3 +280,26 @@ def test_a_missed_gate_stops_and_stays_stopped():
     assert Probe(lines.append, override=True).blocked(run) is False and run.gates[-1]["overridden"]
     assert probe.blocked(run) is False  # overridden once, it stays passed
     assert probe._verdict(run, "y", {"background": 0.7}, {"background": 0.65}) is None
+
+
+def test_caption_use_on_a_constructed_denoiser():
+    """A denoiser that predicts the noise exactly, plus (its conditioning's value - the scene's index) + 0.1:
+    with its own caption the error is 0.1^2; with the caption rolled by one it is (-0.9)^2 for every scene but
+    the first, whose rolled caption is the last's ((n - 1) + 0.1)^2. The ratio is computed by hand."""
+    from diffusers import DDPMScheduler
+    from worlds.shapes3.gates import caption_use
+    from worlds.shapes3.model import build
+    n, scheduler = 8, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    alphas = scheduler.alphas_cumprod
+
+    def unet(noisy, t, cond):
+        noise = noisy / (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)  # the latents are zero: noisy is scaled noise
+        offset = cond[:, 0, 0] - torch.arange(len(t)) + 0.1
+        return SimpleNamespace(sample=noise + offset.view(-1, 1, 1, 1))
+
+    run = SimpleNamespace(tokenizer=build()[0], device=torch.device("cpu"), scheduler=scheduler, unet=unet,
+                          encode=lambda x: (torch.zeros(len(x), 8, 16, 16), None),
+                          conditioner=SimpleNamespace(encode=lambda b, d: torch.arange(len(b.ids)).float()
+                                                      .view(-1, 1, 1).expand(-1, 77, 128)))
+    want = (((n - 1) * 0.9 ** 2 + (n - 1 + 0.1) ** 2) / n) / 0.1 ** 2
+    assert all(v == pytest.approx(want, rel=1e-4) for v in caption_use(run, scenes=n).values())

@@ -96,6 +96,24 @@ def caption_use(run, scenes=64, timesteps=(200, 500, 800), seed=0):
     return out
 
 
+def vae_round_trip(vae, n=300):
+    """Accuracy of each attribute after encode (posterior mean) and decode of `n` scenes, each concept's identity
+    after the round trip of 8 of its photos, and the least of those identities."""
+    from attndreambooth.bench.shapes.world_report import round_trip
+    rng = random.Random("round-trip-0")
+    scenes = [random_scene(rng) for _ in range(n)]
+    hits = {}
+    for i in range(0, n, 50):
+        images = round_trip(vae, [s.render(rng.randrange(2**31)) for s in scenes[i:i + 50]])
+        for scene, image in zip(scenes[i:i + 50], images):
+            for key, ok in alignment(image, scene)[1].items():
+                hits[key] = hits.get(key, 0) + ok
+    ids = {c: float(np.mean([identity(im, c) for im in round_trip(vae, [im for _, im in concept_photos(c, 8, 123)])]))
+           for c in CONCEPTS}
+    return {**{k: v / n for k, v in hits.items()}, **{f"identity {c}": v for c, v in ids.items()},
+            "identity": min(ids.values())}
+
+
 class Probe:
     """The measurements and gates, called by the pretraining at the end of each phase and every probe_every
     U-Net steps."""
@@ -142,20 +160,7 @@ class Probe:
         return self._verdict(run, "text encoder", numbers, TEXT_GATE)
 
     def vae(self, run):
-        from attndreambooth.bench.shapes.world_report import round_trip
-        rng = random.Random("round-trip-0")
-        scenes = [random_scene(rng) for _ in range(300)]
-        totals = {}
-        for i in range(0, 300, 50):
-            images = round_trip(run.vae, [s.render(rng.randrange(2**31)) for s in scenes[i:i + 50]])
-            for scene, image in zip(scenes[i:i + 50], images):
-                for key, ok in alignment(image, scene)[1].items():
-                    totals[key] = totals.get(key, 0) + ok / 300
-        ids = {c: float(np.mean([identity(im, c) for im in round_trip(run.vae, [im for _, im in
-                                                                                concept_photos(c, 8, seed=123)])]))
-               for c in CONCEPTS}
-        numbers = {**totals, **{f"identity {c}": v for c, v in ids.items()}, "identity": min(ids.values())}
-        return self._verdict(run, "vae round trip", numbers, VAE_GATE)
+        return self._verdict(run, "vae round trip", vae_round_trip(run.vae), VAE_GATE)
 
     def unet(self, run):
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline

@@ -135,12 +135,12 @@ class Pretraining:
         if self.probe and self.probe.blocked(self):
             return "gate"
         while self.phase != "done":
-            t0 = time.perf_counter()
+            t0, phase = time.perf_counter(), self.phase
             verdict = getattr(self, f"{self.phase}_step")()
             self.seconds += time.perf_counter() - t0
             now = time.perf_counter()
             out_of_time = time_limit_s is not None and now - start >= time_limit_s
-            if verdict or self.phase == "done" or out_of_time or now - last_save >= checkpoint_s:
+            if verdict or self.phase != phase or out_of_time or now - last_save >= checkpoint_s:
                 self.save()
                 last_save = now
                 self.log(f"checkpoint: {self.phase} step {self.step}, {self.seconds:.0f} s of training")

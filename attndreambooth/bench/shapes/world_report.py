@@ -126,12 +126,13 @@ def caption_floor(pipe, concepts, n=8, seed=0, steps=STEPS):
     return out
 
 
-def sample_grid(pipe, path, n=12, seed=1):
-    """Held-out captions, each with its sample, captions under the images."""
+def sample_grid(pipe, path, n=12, seed=1, scenes=None):
+    """Held-out captions (or those of `scenes`), each with its sample, captions under the images."""
     from PIL import Image, ImageDraw, ImageFont
     from attndreambooth.inference.sampling import sample
     rng = random.Random(f"grid-{seed}")
-    scenes = [random_scene(rng) for _ in range(n)]
+    scenes = scenes or [random_scene(rng) for _ in range(n)]
+    n = len(scenes)
     cell, text_h, cols = 192, 40, 4
     grid = Image.new("RGB", (cols * cell, (n + cols - 1) // cols * (cell + text_h)), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
