@@ -26,10 +26,13 @@ import platform
 import time
 from dataclasses import replace
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
 import torch
 
-from attndreambooth.bench.layouts import LAYOUTS, build, model_flops  # noqa: F401 (build: benchmark_infer)
+from bench.layouts import LAYOUTS, build, model_flops  # noqa: F401 (build: benchmark_infer)
 from attndreambooth.trainer.memory import LADDER, LORA_RANK
 
 # Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.trainer.memory):
@@ -92,7 +95,7 @@ def run_variant(variant, preset, args):
     from accelerate.state import AcceleratorState
 
     from attention_reg import CrossAttentionCapture
-    from attndreambooth.bench.reference import EncodeEveryStep, ReferenceCapture
+    from bench.reference import EncodeEveryStep, ReferenceCapture
     from attndreambooth.config.loading import load_config
     from attndreambooth.config.plan import DTYPES, Plan
     from attndreambooth.config.schema import MEMORY_PRESETS

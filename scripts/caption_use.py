@@ -7,6 +7,10 @@ that follows its prompts predicts the noise much better from the right caption (
 """
 import argparse
 import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
 import numpy as np
 import torch
@@ -17,8 +21,8 @@ def caption_use(model, scenes=128, timesteps=(200, 500, 800), seed=0):
     """{t: {"true": mse, "shuffled": mse, "empty": mse}} on `scenes` fresh scenes of the world."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from attndreambooth.bench.shapes.pretrain import to_tensor
-    from attndreambooth.bench.shapes.scene import random_scene
+    from worlds.shapes.pretrain import to_tensor
+    from worlds.shapes.scene import random_scene
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
                                                    torch_dtype=torch.float32)
     rng = random.Random(f"caption-use-{seed}")

@@ -18,11 +18,13 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from attndreambooth.bench.scatter import scatter
+from attndreambooth.sweep.scatter import scatter
 from attndreambooth.families.source import cached_build, quiet_known_noise
 from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
 
@@ -123,7 +125,7 @@ WORLD_COLUMNS = {"identity": "identity", "text": "text alignment", "attention_sh
 
 
 def markdown(result):
-    if result.get("world"):  # the shapes world: exact metrics (attndreambooth.bench.shapes)
+    if result.get("world"):  # the shapes world: exact metrics (worlds.shapes)
         keys = list(result["overall"])
         lines = ["| prompt | images | " + " | ".join(WORLD_COLUMNS[k] for k in keys) + " |",
                  "|---|---|" + "---|" * len(keys)]
@@ -172,8 +174,8 @@ def check_args(args, out):
                     raise ValueError(f"--samples: {image} is not a readable image ({e}); delete it or rerun "
                                      "infer.py for that prompt") from None
     if args.world:
-        from attndreambooth.bench.shapes.scene import CONCEPTS
-        from attndreambooth.bench.shapes.score import parse_caption
+        from worlds.shapes.scene import CONCEPTS
+        from worlds.shapes.score import parse_caption
         if args.concept is not None and args.concept not in CONCEPTS:
             raise ValueError(f"--concept {args.concept!r} is not one of {sorted(CONCEPTS)}")
         for record_file in sorted(samples.glob("*/prompt.json")):
@@ -216,7 +218,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.world:
-        from attndreambooth.bench.shapes.score import score_samples
+        from worlds.shapes.score import score_samples
         result = score_samples(args.samples, args.concept, args.placeholder)
         point, labels = (result["overall"]["text"], result["overall"].get("identity", 0.0)), ("text alignment", "identity")
     else:

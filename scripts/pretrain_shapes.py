@@ -8,9 +8,9 @@ stock diffusers folder (fp16 safetensors) and report.json.
     python scripts/pretrain_shapes.py --out /tmp/s --vae_steps 20 --unet_steps 20 --chunk 64 --vae_chunk 64 \
         --batch 8 --eval_captions 8                                             # a smoke run
 
-1. VAE and 2. U-Net + text encoder: attndreambooth.bench.shapes.pretrain (fresh scenes in chunks, min-SNR
+1. VAE and 2. U-Net + text encoder: worlds.shapes.pretrain (fresh scenes in chunks, min-SNR
    epsilon objective, caption dropout for classifier-free guidance, EMA weights saved).
-3. The report (attndreambooth.bench.shapes.world_report): the VAE's round trip, held-out captions sampled with
+3. The report (worlds.shapes.world_report): the VAE's round trip, held-out captions sampled with
    the stock pipeline (DPM++, CFG 7.5, 25 steps) and read back, the shape words' attention IoU, the
    concepts' descriptive-caption floor, a sample grid and a per-token attention figure.
 """
@@ -18,12 +18,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
 import torch
 
-from attndreambooth.bench.shapes.model import LATENT_CHANNELS, build
-from attndreambooth.bench.shapes.pretrain import Pretraining
-from attndreambooth.bench.shapes.world_report import write_report
+from worlds.shapes.model import LATENT_CHANNELS, build
+from worlds.shapes.pretrain import Pretraining
+from worlds.shapes.world_report import write_report
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.families.source import quiet_known_noise, save_pipeline
 

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from attndreambooth.bench.shapes.bench import DATA, METRICS
-from attndreambooth.bench.shapes.scene import CONCEPTS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
+
+from worlds.shapes.bench import DATA, METRICS
+from worlds.shapes.scene import CONCEPTS
 from attndreambooth.sweep.cells import ROOT, call_in_process, cell_commands, cell_dir
 
 

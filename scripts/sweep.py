@@ -32,10 +32,13 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
 import torch
 
-from attndreambooth.bench import dreambench
+from attndreambooth.sweep import dreambench
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.sweep import cluster, jobs
 from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
@@ -48,9 +51,9 @@ PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "pro
 
 
 def gather_world(results, out, cells, base_model):
-    """The world's report (attndreambooth.bench.shapes.bench.write_report) from the cells' metrics, with the
+    """The world's report (worlds.shapes.bench.write_report) from the cells' metrics, with the
     base model's VAE ceiling per concept and, for the grid, the samples of the first seed."""
-    from attndreambooth.bench.shapes.bench import BASELINES, write_report, write_vae_ceiling
+    from worlds.shapes.bench import BASELINES, write_report, write_vae_ceiling
     name = lambda m: BASELINES.get(m, m.split("/")[-1])  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
@@ -123,7 +126,7 @@ def main(argv=None):
         raise SystemExit(f"error: --publish: {problem}")
     out = Path(args.out)
     if args.world:
-        from attndreambooth.bench.shapes.bench import METHODS, QUICK_METHODS, world_cells
+        from worlds.shapes.bench import METHODS, QUICK_METHODS, world_cells
         if args.quick:
             args.concepts = args.concepts or "checker_star"
             args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
@@ -132,7 +135,7 @@ def main(argv=None):
         args.seeds = parse_seeds(p, args.seeds or "0,1,2")
         for m in args.methods.split(","):
             method_config(m)
-        from attndreambooth.bench.shapes.scene import CONCEPTS
+        from worlds.shapes.scene import CONCEPTS
         concepts = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
         if unknown := [c for c in concepts if c not in CONCEPTS]:
             raise SystemExit(f"error: --concepts {unknown}: not concepts of the shapes world ({', '.join(CONCEPTS)})")
@@ -191,7 +194,7 @@ def sweep(args, out, concepts, cells, protocol, options):
         return report(args, out, done)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")  # OUT is this process's (its lock)
     if args.world:
-        from attndreambooth.bench.shapes.bench import write_floor_captions, write_prompts
+        from worlds.shapes.bench import write_floor_captions, write_prompts
         write_prompts(out, concepts, args.num_prompts)
         floors = [c[0] for c in set(cells) - set(finished(out, cells)) if c[3] == "floor"]
         if floors:  # the base model's best description of each concept, chosen once, before any cell runs

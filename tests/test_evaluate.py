@@ -229,7 +229,7 @@ def test_evaluate_names_a_corrupt_image_and_a_prompt_outside_the_world(tmp_path)
     import json
 
     import evaluate
-    from attndreambooth.bench.shapes.scene import Scene, Thing
+    from worlds.shapes.scene import Scene, Thing
     folder = tmp_path / "s" / "a_v-00000001"
     folder.mkdir(parents=True)
     scene = Scene(Thing("star", None, "checker_star"), "big", "left", "blue")

@@ -9,7 +9,7 @@ from conftest import ROOT
 # bottom to top; a module may import its own layer and the ones below (attention_reg.py is a library file
 # of its own, below everything; the command-line faces, infer.py and train_attndreambooth.py, are on top)
 LAYERS = ("attention_reg", "attndreambooth.config", "attndreambooth.families", "attndreambooth.inference",
-          "attndreambooth.trainer", "attndreambooth.bench", "attndreambooth.sweep", "infer", "train_attndreambooth")
+          "attndreambooth.trainer", "attndreambooth.sweep", "infer", "train_attndreambooth")
 
 
 def modules():
@@ -93,10 +93,15 @@ def test_every_file_reads_in_one_sitting():
     assert long == {}, long
 
 
-def test_the_package_never_imports_the_worlds():
-    """The worlds (worlds/) are built on the trainer; a training run needs none of them."""
+BESIDE = ("worlds", "bench")  # the synthetic worlds and the speed benchmarks: they import the package
+
+
+def test_the_package_never_imports_what_lives_beside_it():
+    """The worlds and the benchmarks are built on the trainer; a training run needs none of them."""
+    top = lambda name: (name or "").split(".")[0]  # noqa: E731
     offenders = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "attndreambooth").rglob("*.py"))
                  for node in ast.walk(ast.parse(p.read_text()))
-                 if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "worlds")
-                 or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "worlds" for a in node.names))]
+                 if (isinstance(node, ast.ImportFrom) and top(node.module) in BESIDE)
+                 or (isinstance(node, ast.Import) and any(top(a.name) in BESIDE for a in node.names))]
     assert offenders == []
+    assert not (ROOT / "attndreambooth" / "bench").exists()

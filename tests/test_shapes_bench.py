@@ -6,11 +6,11 @@ import statistics
 import numpy as np
 import pytest
 
-from attndreambooth.bench.shapes import read as R
-from attndreambooth.bench.shapes.bench import bench_prompts, paired_differences, per_concept, summarise, table
-from attndreambooth.bench.shapes.stats import T975, holm, mean_ci, sign_flip_p
-from attndreambooth.bench.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
-from attndreambooth.bench.shapes.score import parse_caption
+from worlds.shapes import read as R
+from worlds.shapes.bench import bench_prompts, paired_differences, per_concept, summarise, table
+from worlds.shapes.stats import T975, holm, mean_ci, sign_flip_p
+from worlds.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
+from worlds.shapes.score import parse_caption
 
 
 def test_short_captions_parse_back_with_the_left_out_attributes_unset():
@@ -69,7 +69,7 @@ def test_sign_flip_p_and_holm_by_hand():
 def test_cost_by_hand_leaves_out_resumed_cells():
     """Median seconds per part and per cell over a method's cells (a paused cell does not move it); a resumed
     cell (it timed only what it redid) is left out, and a method with nothing else has no row."""
-    from attndreambooth.bench.shapes.bench import cost
+    from worlds.shapes.bench import cost
     t = lambda train, infer, ev, resumed=False: dict(train_attndreambooth=train, infer=infer, evaluate=ev,  # noqa
                                                      processes="this one", resumed=resumed)
     costs = cost({("a", "m", 0): t(100, 20, 10), ("b", "m", 0): t(200, 30, 20), ("a", "m", 1): t(4, 25, 9, True),
@@ -121,7 +121,7 @@ def test_mean_ci_by_hand():
 
 
 def test_patterned_vae_scenes_are_deterministic_and_varied():
-    from attndreambooth.bench.shapes.textures import random_textured_image
+    from worlds.shapes.textures import random_textured_image
     a = [random_textured_image(random.Random(4)) for _ in range(2)]
     assert np.array_equal(a[0], a[1])
     images = [random_textured_image(random.Random(i)) for i in range(30)]
@@ -135,7 +135,7 @@ def test_every_view_of_a_world_photo_is_the_photo_itself():
     is the photo, pixel for pixel, so a pool of views and a fresh one per step are the same data."""
     from PIL import Image
 
-    from attndreambooth.bench.shapes.bench import DATA
+    from worlds.shapes.bench import DATA
     from attndreambooth.config.loading import load_config
     from attndreambooth.trainer.data import augmented_view, list_images, load_rgb
     from conftest import ROOT
@@ -166,7 +166,7 @@ def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
 def test_a_per_concept_file_keeps_its_entries_and_measures_damaged_ones_again(tmp_path):
     """The floor captions' and VAE ceiling's file: what is there is kept, only what is missing, refused or in
     a damaged file is measured, and the file is replaced whole (no part file left)."""
-    from attndreambooth.bench.shapes.bench import per_concept_file
+    from worlds.shapes.bench import per_concept_file
     path, asked = tmp_path / "f.json", []
 
     def measure(todo):
@@ -186,7 +186,7 @@ def test_a_per_concept_file_keeps_its_entries_and_measures_damaged_ones_again(tm
 def test_the_vae_ceiling_of_a_concept_is_what_the_rerun_published(tmp_path):
     import json
 
-    from attndreambooth.bench.shapes.bench import DATA, write_vae_ceiling
+    from worlds.shapes.bench import DATA, write_vae_ceiling
     from conftest import ROOT
     got = write_vae_ceiling(tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
     published = json.loads((ROOT / "docs" / "shapes_results_r2" / "vae_ceiling.json").read_text())
@@ -247,7 +247,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "s" / "comparison.json").read_text())
     assert set(report["methods"]) == {"base model, category word", "base model, best caption", "attndreambooth",
                                       "textual_inversion"}
-    from attndreambooth.bench.shapes.world_report import describing_captions
+    from worlds.shapes.world_report import describing_captions
     caption = json.loads((tmp_path / "s" / "floor_captions.json").read_text())["split_circle"]["caption"]
     assert caption in describing_captions("split_circle")  # the best of those tried, on scenes of its own
     floor = sorted((tmp_path / "s" / "split_circle" / "floor" / "samples").glob("*/prompt.json"))[0]
@@ -257,8 +257,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert len(metrics["prompts"]) == 7 and metrics["prompts"][6]["prompt"].startswith("a ")
     from PIL import Image
 
-    from attndreambooth.bench.shapes.read import alignment, identity
-    from attndreambooth.bench.shapes.score import parse_caption
+    from worlds.shapes.read import alignment, identity
+    from worlds.shapes.score import parse_caption
     first = sorted(p for p in (cell / "samples").iterdir() if p.is_dir())[0]
     image, prompt = Image.open(first / "000.png"), json.loads((first / "prompt.json").read_text())["prompt"]
     scene = parse_caption(prompt, "<v>", "split_circle")
@@ -377,8 +377,8 @@ def test_the_published_multiple_comparison_figures_are_the_committed_cells():
     from docs/shapes_results/comparison.json's cells."""
     import json
 
-    from attndreambooth.bench.shapes.bench import METRICS, pairs_of
-    from attndreambooth.bench.shapes.stats import paired_tests
+    from worlds.shapes.bench import METRICS, pairs_of
+    from worlds.shapes.stats import paired_tests
     from conftest import ROOT
     report = json.loads((ROOT / "docs" / "shapes_results" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
@@ -398,8 +398,8 @@ def test_the_reruns_multiple_comparison_paragraph_is_what_its_cells_give():
     import json
     import re
 
-    from attndreambooth.bench.shapes.bench import METRICS, pairs_of
-    from attndreambooth.bench.shapes.stats import multiplicity_note, paired_tests
+    from worlds.shapes.bench import METRICS, pairs_of
+    from worlds.shapes.stats import multiplicity_note, paired_tests
     from conftest import ROOT
     report = json.loads((ROOT / "docs" / "shapes_results_r2" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}

@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from attndreambooth.bench.shapes import read as R
-from attndreambooth.bench.shapes.scene import (BACKGROUNDS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, PATTERNS, POSITIONS, SHAPES, Scene, Thing, concept_photos, random_scene)
+from worlds.shapes import read as R
+from worlds.shapes.scene import (BACKGROUNDS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, PATTERNS, POSITIONS, SHAPES, Scene, Thing, concept_photos, random_scene)
 
 
 def test_scenes_and_renders_are_deterministic():
@@ -34,7 +34,7 @@ def test_scenes_and_renders_are_deterministic():
 def test_pattern_colours_are_where_the_pattern_puts_them():
     """The second colour on the pattern's mask, the first elsewhere: pixels at known unit coordinates of a big
     render (a swap of the mask or of the colours fails here)."""
-    from attndreambooth.bench.shapes.scene import COLOURS, POSITIONS as P, RADII
+    from worlds.shapes.scene import COLOURS, POSITIONS as P, RADII
     cx, cy = P["centre"]
     r = RADII["big"]
     probes = {"halved": ((-0.4, 0.1), (0.4, 0.1)), "dotted": ((0.4, 0.3), (0.0, -0.05)),
@@ -125,7 +125,7 @@ def test_identity_asks_for_the_colours_too():
     """The concept's pattern in the nearest caption colours scores well below the concept itself (a correlation
     would not: a blue-orange checkerboard correlates 0.91 with the orange-teal one), by the R^2 computed here by
     hand on the concept's own render."""
-    from attndreambooth.bench.shapes.scene import COLOURS, pattern_mask
+    from worlds.shapes.scene import COLOURS, pattern_mask
     scene = Scene(Thing("star", None, "checker_star"), "big", "centre", "black")
     own = R.identity(scene.render(0), "checker_star")
     near = Scene(Thing("star", "orange", pattern="checkered", colour2="green"), "big", "centre", "black").render(0)
@@ -139,7 +139,7 @@ def test_identity_asks_for_the_colours_too():
 
 
 def test_captions_parse_back_to_their_scenes():
-    from attndreambooth.bench.shapes.score import parse_caption
+    from worlds.shapes.score import parse_caption
     rng = random.Random(3)
     for _ in range(100):
         scene = random_scene(rng)
@@ -157,7 +157,7 @@ def test_captions_parse_back_to_their_scenes():
 
 
 def test_attention_share_and_iou_by_hand():
-    from attndreambooth.bench.shapes.score import attention_iou, attention_share
+    from worlds.shapes.score import attention_iou, attention_share
     maps = np.zeros((1, 77, 4, 4), np.float32)
     maps[0, 1] = 0.25  # "a"
     maps[0, 2] = 0.75  # "<v>": three quarters of the words' mass
@@ -322,14 +322,14 @@ def test_shape_words_attention_iou_on_constructed_maps():
     positions (the first and the last occurrence of a shape word)."""
     import torch
 
-    from attndreambooth.bench.shapes.model import build
-    from attndreambooth.bench.shapes.score import attention_iou
-    from attndreambooth.bench.shapes.world_report import _word_position, pooled
+    from worlds.shapes.model import build
+    from worlds.shapes.score import attention_iou
+    from worlds.shapes.world_report import _word_position, pooled
     tokenizer = build()[0]
     scene = Scene(Thing("star", "red", pattern="striped", colour2="white"), "big", "left", "blue",
                   Thing("star", "yellow"))
     caption = scene.caption()
-    from attndreambooth.bench.shapes.model import VOCABULARY
+    from worlds.shapes.model import VOCABULARY
     assert [w for w in VOCABULARY if tokenizer.tokenize(w) != [f"{w}</w>"]] == []  # every word one token
     image = scene.render(0)
     main, second = R.match_objects(R.describe(image), scene.attributes())

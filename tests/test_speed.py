@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import train_attndreambooth as T
 from attention_reg import CrossAttentionCapture
-from attndreambooth.bench.reference import ReferenceCapture
+from bench.reference import ReferenceCapture
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.families import Conditioning, by_name

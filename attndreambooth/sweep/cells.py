@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from attndreambooth.bench import dreambench
+from attndreambooth.sweep import dreambench
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the scripts a cell runs and the configs it names
 UNTRAINED = ("reference", "floor")  # the base model's cells (the world's category word and best caption)

@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-from attndreambooth.bench.shapes.score import attention_iou
+from worlds.shapes.score import attention_iou
 from worlds.shapes3.read import alignment, describe, identity, match_objects, wanted
 from worlds.shapes3.scene import CONCEPTS, Scene, Thing, concept_photos, random_scene
 
@@ -49,8 +49,9 @@ def attention_numbers(scene, maps, seen):
     iou = attention_iou(shape_map, main["blob"].mask) if main else 0.0
     p = shape_map.ravel() / shape_map.sum()
     entropy = float(-(p * np.log(np.maximum(p, 1e-12))).sum() / np.log(p.size))
-    corr = (float(np.corrcoef(shape_map.ravel(), m[1 + roles.index("background")].ravel())[0, 1])
-            if "background" in roles else None)
+    bg_map = m[1 + roles.index("background")] if "background" in roles else None
+    corr = (float(np.corrcoef(shape_map.ravel(), bg_map.ravel())[0, 1])  # undefined for a flat map
+            if bg_map is not None and shape_map.std() > 0 and bg_map.std() > 0 else None)
     second_iou = None
     if scene.second:
         second_iou = attention_iou(m[1 + roles.index("second_noun")], second["blob"].mask) if second else 0.0
@@ -79,7 +80,7 @@ def read_back(pipe, scenes, steps=PROBE_STEPS, seed=0, batch_size=10):
 @torch.no_grad()
 def caption_use(run, scenes=64, timesteps=(200, 500, 800), seed=0):
     """{t: epsilon error with another scene's caption / with its own}, EMA U-Net, fresh scenes."""
-    from attndreambooth.bench.shapes.pretrain import to_tensor
+    from worlds.shapes.pretrain import to_tensor
     from worlds.shapes3.text import CaptionBatch
     rng = random.Random(f"caption-use-{seed}")
     drawn = [random_scene(rng) for _ in range(scenes)]
@@ -99,7 +100,7 @@ def caption_use(run, scenes=64, timesteps=(200, 500, 800), seed=0):
 def vae_round_trip(vae, n=300):
     """Accuracy of each attribute after encode (posterior mean) and decode of `n` scenes, each concept's identity
     after the round trip of 8 of its photos, and the least of those identities."""
-    from attndreambooth.bench.shapes.world_report import round_trip
+    from worlds.shapes.world_report import round_trip
     rng = random.Random("round-trip-0")
     scenes = [random_scene(rng) for _ in range(n)]
     hits = {}

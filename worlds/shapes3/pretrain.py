@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attndreambooth.bench.shapes.pretrain import edge_loss, to_tensor
-from attndreambooth.bench.shapes.textures import random_textured_image
+from worlds.shapes.pretrain import edge_loss, to_tensor
+from worlds.shapes.textures import random_textured_image
 from worlds.shapes3.model import fold_latent_norm
 from worlds.shapes3.scene import random_scene
 from worlds.shapes3.text import CaptionBatch, TextConditioner, TextObjective, caption_mix, fresh_batch

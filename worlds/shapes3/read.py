@@ -1,12 +1,12 @@
 """Reading a third-world image from its pixels: the first world's segmentation, shapes and positions
-(attndreambooth.bench.shapes.read), with this world's sizes, patterns and colours. An object's fill is read as
+(worlds.shapes.read), with this world's sizes, patterns and colours. An object's fill is read as
 ("plain" or a pattern, its two colours as RGB); a caption's colours are met by palette names (the nearest
 palette colour) or, for an appearance word, by RGB within COLOUR_TOLERANCE of what the word draws."""
 import numpy as np
 
-from attndreambooth.bench.shapes import read as first
-from attndreambooth.bench.shapes.read import blobs, nearest, position_of, shape_of
-from attndreambooth.bench.shapes.scene import OBJECT_COLOURS
+from worlds.shapes import read as first
+from worlds.shapes.read import blobs, nearest, position_of, shape_of
+from worlds.shapes.scene import OBJECT_COLOURS
 from worlds.shapes3.scene import CONCEPTS, PATTERNS, RADII, SYMMETRIC, Thing, draw_thing, pattern_mask
 
 COLOUR_TOLERANCE = 60.0  # RGB distance within which a read colour meets an appearance word's

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attndreambooth.bench.shapes.scene import COLOURS, OBJECT_COLOURS
+from worlds.shapes.scene import COLOURS, OBJECT_COLOURS
 from worlds.shapes3.gates import held_out_scenes, read_back, vae_round_trip
 from worlds.shapes3.read import identity
 from worlds.shapes3.scene import APPEARANCES, CONCEPTS, concept_photos
@@ -58,7 +58,7 @@ def caption_floor(pipe, concept, n=8, seed=0):
 
 
 def measure(folder, captions=200, log=print):
-    from attndreambooth.bench.shapes.world_report import attention_figure, sample_grid
+    from worlds.shapes.world_report import attention_figure, sample_grid
     from attndreambooth.inference.loading import load_pipe
     pipe = load_pipe(base=folder)[0]
     pipe.set_progress_bar_config(disable=True)

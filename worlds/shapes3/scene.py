@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from attndreambooth.bench.shapes.scene import (BACKGROUNDS, COLOURS, OBJECT_COLOURS, PHRASES, POSITIONS, SECOND_AT,
+from worlds.shapes.scene import (BACKGROUNDS, COLOURS, OBJECT_COLOURS, PHRASES, POSITIONS, SECOND_AT,
                                                SHAPES, SIZE, SUPER, _draw)
 
 RADII = {"small": 9.0, "big": 14.0}

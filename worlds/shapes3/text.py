@@ -18,7 +18,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from attndreambooth.bench.shapes.scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+from worlds.shapes.scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
 from worlds.shapes3.scene import APPEARANCES, OMITTABLE, PATTERNS, RADII, SPREAD
 
 CLASSES = {"shape": SHAPES, "pattern": ("plain",) + PATTERNS + ("unsaid",), "size": tuple(RADII) + ("unsaid",),

@@ -1,11 +1,11 @@
 """DreamBench (the DreamBooth data set: 30 subjects, 25 prompts each) as a sweep's concepts: the subjects and
 their classes, the prompt list each class gets, and the table of CLIP-I / CLIP-T / DINO per cell and method.
-scripts/sweep.py --dreambench runs it; the shapes world's counterpart is attndreambooth/bench/shapes/bench.py."""
+scripts/sweep.py --dreambench runs it; the shapes world's counterpart is worlds/shapes/bench.py."""
 import json
 import statistics
 from pathlib import Path
 
-from attndreambooth.bench.scatter import scatter
+from attndreambooth.sweep.scatter import scatter
 
 PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts"
 LIVE_CLASSES = {"dog", "cat"}  # live subjects get the live-subject prompts, as in the DreamBooth paper

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attndreambooth.bench.shapes.read import alignment, blobs, identity
+from worlds.shapes.read import alignment, blobs, identity
 from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
-from attndreambooth.bench.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PATTERNS, PHRASES, RADII, SHAPES, Scene, Thing)
+from worlds.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PATTERNS, PHRASES, RADII, SHAPES, Scene, Thing)
 
 _PHRASE = {v: k for k, v in PHRASES.items()}
 

@@ -7,7 +7,7 @@ step) is written at chunk boundaries, atomically, every few minutes and when a t
 the same command continues it to the same bytes as an uninterrupted run (same machine and torch).
 
 Two phases: the VAE (recon L1 + MSE + edge L1 + a small KL term, on 32x32 crops: it is convolutional) on the
-grammar's scenes and generic patterned scenes (attndreambooth.bench.shapes.textures), then the U-Net and text
+grammar's scenes and generic patterned scenes (worlds.shapes.textures), then the U-Net and text
 encoder together (epsilon objective, min-SNR weighting, classifier-free caption dropout, short captions,
 an EMA of the weights), on latents encoded chunk by chunk by the frozen VAE.
 """
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attndreambooth.bench.shapes.scene import OMITTABLE, random_scene
-from attndreambooth.bench.shapes.textures import random_textured_image
+from worlds.shapes.scene import OMITTABLE, random_scene
+from worlds.shapes.textures import random_textured_image
 
 # the options whose change changes the weights: a checkpoint is only continued under the same ones; those of
 # the U-Net phase only once it has begun (the VAE phase never reads them: its bytes are the same either way)

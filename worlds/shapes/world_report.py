@@ -10,9 +10,9 @@ from itertools import product
 import numpy as np
 import torch
 
-from attndreambooth.bench.shapes.read import alignment, describe, identity, match_objects
-from attndreambooth.bench.shapes.scene import (COLOURS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, concept_photos, random_scene)
-from attndreambooth.bench.shapes.score import attention_iou
+from worlds.shapes.read import alignment, describe, identity, match_objects
+from worlds.shapes.scene import (COLOURS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, concept_photos, random_scene)
+from worlds.shapes.score import attention_iou
 
 STEPS, CFG = 25, 7.5  # the report's sampler: DPM++ 25 steps, classifier-free guidance 7.5
 
@@ -26,7 +26,7 @@ def _accumulate(totals, checks):
 @torch.no_grad()
 def round_trip(vae, images):
     """PIL images through the VAE, encode (posterior mean) then decode, back as 8-bit PIL images."""
-    from attndreambooth.bench.shapes.pretrain import to_tensor
+    from worlds.shapes.pretrain import to_tensor
     from PIL import Image
     x = to_tensor([np.asarray(im.convert("RGB")) for im in images]).to(vae.device, vae.dtype)
     y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)

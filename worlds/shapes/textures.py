@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 
-from attndreambooth.bench.shapes.scene import SHAPES, SIZE, SUPER, _draw
+from worlds.shapes.scene import SHAPES, SIZE, SUPER, _draw
 
 
 def _colour(rng):

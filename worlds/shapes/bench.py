@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from attndreambooth.bench.shapes.scene import CONCEPTS, random_scene
-from attndreambooth.bench.shapes.stats import mean_ci, multiplicity_note, paired_tests
+from worlds.shapes.scene import CONCEPTS, random_scene
+from worlds.shapes.stats import mean_ci, multiplicity_note, paired_tests
 
 METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "dreambooth_prior", "ti_db", "no_stage1", "no_stage2",
            "no_stage3", "no_reg", "pooled")  # configs/shapes/<name>.yaml
 QUICK_METHODS = ("attndreambooth", "textual_inversion", "dreambooth", "ti_db")
-DATA = Path(__file__).resolve().parents[3] / "data" / "shapes"  # each concept's five photos
+DATA = Path(__file__).resolve().parents[2] / "data" / "shapes"  # each concept's five photos
 REFERENCE = "base model, category word"  # the base model with "a big star ..." for "a big [V] star ..."
 FLOOR = "base model, best caption"  # ... with the best description a user could write ("a big orange and teal
 #                                     checkered star ..."), chosen on other scenes (OUT/floor_captions.json)
@@ -84,7 +84,7 @@ def write_floor_captions(out, concepts, base_model, steps, device="cpu"):
     """OUT/floor_captions.json: per concept the base model's best descriptive caption and the identities of
     each tried (world_report.caption_floor: 8 scenes of its own, not the benchmark's prompts, sampled with
     the sweep's `steps`); returns {concept: caption}."""
-    from attndreambooth.bench.shapes.world_report import caption_floor
+    from worlds.shapes.world_report import caption_floor
     found = per_concept_file(Path(out) / "floor_captions.json", concepts,
                              lambda todo: caption_floor(_base_pipe(base_model, device), todo, steps=steps),
                              lambda e: isinstance(e, dict) and isinstance(e.get("caption"), str))
@@ -97,8 +97,8 @@ def write_vae_ceiling(out, photos, base_model, device="cpu"):
     photos exactly would score through that VAE, so the most identity any method can show; returns
     {concept: identity}."""
     def measure(todo):
-        from attndreambooth.bench.shapes.read import identity
-        from attndreambooth.bench.shapes.world_report import round_trip
+        from worlds.shapes.read import identity
+        from worlds.shapes.world_report import round_trip
         from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
         vae, found = _base_pipe(base_model, device).vae, {}
         for c in todo:  # the photos as the trainer reads them (white behind any transparency)
@@ -201,7 +201,7 @@ def cost_table(costs):
 
 
 def scatter_points(summary):
-    """(label, text, identity, their half-widths) per method, for attndreambooth.bench.scatter."""
+    """(label, text, identity, their half-widths) per method, for attndreambooth.sweep.scatter."""
     out = []
     for method, row in summary.items():
         (x, dx), (y, dy) = row["text"], row.get("identity", (0.0, 0.0))
@@ -259,7 +259,7 @@ def write_report(cells, out, samples, timings=None, ceiling=None):
     the VAE's own identity per concept, and with `timings` what a cell cost by part), scatter.png and grid.png
     in `out`, from {(concept, method, seed): overall metrics} and {(concept, method): samples folder}; returns
     the table."""
-    from attndreambooth.bench.scatter import scatter
+    from attndreambooth.sweep.scatter import scatter
     out = Path(out)
     summary, paired = summarise(cells), paired_differences(cells)
     text = table(summary)

@@ -9,7 +9,7 @@ each channel's mean per image, and a flat-colour world keeps its colours there (
 world's VAE: round-trip text alignment 0.65-0.74 with 16 groups in three short trials, 0.88 with 4)."""
 import tempfile
 
-from attndreambooth.bench.shapes.scene import WORDS
+from worlds.shapes.scene import WORDS
 from attndreambooth.families.sd import SD21_UNET
 from attndreambooth.families.tokenizer import TINY_WORDS, write_tiny_tokenizer
 

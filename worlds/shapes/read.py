@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from attndreambooth.bench.shapes.scene import (BACKGROUNDS, COLOURS, CONCEPTS, CORNER, OBJECT_COLOURS, PATTERNS, POSITIONS, RADII, SHAPES, Scene, Thing, draw_thing, pattern_mask, render)
+from worlds.shapes.scene import (BACKGROUNDS, COLOURS, CONCEPTS, CORNER, OBJECT_COLOURS, PATTERNS, POSITIONS, RADII, SHAPES, Scene, Thing, draw_thing, pattern_mask, render)
 
 CANON = 20  # side of the normalised object crops that shapes are compared at
 MIN_AREA = 10  # pixels; smaller specks are noise

@@ -1,2 +1,0 @@
-"""The benchmarks: DreamBench, the shapes world, their statistics and figures, and the released code's step kept
-to measure against."""
