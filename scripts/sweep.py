@@ -43,11 +43,11 @@ from attndreambooth.config.checks import folder_problem
 from attndreambooth.sweep import cluster, jobs
 from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
 from attndreambooth.sweep.local import run_local, slots
-from sweep_checks import check_cells, check_protocol, hold_out, parse_concepts
+from attndreambooth.sweep.checks import check_cells, check_protocol, hold_out, parse_concepts
 
 
 PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json", "floor_captions.json",
-             "vae_ceiling.json", "sampler_agreement.md", "sampler_agreement.json")  # the last two once scripts/sampler_agreement.py ran
+             "vae_ceiling.json", "sampler_agreement.md", "sampler_agreement.json")  # the last two once tools/sampler_agreement.py ran
 
 
 def gather_world(results, out, cells, base_model):
@@ -103,7 +103,7 @@ def parser():
     p.add_argument("--jobs", type=int, help="without a GPU: cells at once, the cores shared out (default 1)")
     p.add_argument("--publish", help="with --world: also copy the report (comparison.md/.json, scatter.png, "
                    "grid.png, protocol.json, floor_captions.json, and sampler_agreement.md/.json once "
-                   "scripts/sampler_agreement.py has run) into this folder, e.g. docs/shapes_results_r2")
+                   "tools/sampler_agreement.py has run) into this folder, e.g. docs/shapes_results_r2")
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
     cluster.add_arguments(p)

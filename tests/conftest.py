@@ -12,6 +12,20 @@ SAMPLE = ROOT / "data" / "sample_toy"
 SHARED = ROOT.parent / "shared"
 
 
+def script(name):
+    """A command of scripts/ or tools/ as a module, registered as script_<name>: scripts/ is on no import path,
+    so evaluate.py shadows no package of that name."""
+    import importlib.util
+    import sys
+    key = f"script_{name}"
+    if key not in sys.modules:
+        path = next(p for p in (ROOT / "scripts" / f"{name}.py", ROOT / "tools" / f"{name}.py") if p.is_file())
+        spec = importlib.util.spec_from_file_location(key, path)
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir():
     from attndreambooth.families.source import tiny_model_dir

@@ -44,7 +44,7 @@ def test_sd_proportioned_layout_compiles_regionally_to_the_eager_step():
 
     from attention_reg import CrossAttentionCapture, attention_reg_loss
     from attndreambooth.trainer.compiling import compile_unet
-    from benchmark import LAYOUTS
+    from bench.layouts import LAYOUTS
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**LAYOUTS["small"]["unet"]).train()
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
-import sweep
 import train_attndreambooth as T
-from conftest import ROOT, SAMPLE, SHARED, tiny_overrides
+from conftest import ROOT, SAMPLE, SHARED, tiny_overrides, script
+
+evaluate = script("evaluate")
+sweep = script("sweep")
 
 DREAMBENCH = SHARED / "datasets" / "dreambooth"
 
@@ -213,7 +214,7 @@ def test_evaluate_refuses_a_folder_mixing_stages(tmp_path):
     model's and stage 1's samples would be scored as one model: refused before any model loads."""
     import json
 
-    import evaluate
+    evaluate = script("evaluate")
     for name, stage in (("a_v-00000001", None), ("a_v-00000002", 1)):
         (tmp_path / "s" / name).mkdir(parents=True)
         (tmp_path / "s" / name / "prompt.json").write_text(json.dumps(dict(prompt="a <v> toy", run="/r", stage=stage)))
@@ -228,7 +229,7 @@ def test_evaluate_names_a_corrupt_image_and_a_prompt_outside_the_world(tmp_path)
     one line naming the file, before any model loads (both were tracebacks mid-scoring)."""
     import json
 
-    import evaluate
+    evaluate = script("evaluate")
     from worlds.shapes.scene import Scene, Thing
     folder = tmp_path / "s" / "a_v-00000001"
     folder.mkdir(parents=True)

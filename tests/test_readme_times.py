@@ -1,15 +1,15 @@
-"""The README's times are the measured ones: each command's figure is the one scripts/readme_times.py
+"""The README's times are the measured ones: each command's figure is the one tools/readme_times.py
 recorded in docs/readme_times.json (on a quiet machine), quoted once per command with a marker naming the
 measurement, and the paragraph that quotes it holds no other, older figure; the demo's config states no
 time of its own."""
 import json
 import re
 
-from conftest import ROOT
-from readme_times import COMMANDS, format_seconds
+from conftest import ROOT, script
+COMMANDS, format_seconds = script("readme_times").COMMANDS, script("readme_times").format_seconds
 
 TIME = re.compile(r"\b\d+(?:\.\d+)? ?(?:min|s)\b")
-MARKER = re.compile(r"\(`scripts/readme_times\.py (\w+)`")
+MARKER = re.compile(r"\(`tools/readme_times\.py (\w+)`")
 
 
 def test_readme_quotes_exactly_the_recorded_times():
@@ -23,7 +23,7 @@ def test_readme_quotes_exactly_the_recorded_times():
         for name in MARKER.findall(paragraph):
             r = record[name]
             assert r["text"] == format_seconds(r["seconds"]) and r["machine"] and r["date"]
-            assert f"{r['text']} (`scripts/readme_times.py {name}`" in paragraph, f"{name}: not {r['text']}"
+            assert f"{r['text']} (`tools/readme_times.py {name}`" in paragraph, f"{name}: not {r['text']}"
             stray = [t for t in TIME.findall(paragraph) if t not in figures and not t.startswith("0.")
                      and not any(t in f for f in figures)]
             assert not stray, f"{name}: other times beside the measured one: {stray}"

@@ -11,6 +11,7 @@ from worlds.shapes.bench import bench_prompts, paired_differences, per_concept, 
 from worlds.shapes.stats import T975, holm, mean_ci, sign_flip_p
 from worlds.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
 from worlds.shapes.score import parse_caption
+from conftest import script
 
 
 def test_short_captions_parse_back_with_the_left_out_attributes_unset():
@@ -81,7 +82,7 @@ def test_cost_by_hand_leaves_out_resumed_cells():
 
 def test_sampler_agreement_spreads_its_cells_over_concepts(tmp_path):
     """The k-th method starts at its k-th finished cell, so a few cells reach several concepts."""
-    from sampler_agreement import chosen_cells
+    chosen_cells = script("sampler_agreement").chosen_cells
     for concept in ("a", "b", "c"):
         for method in ("m1", "m2", "m3"):
             (tmp_path / concept / method / "seed_0" / "eval").mkdir(parents=True)
@@ -138,7 +139,7 @@ def test_every_view_of_a_world_photo_is_the_photo_itself():
     from worlds.shapes.bench import DATA
     from attndreambooth.config.loading import load_config
     from attndreambooth.trainer.data import augmented_view, list_images, load_rgb
-    from conftest import ROOT
+    from conftest import ROOT, script
     for concept in CONCEPTS:
         cfg = load_config(ROOT / "configs/shapes/attndreambooth.yaml", [f"data.instance_dir={DATA / concept}",
                                                                          "output_dir=unused"], check=False).data
@@ -215,7 +216,7 @@ def test_sweep_slots(monkeypatch):
     """--jobs shares the cores out between subprocesses; one job runs in this process; GPUs one cell each."""
     import argparse
 
-    import sweep
+    sweep = script("sweep")
 
     from attndreambooth.sweep import local
     monkeypatch.setattr(local.os, "cpu_count", lambda: 16)
@@ -233,7 +234,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     command: every cell's metrics are read from its images, the report has its parts, a rerun skips."""
     import json
 
-    import sweep
+    sweep = script("sweep")
     args = ["--world", "shapes", "--concepts", "split_circle", "--seeds", "0", "--out", str(tmp_path / "s"),
             "--methods", "shapes/attndreambooth,shapes/textual_inversion", "--num_prompts", "7", "--num_images", "1",
             "--sampler_steps", "4", "--step_scale", "0.02", "--set", "data.views_per_image=2", "--jobs", "2",
@@ -317,7 +318,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
         sweep.main(args)
     assert sweep.main(more) == results  # a report only reads: it may run beside a sweep
     running.close()
-    import sampler_agreement  # the same cells sampled with other steps, beside theirs, compared
+    sampler_agreement = script("sampler_agreement")  # the same cells sampled with other steps, beside theirs, compared
     sampler_agreement.main(["--out", str(tmp_path / "s"), "--cells", "2", "--steps", "3"])
     agreement = json.loads((tmp_path / "s" / "sampler_agreement.json").read_text())
     assert [(r["method"], r["seed"]) for r in agreement["cells"]] == [("floor", None), ("reference", None)]

@@ -7,6 +7,7 @@ import pytest
 
 from worlds.shapes import read as R
 from worlds.shapes.scene import (BACKGROUNDS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, PATTERNS, POSITIONS, SHAPES, Scene, Thing, concept_photos, random_scene)
+from conftest import script
 
 
 def test_scenes_and_renders_are_deterministic():
@@ -176,7 +177,7 @@ def test_evaluate_world_scores_a_samples_folder(tmp_path):
     where the caption says scores identity ~1 and text 1; a plain star on the wrong side scores lower."""
     import json
 
-    import evaluate
+    evaluate = script("evaluate")
     right = Scene(Thing("star", None, "checker_star"), "big", "left", "blue")
     wrong = Scene(Thing("star", "red"), "big", "right", "blue")
     for k, (caption_scene, drawn) in enumerate([(right, right), (right, wrong)]):
@@ -200,7 +201,7 @@ def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     import train_attndreambooth as T
-    from conftest import ROOT
+    from conftest import ROOT, script
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models/shapes", safety_checker=None,
                                                    requires_safety_checker=False)
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
@@ -226,7 +227,7 @@ FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mode
 def test_pretraining_is_reproducible_from_its_seed(tmp_path, capsys):
     """The pretraining script twice with one seed (a few steps of each phase): the same weights, bit for bit;
     another seed: other weights."""
-    import pretrain_shapes
+    from worlds.shapes import __main__ as pretrain_shapes
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         pretrain_shapes.main(["--out", str(tmp_path / name), "--seed", str(seed), *SMALL])
     read = lambda name, f: (tmp_path / name / f).read_bytes()  # noqa: E731
@@ -254,7 +255,7 @@ def test_pretraining_in_pieces_gives_the_uninterrupted_weights(tmp_path, capsys)
     """Stopped by its time limit after every chunk (VAE, phase change, U-Net) and continued by the same command
     four times: the same bytes as one uninterrupted run. A state made with other options is refused, not
     continued."""
-    import pretrain_shapes
+    from worlds.shapes import __main__ as pretrain_shapes
     pretrain_shapes.main(["--out", str(tmp_path / "whole"), *SMALL])
     pieces = ["--out", str(tmp_path / "pieces"), *SMALL, "--time_limit", "0"]
     calls = 0
@@ -289,7 +290,7 @@ def test_any_latent_channel_count_pretrains_trains_samples_and_saves(tmp_path, c
     pipeline whose U-Net and VAE agree on the channel count."""
     import json
 
-    import pretrain_shapes
+    from worlds.shapes import __main__ as pretrain_shapes
     import infer
     import train_attndreambooth as T
     from conftest import ROOT

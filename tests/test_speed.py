@@ -17,7 +17,7 @@ from attndreambooth.trainer.data import encode_pixels
 from attndreambooth.trainer.training import AttnDreamBoothLoss
 
 SD = by_name("sd")
-from conftest import ROOT, SAMPLE, tiny_overrides
+from conftest import ROOT, SAMPLE, tiny_overrides, script
 
 
 def setup(pipe):
@@ -111,14 +111,14 @@ def test_memory_presets_resolve_and_8bit_needs_bitsandbytes(monkeypatch):
 def test_flop_count_matches_the_performance_budget():
     """PERFORMANCE.md: a training step at batch 8 on SD 2.1-base is ~13.4 (stage 1), ~13.6 (stage 2) and
     ~19.3 TFLOP (stage 3) of U-Net work; counted here on the meta device, no weights."""
-    import benchmark
+    benchmark = script("benchmark")
     flops = benchmark.model_flops("sd21", 8)
     got = [round(flops[s] / 1e12, 1) for s in ("stage1", "stage2", "stage3")]
     assert got == pytest.approx([13.4, 13.6, 19.3], abs=0.15)
 
 
 def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
-    import benchmark
+    benchmark = script("benchmark")
     out = tmp_path / "b.json"
     benchmark.main(["--variants", "reference,fast", "--repeats", "1", "--warmup", "0", "--steps", "1",
                     "--batch_size", "2", "--views", "2", "--out", str(out)])
@@ -133,7 +133,7 @@ def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
 def test_benchmark_times_sdxl_with_lora_and_half_precision_weights(tmp_path):
     """The SDXL layout (two text encoders, size/crop conditioning) through the trainer's run_stage, with
     LoRA stages over bf16 frozen weights; its FLOP count sees both encoders and the U-Net's extra inputs."""
-    import benchmark
+    benchmark = script("benchmark")
     out = tmp_path / "b.json"
     benchmark.main(["--layout", "sdxl_small", "--variants", "fast", "--presets", "lora_half", "--precision", "bf16",
                     "--repeats", "1", "--warmup", "0", "--steps", "1", "--batch_size", "1", "--images", "1",

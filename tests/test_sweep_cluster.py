@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 import fake_slurm
-import sweep
 from attndreambooth.sweep import jobs
-from conftest import SAMPLE
+from conftest import SAMPLE, script
+
+sweep = script("sweep")
 
 submitit = pytest.importorskip("submitit", reason="submitit is in requirements-dev.txt")
 SMALL = [f"--set={k}={v}" for k, v in [("model.pretrained", "tiny"), ("data.resolution", 64),

@@ -1,7 +1,7 @@
 """How good the shapes world's base model is, measured: the VAE's round trip, held-out captions read back
 attribute by attribute, where each shape word's cross-attention falls (IoU with its object), and each
 concept's descriptive-caption floor (the identity the base model reaches with the best caption a user could
-write, beside the category word alone). Written by scripts/pretrain_shapes.py into report.json."""
+write, beside the category word alone). Written by worlds/shapes/__main__.py into report.json."""
 import json
 import random
 import textwrap

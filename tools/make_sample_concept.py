@@ -1,6 +1,6 @@
 """Draw the bundled sample concept: a small red robot toy, five photos (128 px JPEG, a few KB each).
 
-    python scripts/make_sample_concept.py [out_dir]     # default: data/sample_toy
+    python tools/make_sample_concept.py [out_dir]     # default: data/sample_toy
 
 Drawn in code, so it carries no licence of anyone else's. Deterministic.
 """

@@ -1,7 +1,7 @@
 """Measure the README's commands and record one figure for each in docs/readme_times.json; the README quotes
 exactly these (tests/test_readme_times.py checks it), so its times cannot drift from a measurement.
 
-    python scripts/readme_times.py demo infer quick_sweep tests   # or any of them; `--print` shows the table
+    python tools/readme_times.py demo infer quick_sweep tests   # or any of them; `--print` shows the table
 
 Each command runs as the README gives it, in a fresh temporary folder (the demo also builds the tiny model
 there, as on a fresh machine), and its wall time is recorded with the machine, torch's version and the

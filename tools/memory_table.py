@@ -1,8 +1,8 @@
 """Estimated peak GPU memory per stage for SD 2.1-base and SDXL-base under each memory preset (the README's
 table), from parameter and activation counts on the meta device (attndreambooth/trainer/memory.py).
 
-    python scripts/memory_table.py                 # SD 2.1 at 512 px batch 8, SDXL at 1024 px batch 4
-    python scripts/memory_table.py --no-bitsandbytes
+    python tools/memory_table.py                 # SD 2.1 at 512 px batch 8, SDXL at 1024 px batch 4
+    python tools/memory_table.py --no-bitsandbytes
 
 The presets are resolved as the trainer resolves them (a card preset takes the first way to train that
 fits the card), for the paper's three stages at bf16 autocast, on the built-in layouts that --dry-run uses

@@ -24,7 +24,7 @@
 # RESULTS/<step>.log and a line in RESULTS/summary.txt; a failing step does not stop the others.
 # RESULTS/gpu_results.md gathers the tables; with $OUT set, RESULTS is packed to
 # $OUT/gpu_results.tgz after every step.
-# Packages missing there travel as wheels in .whl/ (see scripts/download_wheels.sh).
+# Packages missing there travel as wheels in .whl/ (see tools/download_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-gpu_out}

@@ -3,9 +3,9 @@ Reproducible from --seed; resumable: the same command continues a killed or time
 OUT/pretrain_state.pt, written every few minutes) to the same weights as an uninterrupted run. Writes a
 stock diffusers folder (fp16 safetensors) and report.json.
 
-    python scripts/pretrain_shapes.py --out runs/shapes_model                  # the shipped model (see README)
-    python scripts/pretrain_shapes.py --out runs/shapes_model --time_limit 150 # a piece of it; rerun to go on
-    python scripts/pretrain_shapes.py --out /tmp/s --vae_steps 20 --unet_steps 20 --chunk 64 --vae_chunk 64 \
+    python -m worlds.shapes --out runs/shapes_model                  # the shipped model (see README)
+    python -m worlds.shapes --out runs/shapes_model --time_limit 150 # a piece of it; rerun to go on
+    python -m worlds.shapes --out /tmp/s --vae_steps 20 --unet_steps 20 --chunk 64 --vae_chunk 64 \
         --batch 8 --eval_captions 8                                             # a smoke run
 
 1. VAE and 2. U-Net + text encoder: worlds.shapes.pretrain (fresh scenes in chunks, min-SNR
@@ -18,9 +18,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-import sys
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
 import torch
 
@@ -32,7 +29,7 @@ from attndreambooth.families.source import quiet_known_noise, save_pipeline
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m worlds.shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline, report.json and the run state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent_channels", type=int, default=LATENT_CHANNELS)

@@ -2,7 +2,7 @@
 more steps (default 25, the first comparison's), scored the same way, and the differences set beside the
 report's paired differences. Nothing of the sweep is overwritten (the cells get samples_<N>/, eval_<N>/).
 
-    python scripts/sampler_agreement.py --out sweeps/shapes_r2 --cells 8 --steps 25
+    python tools/sampler_agreement.py --out sweeps/shapes_r2 --cells 8 --steps 25
 
 Writes OUT/sampler_agreement.md and .json: per cell the metrics at the sweep's steps and at --steps, and per
 metric the mean and largest absolute difference.

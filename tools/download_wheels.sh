@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine without network whose image has torch, transformers and accelerate
 # but not diffusers, omegaconf or bitsandbytes (Python 3.12, x86-64). Run where pip works;
-# the folder .whl/ then travels with the repository to that machine (scripts/gpu_check.sh).
+# the folder .whl/ then travels with the repository to that machine (tools/gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
