@@ -158,17 +158,18 @@ class CrossAttentionCapture(AbstractContextManager):
             self.unet.set_attn_processor(capturing)
 
 
-def compile_unet(unet, **compile_kwargs):
-    """torch.compile the U-Net in place (module, processors and state-dict keys stay the same) as one
-    graph with the capture inside. The capture's `record` is a side effect, which dynamo refuses inside
-    gradient checkpointing (eager checkpointing replays it in backward) and would split the graph at every
-    checkpointed block; the capture wants each map recorded once (see `_in_backward`), which is what this
-    dynamo switch does. Before torch has the switch, checkpointed blocks just run in smaller graphs."""
+def compile_with_capture(module, **compile_kwargs):
+    """torch.compile `module` in place (the whole U-Net as one graph, or one of its blocks; module names,
+    processors and state-dict keys stay) with the capture inside. The capture's `record` is a side effect,
+    which dynamo refuses inside gradient checkpointing (eager checkpointing replays it in backward) and would
+    split the graph at every checkpointed block; the capture wants each map recorded once (see `_in_backward`),
+    which is what this dynamo switch does. Before torch has the switch, checkpointed blocks just run in
+    smaller graphs."""
     import torch._dynamo.config as dynamo_config
     if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    unet.compile(**compile_kwargs)
-    return unet
+    module.compile(**compile_kwargs)
+    return module
 
 
 def attention_reg_terms(maps, reduction="per_layer"):

@@ -195,7 +195,7 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
     from diffusers import UNet2DConditionModel
     from torch._dynamo.utils import counters
 
-    from attention_reg import compile_unet
+    from attention_reg import compile_with_capture
     from attndreambooth.families import of_tiny
     from attndreambooth.families.source import tiny_model_dir
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(model), subfolder="unet")
@@ -222,7 +222,7 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
         processor = next(p for n, p in unet.attn_processors.items() if ".attn2." in n)
         assert not isinstance(processor.record, types.BuiltinMethodType)
         eager_loss, eager_maps, eager_grads = step(cap)
-        compile_unet(unet, backend="aot_eager")  # the default backend's tracing, without code generation
+        compile_with_capture(unet, backend="aot_eager")  # the default backend's tracing, without code generation
         results = [step(cap) for _ in range(2)]  # the second call must reuse the graph
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1

@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 
 from attndreambooth.config.schema import AugmentConfig
 from attndreambooth.trainer.concept import ConceptEmbedding, add_concept_token, bake_concept, encode_prompt
-from attndreambooth.trainer.data import LatentSampler, augment, load_rgb, to_tensor
+from attndreambooth.trainer.data import LatentSampler, augmented_view, load_rgb, to_tensor
 from conftest import SHARED
 
 
@@ -77,12 +77,12 @@ def test_exif_orientation_and_rgb(tmp_path):
 def test_augment_without_randomness_is_resize_and_centre_crop():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
     off = AugmentConfig(rotate_prob=0, flip_prob=0, random_crop=False)
-    got = augment(image, 32, off, random.Random(0))
+    got = augmented_view(image, 32, off, random.Random(0))[0]
     want = image.resize((48, 32), Image.BICUBIC).crop((8, 0, 40, 32))
     assert np.array_equal(np.asarray(got), np.asarray(want))
-    flipped = augment(image, 32, AugmentConfig(rotate_prob=0, flip_prob=1, random_crop=False), random.Random(0))
+    flipped = augmented_view(image, 32, AugmentConfig(rotate_prob=0, flip_prob=1, random_crop=False), random.Random(0))[0]
     assert np.array_equal(np.asarray(flipped), np.asarray(ImageOps.mirror(want)))
-    rotated = augment(image, 32, AugmentConfig(rotate_prob=1, flip_prob=0), random.Random(0))
+    rotated = augmented_view(image, 32, AugmentConfig(rotate_prob=1, flip_prob=0), random.Random(0))[0]
     assert rotated.size == (32, 32)
     t = to_tensor(got)
     assert t.shape == (3, 32, 32) and -1 <= t.min() and t.max() <= 1

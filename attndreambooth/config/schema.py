@@ -124,7 +124,7 @@ class RuntimeConfig:
     compile: str = "off"  # torch.compile the U-Net: off, regional (its repeated blocks; compiles in a fraction of
     #                      full's time) or full (one graph; over 120 s on an H100); trainer/compiling.py
     compile_cache: str = "~/.cache/attndreambooth/compile"  # compiled graphs kept here for later stages, runs
-    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (CUDA only; trainer/graph_step.py)
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (CUDA only; trainer/step.py's GraphedStep)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
     checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only

@@ -4,7 +4,7 @@
 - `regional`: each repeated block compiled on its own (diffusers' `compile_repeated_blocks`: the U-Net's
   `BasicTransformerBlock`s, with the capture processor inside; `regions` may add `ResnetBlock2D`). Blocks of
   one shape share one compiled graph, so SD compiles four graphs (one per resolution level), not sixteen.
-- `full`: the whole U-Net as one graph (attention_reg.compile_unet).
+- `full`: the whole U-Net as one graph (attention_reg.compile_with_capture).
 
 The cache: inductor's FX-graph and AOTAutograd caches (on by default in torch) under a folder the user keeps
 (`runtime.compile_cache`, default ~/.cache/attndreambooth/compile), one subfolder per torch version and
@@ -49,22 +49,20 @@ def compile_unet(unet, mode, regions=REGIONS, **compile_kwargs):
     """Compile `unet` in place as `mode` says (module names, processors and state-dict keys stay)."""
     import torch._dynamo.config as dynamo_config
 
-    from attention_reg import compile_unet as compile_whole
+    from attention_reg import compile_with_capture
     if mode == "off":
         return unet
     if mode == "full":
-        return compile_whole(unet, **compile_kwargs)
+        return compile_with_capture(unet, **compile_kwargs)
     if mode != "regional":
         raise ValueError(f"runtime.compile: {mode!r} is not one of {COMPILE_MODES}")
-    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # as compile_whole, for the capture
-        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     # Every block shares one forward: a graph per block shape (4 on SD) and per set of trained parameters (each
     # stage's), 12 for the paper's three stages; past dynamo's default limit (8) the rest would run eagerly.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     compiled = 0
     for module in unet.modules():
         if type(module).__name__ in regions:
-            module.compile(**compile_kwargs)
+            compile_with_capture(module, **compile_kwargs)
             compiled += 1
     if not compiled:
         raise ValueError(f"runtime.compile=regional: this U-Net has none of {regions}; use full or off")

@@ -134,14 +134,9 @@ def to_srgb(im):
         return im
 
 
-def augment(image, resolution, aug, rng: random.Random):
-    """Released code's augmentation: rotation with expansion, flip, shorter side resize, square crop."""
-    return augmented_view(image, resolution, aug, rng)[0]
-
-
 def augmented_view(image, resolution, aug, rng: random.Random):
-    """`augment`, also returning the crop's top-left corner (top, left) in the resized image (SDXL's
-    crop conditioning)."""
+    """The released code's augmentation (rotation with expansion, flip, shorter side resize, square crop):
+    (the view, the crop's top-left corner (top, left) in the resized image: SDXL's crop conditioning)."""
     if rng.random() < aug.rotate_prob:
         angle = rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg)
         image = image.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))

@@ -11,7 +11,6 @@ appears in pretraining and that no caption names.
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -263,12 +262,3 @@ def concept_photos(concept, n=5, seed=0):
     rng = random.Random(f"{concept}-{seed}")
     scenes = [random_scene(rng, second_prob=0, concept=concept) for _ in range(n)]
     return [(sc, sc.render(seed=rng.randrange(2**31))) for sc in scenes]
-
-
-def write_concept_folder(concept, folder, n=5, seed=0):
-    """The concept's photos as an instance folder (PNG) for data.instance_dir; returns its category word."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (_, image) in enumerate(concept_photos(concept, n, seed)):
-        image.save(folder / f"{concept}_{i}.png")
-    return CONCEPTS[concept][0]
