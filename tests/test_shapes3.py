@@ -228,6 +228,11 @@ def test_a_changed_option_is_refused_and_the_stable_phase_can_grow(tmp_path, mon
     assert _run(tmp_path, unet_steps=9, decay_steps=2).changed_options(torch.load(tmp_path / "state.pt",
                                                                                   weights_only=False)) == ["unet_steps"]
     assert _run(tmp_path, unet_steps=6, decay_steps=2, lr=2e-4).changed_options(stable) == ["lr"]
+    assert _run(tmp_path, unet_steps=6, decay_steps=2, vae_steps=5).changed_options(stable) == ["vae_steps"]
+    # the VAE phase's length likewise, while it runs and before its decay (the last quarter)
+    in_vae = dict(phase="vae", step=5, args=dict(stable["args"], vae_steps=8))  # its decay begins at step 6
+    assert _run(tmp_path, vae_steps=12).changed_options(in_vae) == []
+    assert _run(tmp_path, vae_steps=12).changed_options(dict(in_vae, step=7)) == ["vae_steps"]
     with pytest.raises(ValueError, match="--vae_lr 0.001"):
         _run(tmp_path, unet_steps=6, decay_steps=2, vae_lr=5e-4).load(tmp_path / "stable_state.pt")
 

@@ -31,11 +31,17 @@ from worlds.shapes3.scene import random_scene
 from worlds.shapes3.text import CaptionBatch, TextConditioner, TextObjective, caption_mix, fresh_batch
 
 PHASES = ("text", "vae", "unet", "done")
-# the options whose change changes the weights, by the phase from which on they matter; unet_steps may grow
-# while the run is still before its decay (the stable phase extended)
+# the options whose change changes the weights, by the phase from which on they matter
 BINDING = {"text": ("seed", "text_steps", "text_batch", "text_lr"),
-           "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_chunk"),
+           "vae": ("vae_batch", "vae_lr", "vae_chunk"),
            "unet": ("batch", "lr", "warmup", "decay_steps", "min_snr", "ema", "offset_noise", "chunk", "passes")}
+# a phase's length may change while it runs, until its decay begins (under the old length or the new): the
+# steps before the decay do not depend on it, so a run can be given a longer stable phase
+LENGTH = {"vae": "vae_steps", "unet": "unet_steps"}
+
+
+def decay_start(phase, steps, args):
+    return steps - (args.decay_steps if phase == "unet" else steps // 4)
 
 
 def generator(*key):
@@ -82,7 +88,7 @@ class Pretraining:
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self):
-        bound = [k for p in PHASES[:3] for k in BINDING[p]] + ["unet_steps"]
+        bound = [k for p in PHASES[:3] for k in BINDING[p]] + list(LENGTH.values())
         return dict(phase=self.phase, step=self.step, seconds=self.seconds, gates=self.gates,
                     latent_stats=self.latent_stats, args={k: getattr(self.args, k) for k in bound},
                     text_encoder=self.text_encoder.state_dict(), objective=self.objective.state_dict(),
@@ -100,10 +106,12 @@ class Pretraining:
         reached = PHASES[:PHASES.index(s["phase"]) + 1]
         keys = [k for p in reached if p in BINDING for k in BINDING[p]]
         changed = [k for k in keys if s["args"].get(k) != getattr(self.args, k)]
-        if s["phase"] in ("unet", "done") and s["args"]["unet_steps"] != self.args.unet_steps:
-            old, new = (n - self.args.decay_steps for n in (s["args"]["unet_steps"], self.args.unet_steps))
-            if s["phase"] == "done" or s["step"] > min(old, new):  # the decay has begun: the schedule is fixed
-                changed.append("unet_steps")
+        for phase, key in LENGTH.items():
+            if phase not in reached or s["args"][key] == getattr(self.args, key):
+                continue
+            old, new = (decay_start(phase, n, self.args) for n in (s["args"][key], getattr(self.args, key)))
+            if s["phase"] != phase or s["step"] > min(old, new):  # its decay has begun, or it is over
+                changed.append(key)
         return changed
 
     def load(self, path=None):
@@ -198,7 +206,7 @@ class Pretraining:
         y, xo = torch.randint(0, x.shape[-1] - 32 + 1, (2,), generator=g).tolist()
         x = x[:, :, y:y + 32, xo:xo + 32].to(self.device)  # the VAE is convolutional: crops teach it as well
         for group in self.vae_opt.param_groups:
-            group["lr"] = wsd_lr(a.vae_lr, self.step, a.vae_steps, 100, a.vae_steps // 4)
+            group["lr"] = wsd_lr(a.vae_lr, self.step, a.vae_steps, 100, a.vae_steps - decay_start("vae", a.vae_steps, a))
         self.vae.train()
         dist = self.vae.encode(x).latent_dist
         recon = self.vae.decode(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(self.device)).sample
