@@ -309,3 +309,12 @@ def test_caption_use_on_a_constructed_denoiser():
                                                       .view(-1, 1, 1).expand(-1, 77, 128)))
     want = (((n - 1) * 0.9 ** 2 + (n - 1 + 0.1) ** 2) / n) / 0.1 ** 2
     assert all(v == pytest.approx(want, rel=1e-4) for v in caption_use(run, scenes=n).values())
+
+
+def test_textual_inversion_prompts_are_the_concepts_scenes():
+    from worlds.shapes3.textual_inversion import held_out_prompts
+    prompts = held_out_prompts("dot_heart")
+    assert len(prompts) == 20 and len({p for p, _ in prompts}) > 15
+    for prompt, scene in prompts:
+        assert scene.main.concept == "dot_heart" and prompt.format("<v> heart") == scene.caption("<v>")
+    assert 5 <= sum(s.second is not None for _, s in prompts) <= 15
