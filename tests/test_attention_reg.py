@@ -185,6 +185,7 @@ def test_gradient_checkpointing_records_once_and_gives_same_gradients(tiny_pipe)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, layers", [("tiny", 16), ("tiny-sdxl", 17)])
 def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
     """torch.compile with the capture and gradient checkpointing (the low-memory preset): one graph, no

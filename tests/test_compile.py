@@ -22,6 +22,7 @@ def probe(mode, backend, cache):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_regional_compile_equals_eager_and_a_second_process_reuses_its_cache(tmp_path):
     cold = probe("regional", "inductor", tmp_path / "cache")
     assert cold["breaks"] == 0 and cold["cache_misses"] > 0 and cold["cache_hits"] == 0
@@ -36,6 +37,7 @@ def test_regional_compile_equals_eager_and_a_second_process_reuses_its_cache(tmp
     assert warm["cache_hits"] == cold["cache_misses"] and warm["cache_misses"] == 0  # nothing compiled again
 
 
+@pytest.mark.slow
 def test_sd_proportioned_layout_compiles_regionally_to_the_eager_step():
     """SD 2.1-base's proportions (benchmark.py's `small`: widths / 4, 128 px): aot_eager traces exactly what
     inductor would compile, without the code generation (minutes on 2 cores)."""
@@ -70,6 +72,7 @@ def test_sd_proportioned_layout_compiles_regionally_to_the_eager_step():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_capturable_step_run_uncaptured_gives_the_loops_weights_bitwise(tmp_path, monkeypatch):
     """runtime.cuda_graph's step (capturable fused AdamW with a tensor lr, the host's image order staged in a
     buffer, autocast without its cache) run uncaptured, as a CPU runs it: the same weights as the loop."""

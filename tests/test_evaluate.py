@@ -109,6 +109,7 @@ CLAIMS = {"baselines/textual_inversion": (True, False, False), "baselines/dreamb
           "ablations/no_reg": (True, True, True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CLAIMS))
 def test_baselines_and_ablations_train_what_they_claim(name, tiny_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -147,6 +148,7 @@ def test_sweep_refuses_mistakes_before_writing_anything(tmp_path):
         assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_sweep_two_concepts_two_methods_and_resume(tmp_path, capsys):
     if (DREAMBENCH / "prompts_and_classes.txt").is_file():
         where = ["--dreambench", str(DREAMBENCH), "--subjects", "dog,backpack"]

@@ -23,6 +23,7 @@ def one_thread_env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
+@pytest.mark.slow
 def test_every_family_saves_the_bits_the_code_before_the_seam_saved(tmp_path):
     out = tmp_path / "digests.json"
     done = subprocess.run([sys.executable, str(ROOT / "tests/family_runs.py"), str(out)], env=one_thread_env(),
@@ -35,6 +36,7 @@ def test_every_family_saves_the_bits_the_code_before_the_seam_saved(tmp_path):
         assert [k for k in want[run] if want[run][k] != got[run][k]] == [], run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OLD_RUNS))
 def test_a_run_folder_from_before_the_seam_resumes_to_its_weights(tmp_path, name):
     layout, extra = OLD_RUNS[name]

@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
     return root / "val", root / "plain"
 
 
+@pytest.mark.slow
 def test_validation_writes_grids_and_changes_no_weight(runs):
     val, plain = runs
     assert sorted(p.name for p in (val / "validation").iterdir()) == [
@@ -101,6 +102,7 @@ def test_batches_across_prompts_give_each_prompt_its_own_images_and_maps(runs, t
         assert not np.allclose(maps_t[0], maps_t[1])  # image 0 and 1: seeds 3 and 4, not one map twice
 
 
+@pytest.mark.slow
 def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
     """A subprocess with only diffusers loads pipeline/, makes an image, and its conditioning for the
     training prompt equals what the training code computes from the base model and the learned row."""
@@ -355,6 +357,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quiet", [False, True])
 def test_library_noise_is_silenced_at_its_source_and_only_it(quiet):
     """diffusers' "kept in float32: []" (casting a model that has no such modules) is gone once the tools'

@@ -80,6 +80,7 @@ def test_lora_stage_trains_only_its_adapter(tiny_pipe):
         torch.testing.assert_close(out, unet_output(tiny_pipe), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_file_rebuilds_the_trained_unet_in_stock_diffusers(lora_run, tiny_dir):
     from diffusers import StableDiffusionPipeline
     merged = StableDiffusionPipeline.from_pretrained(lora_run / "pipeline")
@@ -145,6 +146,7 @@ def test_infer_loads_lora_runs_and_their_stages(lora_run, tiny_dir, tmp_path):
     assert not torch.allclose(after_stage2, want, atol=1e-4)  # stage 3's adapter changed the U-Net
 
 
+@pytest.mark.slow
 def test_killed_lora_run_resumes_to_the_same_adapters(tmp_path):
     from test_resume import train
     runs = {}
@@ -173,6 +175,7 @@ def test_a_lora_file_of_another_family_is_named_before_it_loads(lora_run, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_lora_run_writes_the_merged_pipeline_a_rerun_asks_for(lora_run, tmp_path, caplog):
     import yaml
     from diffusers import StableDiffusionPipeline

@@ -57,6 +57,7 @@ def prior_run(tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow
 def test_class_images_are_made_once_alike_and_the_prior_term_is_logged(prior_run, tmp_path):
     out, done = prior_run
     made = sorted((out / "class_images").glob("*.png"))
@@ -73,6 +74,7 @@ def test_class_images_are_made_once_alike_and_the_prior_term_is_logged(prior_run
     assert [p.read_bytes() for p in made] == [p.read_bytes() for p in sorted((other / "class_images").glob("*.png"))]
 
 
+@pytest.mark.slow
 def test_a_killed_run_with_the_prior_resumes_bit_for_bit(prior_run, tmp_path):
     out = tmp_path / "run"
     killed = train(out, ["--kill=stage3:3"], **PRIOR)

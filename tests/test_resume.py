@@ -46,6 +46,7 @@ def baseline(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", ["stage1:3", "stage1:end", "stage3:5", "checkpoint#5"])
 def test_kill_and_rerun_gives_identical_weights(baseline, tmp_path, kill):
     out = tmp_path / "run"
@@ -62,6 +63,7 @@ def test_kill_and_rerun_gives_identical_weights(baseline, tmp_path, kill):
     assert not (out / "resume").exists()  # resume state deleted once finished (runtime.keep_resume_state)
 
 
+@pytest.mark.slow
 def test_nan_stops_with_message_and_last_checkpoint_resumes(tmp_path):
     out = tmp_path / "run"
     failed = train(out, ["--nan=stage2:3"])
@@ -76,6 +78,7 @@ def test_nan_stops_with_message_and_last_checkpoint_resumes(tmp_path):
     assert "resuming with stages.stage2.lr changed" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow
 def test_finished_run_is_left_alone_and_other_config_refused(baseline, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in baseline.rglob("*")}
     again = train(baseline)
@@ -86,6 +89,7 @@ def test_finished_run_is_left_alone_and_other_config_refused(baseline, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in baseline.rglob("*")} == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_resume_false_moves_the_old_run_aside(tmp_path):
     out = tmp_path / "run"
     (out).mkdir()
@@ -140,6 +144,7 @@ def test_no_readable_checkpoint_says_so(tmp_path):
         ckpt.load_latest()
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_in_a_real_run_resumes_from_the_previous(baseline, tmp_path):
     out = tmp_path / "run"
     assert train(out, ["--kill=stage3:5"]).returncode == -9
@@ -151,6 +156,7 @@ def test_damaged_checkpoint_in_a_real_run_resumes_from_the_previous(baseline, tm
     assert same_as_baseline(baseline, out)
 
 
+@pytest.mark.slow
 def test_moved_run_folder_resumes(baseline, tmp_path):
     out = tmp_path / "run"
     assert train(out, ["--kill=stage1:3"]).returncode == -9
@@ -162,6 +168,7 @@ def test_moved_run_folder_resumes(baseline, tmp_path):
     assert "resuming from" in resumed.stdout and same_as_baseline(baseline, moved)
 
 
+@pytest.mark.slow
 def test_kill_after_finishing_leaves_a_finished_run(tmp_path):
     out = tmp_path / "run"
     assert train(out, ["--kill=finished"]).returncode == -9
@@ -170,6 +177,7 @@ def test_kill_after_finishing_leaves_a_finished_run(tmp_path):
     assert again.returncode == 0 and "finished run: nothing to do" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline, tmp_path):
     out = tmp_path / "run"
     stopped = train(out, ["--interrupt=stage2:3"])
@@ -186,6 +194,7 @@ def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline
     assert same_as_baseline(baseline, out)
 
 
+@pytest.mark.slow
 def test_second_training_into_a_held_folder_is_refused(tmp_path):
     import signal
 
@@ -206,6 +215,7 @@ def test_second_training_into_a_held_folder_is_refused(tmp_path):
     hold_folder(out).close()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_photo_set(tmp_path):
     """Killed after a few steps, then photos added or removed: the resumed run would train on the old data
     order over the new set; it refuses in one line naming what changed, and resumes once the set is back."""
@@ -233,6 +243,7 @@ def test_resume_refuses_a_changed_photo_set(tmp_path):
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     """RUN/config.yaml edited by hand after a kill: fewer steps than the checkpoint's stage has done, or another
     count for a stage it finished, was resumed and logged as done with the new count while metrics.jsonl had
@@ -256,6 +267,7 @@ def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_a_finished_run_recasts_its_pipeline_when_asked_and_refuses_what_it_cannot_rebuild(baseline, tmp_path):
     import torch
     import yaml

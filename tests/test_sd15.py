@@ -1,5 +1,6 @@
 """SD 1.5: the built-in tiny SD 1.5-shaped model (conv attn2 projections, quick-GELU CLIP, <|endoftext|>
 padding) trains all three stages unchanged; its outputs load in stock diffusers."""
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,7 @@ def test_tiny_sd15_has_the_sd15_layout():
     assert pipe.unet.down_blocks[0].attentions[0].proj_in.__class__.__name__ == "Conv2d"
 
 
+@pytest.mark.slow
 def test_sd15_trains_three_stages_and_loads_in_stock_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -51,6 +51,7 @@ def test_tiny_sdxl_has_the_sdxl_structure(base):
     assert len(cross_attention_layers(pipe.unet)) == 17  # the capture finds them all, not 16
 
 
+@pytest.mark.slow
 def test_sdxl_trains_three_stages_and_loads_in_stock_diffusers(run, base):
     from attndreambooth.families import SDXL
     load_embedding = SDXL().load_embedding
@@ -95,6 +96,7 @@ def test_views_carry_the_size_and_crop_conditioning(tiny_pipe):
             assert (oh, ow, th, tw) == (h, w, 64, 64) and ct >= 0 and cl >= 0
 
 
+@pytest.mark.slow
 def test_sdxl_lora_file_rebuilds_the_unet_in_stock_diffusers(tmp_path, base):
     from attndreambooth.families import SDXL
     load_embedding = SDXL().load_embedding
@@ -170,6 +172,7 @@ def test_an_sdxl_base_is_recognised_in_every_form(base, tiny_dir, tmp_path):
     assert [xl(tmp_path / "xl.ckpt"), xl(tmp_path / "xl.ckpt", single_file_config=str(base[0]))] == [False, True]
 
 
+@pytest.mark.slow
 def test_killed_sdxl_run_resumes_to_the_same_weights(tmp_path):
     """Killed in stage 1 (both encoders' [V] rows and their AdamW states in the checkpoint), the resumed SDXL
     run ends bit for bit where the uninterrupted one does (later stages resume as on SD: test_resume.py)."""

@@ -189,6 +189,7 @@ def test_frozen_text_encoder_gets_no_gradient_in_the_unet_phase(tmp_path, monkey
     assert any(not torch.equal(v, run.unet.state_dict()[k]) for k, v in unet.items())
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_bitwise_across_pieces(tmp_path, monkeypatch, deterministic):
     """Three phases in one go against one step a process (a fresh object loading the state each time)."""
     from worlds.shapes3 import pretrain
@@ -216,6 +217,7 @@ def _small_stats(scene_chunk):
     return lambda seed, phase, k, n: scene_chunk(seed, phase, k, 16 if phase == "latent-stats" else n)
 
 
+@pytest.mark.slow
 def test_a_changed_option_is_refused_and_the_stable_phase_can_grow(tmp_path, monkeypatch):
     from worlds.shapes3 import pretrain
     monkeypatch.setattr(pretrain, "scene_chunk", _small_stats(pretrain.scene_chunk))

@@ -212,6 +212,7 @@ def test_infer_on_a_base_model_alone(tiny_dir, tmp_path, monkeypatch):
         infer.main(["--base", str(tiny_dir), "--prompt", "a {} on the beach"])
 
 
+@pytest.mark.slow
 def test_sweep_slots(monkeypatch):
     """--jobs shares the cores out between subprocesses; one job runs in this process; GPUs one cell each."""
     import argparse
@@ -229,6 +230,7 @@ def test_sweep_slots(monkeypatch):
         sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])
 
 
+@pytest.mark.slow
 def test_world_sweep_end_to_end(tmp_path, capsys):
     """A reduced comparison (one concept, one seed, two methods, a few steps, two prompts) through the one
     command: every cell's metrics are read from its images, the report has its parts, a rerun skips."""

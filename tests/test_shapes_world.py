@@ -50,6 +50,7 @@ def test_pattern_colours_are_where_the_pattern_puts_them():
             assert np.abs(got - COLOURS[want]).max() < 40 or pattern in ("checkered", "striped"), (pattern, u, v, got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", sorted(POSITIONS))
 def test_every_attribute_is_read_back_from_its_render(position):
     """Each position (left and right swapped would fail here), and across scenes every shape, colour,
@@ -106,6 +107,7 @@ def test_alignment_counts_what_is_wrong():
     assert checks["pattern"] is False and checks["colour"] is False  # a plain red star
 
 
+@pytest.mark.slow
 def test_identity_is_high_for_the_concept_and_low_for_its_category():
     """Held-out renders of each concept (other sizes, positions, backgrounds, jitter) against plain
     instances of its category in every colour."""
@@ -194,6 +196,7 @@ def test_evaluate_world_scores_a_samples_folder(tmp_path):
     assert (tmp_path / "eval" / "metrics.md").read_text().count("|") > 10 and (tmp_path / "eval" / "scatter.png").exists()
 
 
+@pytest.mark.slow
 def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
     """models/shapes (pretrained here, fp16): stock loading, the SD 2.x layout, and all three stages of the
     trainer through configs/shapes.yaml unchanged."""
@@ -224,6 +227,7 @@ FILES = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mode
          "text_encoder/model.safetensors"]
 
 
+@pytest.mark.slow
 def test_pretraining_is_reproducible_from_its_seed(tmp_path, capsys):
     """The pretraining script twice with one seed (a few steps of each phase): the same weights, bit for bit;
     another seed: other weights."""
@@ -251,6 +255,7 @@ def torch_cuda():
     return torch.cuda.is_available()
 
 
+@pytest.mark.slow
 def test_pretraining_in_pieces_gives_the_uninterrupted_weights(tmp_path, capsys):
     """Stopped by its time limit after every chunk (VAE, phase change, U-Net) and continued by the same command
     four times: the same bytes as one uninterrupted run. A state made with other options is refused, not
@@ -283,6 +288,7 @@ def test_pretraining_in_pieces_gives_the_uninterrupted_weights(tmp_path, capsys)
     assert "was made with other options (--unet_steps 8)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [6])
 def test_any_latent_channel_count_pretrains_trains_samples_and_saves(tmp_path, channels, capsys):
     """A world model with 6 latent channels (neither SD's 4 nor the shipped 8): pretrained, planned, trained

@@ -82,6 +82,7 @@ def test_capture_gives_the_eager_reference_loss(tiny_pipe):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_low_memory_preset_changes_memory_not_results(tmp_path):
     """`low` = gradient checkpointing + 8-bit AdamW. 8-bit AdamW quantises the optimizer state, so it
     cannot give the same weights; it is switched off here to compare the rest exactly."""
@@ -117,6 +118,7 @@ def test_flop_count_matches_the_performance_budget():
     assert got == pytest.approx([13.4, 13.6, 19.3], abs=0.15)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
     benchmark = script("benchmark")
     out = tmp_path / "b.json"
@@ -130,6 +132,7 @@ def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
     assert "| fast | default | fp32 |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_benchmark_times_sdxl_with_lora_and_half_precision_weights(tmp_path):
     """The SDXL layout (two text encoders, size/crop conditioning) through the trainer's run_stage, with
     LoRA stages over bf16 frozen weights; its FLOP count sees both encoders and the U-Net's extra inputs."""

@@ -47,6 +47,7 @@ def new_process():
     submitit.SlurmJob.watcher.clear()  # a rerun is a new process: nothing cached from the last one
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monkeypatch, capsys):
     """--launcher submitit-local: both cells as jobs of submitit's local executor (each its own process tree,
     started at once with the cores shared out), the report from their metrics, jobs.json naming the jobs;
@@ -76,6 +77,7 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
     assert again == results and {p.name for p in (out / "jobs").iterdir() if p.name != "%j"} == logs
 
 
+@pytest.mark.slow
 def test_slurm_submits_one_array_resubmits_only_what_failed_and_waits(tmp_path, slurm, monkeypatch, capsys):
     out = tmp_path / "s"
     options = ["--launcher", "slurm", "--partition", "gpu", "--gpus_per_task", "2", "--time", "1:30:00",
@@ -218,6 +220,7 @@ def test_slurm_refusals_that_need_the_machine(tmp_path, slurm, monkeypatch, caps
     assert len(fake_slurm.calls(slurm, "sbatch")) == 1  # the refused one only: a dry run submits nothing
 
 
+@pytest.mark.slow
 def test_the_multinode_sbatch_example_trains(tmp_path, slurm):
     """docs/slurm/train_multinode.sbatch as Slurm would run it, on one node of two CPU processes: the stand-in
     srun runs its torchrun here, which meets itself at the address scontrol gives; the run trains and is

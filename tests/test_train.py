@@ -90,6 +90,7 @@ def test_stage3_trains_the_whole_unet(base, tmp_path):
     assert {n for n in te if n != EMB and not torch.equal(te[n], base["te"][n])} == set()
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_seed_differs(tmp_path):
     rows = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -146,6 +147,7 @@ def torchrun(*args):
     return subprocess.run(cmd, env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora", "sdxl"])
 def test_two_processes_end_every_stage_with_identical_weights(tmp_path, mode):
     """torchrun, 2 CPU processes (gloo): different data per rank, the same weights on both after each
@@ -173,6 +175,7 @@ def test_two_processes_end_every_stage_with_identical_weights(tmp_path, mode):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 9  # one writer, 9 steps
 
 
+@pytest.mark.slow
 def test_a_fault_on_one_rank_stops_both_with_the_message(tmp_path):
     failed = torchrun(tmp_path, "nan")
     assert failed.returncode != 0
@@ -187,6 +190,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_second_node_writes_nothing_to_the_run_folder(tmp_path):
     """Two torchrun "nodes" of one process each: the second node's process is RANK 1 and LOCAL_RANK 0, as on
     another machine of a multi-node job. Everything the run folder holds (lock, config, logs, checkpoints,

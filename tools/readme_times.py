@@ -1,7 +1,7 @@
 """Measure the README's commands and record one figure for each in docs/readme_times.json; the README quotes
 exactly these (tests/test_readme_times.py checks it), so its times cannot drift from a measurement.
 
-    python tools/readme_times.py demo infer quick_sweep tests   # or any of them; `--print` shows the table
+    python tools/readme_times.py demo infer quick_sweep tests quick_tests   # or any of them; `--print` shows the table
 
 Each command runs as the README gives it, in a fresh temporary folder (the demo also builds the tiny model
 there, as on a fresh machine), and its wall time is recorded with the machine, torch's version and the
@@ -24,6 +24,7 @@ COMMANDS = {  # name -> the README's command line (run from the checkout; {tmp} 
     "infer": [sys.executable, "infer.py", "{tmp}/tiny", "--prompt", "a photo of {}", "--num_images", "4"],
     "quick_sweep": [sys.executable, "scripts/sweep.py", "--world", "shapes", "--out", "{tmp}/shapes_quick", "--quick"],
     "tests": [sys.executable, "-m", "pytest", "-q", "tests"],
+    "quick_tests": [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "tests"],
 }
 NEEDS = {"infer": "demo"}  # infer samples from the demo's run folder
 QUIET_LOAD = 0.5
