@@ -223,9 +223,10 @@ def test_a_changed_option_is_refused_and_the_stable_phase_can_grow(tmp_path, mon
     monkeypatch.setattr(pretrain, "scene_chunk", _small_stats(pretrain.scene_chunk))
     run = _run(tmp_path, unet_steps=6, decay_steps=2)
     run.run()
-    assert (tmp_path / "stable_state.pt").is_file()
-    stable = torch.load(tmp_path / "stable_state.pt", weights_only=False)
+    stable = torch.load(tmp_path / "stable_unet.pt", weights_only=False)
     assert stable["step"] == 4 and stable["phase"] == "unet"
+    vae = torch.load(tmp_path / "stable_vae.pt", weights_only=False)  # 2 VAE steps: the decay is the last 0
+    assert vae["step"] == 2 and vae["phase"] == "vae"
     assert _run(tmp_path, unet_steps=9, decay_steps=2).changed_options(stable) == []  # before the decay: it may grow
     assert _run(tmp_path, unet_steps=9, decay_steps=2).changed_options(torch.load(tmp_path / "state.pt",
                                                                                   weights_only=False)) == ["unet_steps"]
@@ -236,7 +237,7 @@ def test_a_changed_option_is_refused_and_the_stable_phase_can_grow(tmp_path, mon
     assert _run(tmp_path, vae_steps=12).changed_options(in_vae) == []
     assert _run(tmp_path, vae_steps=12).changed_options(dict(in_vae, step=7)) == ["vae_steps"]
     with pytest.raises(ValueError, match="--vae_lr 0.001"):
-        _run(tmp_path, unet_steps=6, decay_steps=2, vae_lr=5e-4).load(tmp_path / "stable_state.pt")
+        _run(tmp_path, unet_steps=6, decay_steps=2, vae_lr=5e-4).load(tmp_path / "stable_unet.pt")
 
 
 def test_wsd_schedule_by_hand():

@@ -7,8 +7,9 @@
 
 The state (OUT/pretrain_state.pt) is written every few minutes and at --time_limit; the same command continues
 it to the same bytes as an uninterrupted run (same machine, torch and thread count). A missed gate stops the
-run (OUT/pretrain.log says which and why); --override_gates continues past it. Where the U-Net's decay begins
-the state is also kept as OUT/stable_state.pt: --from_stable with a larger --unet_steps continues from there.
+run (OUT/pretrain.log says which and why); --override_gates continues past it. Where the VAE's and the U-Net's
+learning-rate decay begins the state is also kept (OUT/stable_vae.pt, OUT/stable_unet.pt): --from_stable PHASE with
+a larger --vae_steps or --unet_steps continues from there with a longer stable phase.
 When done, OUT holds a stock diffusers StableDiffusionPipeline (fp16 safetensors) and gates.json.
 """
 import argparse
@@ -47,8 +48,9 @@ def parse_args(argv):
     p.add_argument("--time_limit", type=float, default=None, help="minutes of training for this process")
     p.add_argument("--checkpoint_minutes", type=float, default=5.0)
     p.add_argument("--override_gates", action="store_true", help="continue past a missed gate (logged)")
-    p.add_argument("--from_stable", action="store_true", help="continue from OUT/stable_state.pt (with a larger "
-                   "--unet_steps: a longer stable phase); the current state is set aside as pretrain_state.before.pt")
+    p.add_argument("--from_stable", choices=("vae", "unet"), help="continue from OUT/stable_PHASE.pt, kept where that "
+                   "phase's decay began (with a larger --vae_steps or --unet_steps: a longer stable phase); the "
+                   "current state is set aside as pretrain_state.before.pt")
     p.add_argument("--restart", action="store_true", help="discard the run state in --out and start over")
     args = p.parse_args(argv)
     positive = ("text_steps", "text_batch", "vae_steps", "vae_batch", "vae_chunk", "unet_steps", "batch", "chunk",
@@ -63,8 +65,9 @@ def parse_args(argv):
     out = Path(args.out)
     if (out / "model_index.json").is_file():
         p.error(f"--out {out} already holds a finished model; choose another folder")
-    if args.from_stable and not (out / "stable_state.pt").is_file():
-        p.error(f"--from_stable: {out / 'stable_state.pt'} does not exist (the run has not reached its decay)")
+    if args.from_stable and not (out / f"stable_{args.from_stable}.pt").is_file():
+        p.error(f"--from_stable {args.from_stable}: {out / f'stable_{args.from_stable}.pt'} does not exist (the run "
+                "has not reached that phase's decay)")
     if args.device != "cpu":
         import torch
         if not torch.cuda.is_available():
@@ -85,12 +88,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     state = out / "pretrain_state.pt"
     if args.restart:
-        for f in ("pretrain_state.pt", "stable_state.pt"):
+        for f in ("pretrain_state.pt", "stable_vae.pt", "stable_unet.pt"):
             (out / f).unlink(missing_ok=True)
     if args.from_stable:
         if state.is_file():
             shutil.move(state, out / "pretrain_state.before.pt")
-        shutil.copy(out / "stable_state.pt", state)
+        shutil.copy(out / f"stable_{args.from_stable}.pt", state)
     logfile = open(out / "pretrain.log", "a" if state.is_file() else "w")
 
     def log(msg):

@@ -158,6 +158,13 @@ class Pretraining:
                 return "time"
         return "done"
 
+    def keep_stable(self, phase, steps):
+        """Where a phase's decay begins, a copy of the state (OUT/stable_<phase>.pt): a longer run of that phase
+        (a larger --vae_steps or --unet_steps, with --from_stable PHASE) branches off there."""
+        if self.step == decay_start(phase, steps, self.args):
+            self.save(self.path.with_name(f"stable_{phase}.pt"))
+            self.log(f"kept {self.path.with_name(f'stable_{phase}.pt')}: the {phase} phase's decay begins here")
+
     def _next_phase(self, phase):
         self.phase, self.step = phase, 0
 
@@ -216,6 +223,7 @@ class Pretraining:
         loss.backward()
         self.vae_opt.step()
         self.step += 1
+        self.keep_stable("vae", a.vae_steps)
         if self.step % 200 == 0 or self.step == a.vae_steps:
             self.log(f"vae step {self.step}/{a.vae_steps} loss {loss.item():.4f} kl {kl.item():.3f}")
         if self.step >= a.vae_steps:
@@ -290,10 +298,7 @@ class Pretraining:
         if self.step % 100 == 0:
             self.log(f"unet step {self.step}/{a.unet_steps} loss {loss.item():.4f} "
                      f"({time.perf_counter() - tic:.2f} s this step)")
-        if self.step == a.unet_steps - a.decay_steps:
-            self.save(self.path.with_name("stable_state.pt"))
-            self.log(f"kept {self.path.with_name('stable_state.pt')}: the stable phase's end, where a longer run "
-                     "(a larger --unet_steps, with --from_stable) branches off")
+        self.keep_stable("unet", a.unet_steps)
         verdict = self.probe.unet(self) if self.probe and (self.step % a.probe_every == 0
                                                            or self.step == a.unet_steps) else None
         if self.step >= a.unet_steps:
