@@ -321,3 +321,15 @@ def test_textual_inversion_prompts_are_the_concepts_scenes():
     for prompt, scene in prompts:
         assert scene.main.concept == "dot_heart" and prompt.format("<v> heart") == scene.caption("<v>")
     assert 5 <= sum(s.second is not None for _, s in prompts) <= 15
+
+
+def test_from_stable_branches_once_and_the_same_command_continues(tmp_path):
+    from worlds.shapes3.__main__ import branch_from_stable
+    (tmp_path / "stable_vae.pt").write_text("stable")
+    (tmp_path / "pretrain_state.pt").write_text("gated")
+    assert branch_from_stable(tmp_path, "vae") is True
+    assert (tmp_path / "pretrain_state.pt").read_text() == "stable"
+    assert (tmp_path / "pretrain_state.before_vae.pt").read_text() == "gated"  # nothing the run made is lost
+    (tmp_path / "pretrain_state.pt").write_text("branch, further on")
+    assert branch_from_stable(tmp_path, "vae") is False  # the same command again: the branch continues
+    assert (tmp_path / "pretrain_state.pt").read_text() == "branch, further on"

@@ -50,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--override_gates", action="store_true", help="continue past a missed gate (logged)")
     p.add_argument("--from_stable", choices=("vae", "unet"), help="continue from OUT/stable_PHASE.pt, kept where that "
                    "phase's decay began (with a larger --vae_steps or --unet_steps: a longer stable phase); the "
-                   "current state is set aside as pretrain_state.before.pt")
+                   "current state is set aside as pretrain_state.before_PHASE.pt, once: the same command continues")
     p.add_argument("--restart", action="store_true", help="discard the run state in --out and start over")
     args = p.parse_args(argv)
     positive = ("text_steps", "text_batch", "vae_steps", "vae_batch", "vae_chunk", "unet_steps", "batch", "chunk",
@@ -75,6 +75,18 @@ def parse_args(argv):
     return p, args
 
 
+def branch_from_stable(out, phase):
+    """Continue from OUT/stable_<phase>.pt: the current state is set aside as pretrain_state.before_<phase>.pt
+    and the stable one copied in, once; the same command afterwards continues the branch (True: branched now)."""
+    state, before = out / "pretrain_state.pt", out / f"pretrain_state.before_{phase}.pt"
+    if before.is_file() and state.is_file():
+        return False
+    if state.is_file():
+        shutil.move(state, before)
+    shutil.copy(out / f"stable_{phase}.pt", state)
+    return True
+
+
 def main(argv=None):
     p, args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -91,9 +103,7 @@ def main(argv=None):
         for f in ("pretrain_state.pt", "stable_vae.pt", "stable_unet.pt"):
             (out / f).unlink(missing_ok=True)
     if args.from_stable:
-        if state.is_file():
-            shutil.move(state, out / "pretrain_state.before.pt")
-        shutil.copy(out / f"stable_{args.from_stable}.pt", state)
+        branch_from_stable(out, args.from_stable)
     logfile = open(out / "pretrain.log", "a" if state.is_file() else "w")
 
     def log(msg):
