@@ -1,4 +1,4 @@
-"""attention_reg.py against METHOD.md: Eq. 2's two reductions and the capture hook."""
+"""attention_reg.py against docs/method.md: Eq. 2's two reductions and the capture hook."""
 import statistics
 import types
 

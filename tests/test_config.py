@@ -87,7 +87,7 @@ def test_shipped_configs_carry_the_paper_schedule():
     cfg = load_config(ROOT / "configs/attndreambooth.yaml", REQUIRED)
     assert cfg.stages == {n: dataclasses.replace(s, lora_rank=0) for n, s in paper_stages().items()}  # unset: 0
     table = {name: (s.train, s.steps, s.lr, s.batch_size, s.reg_mean_weight, s.reg_var_weight)
-             for name, s in cfg.stages.items()}  # METHOD.md's table
+             for name, s in cfg.stages.items()}  # docs/method.md's table
     assert table == {"stage1": (["embedding"], 60, 1e-3, 8, 0.1, 0.0),
                      "stage2": (["cross_attention"], 100, 2e-5, 8, 2.0, 5.0),
                      "stage3": (["unet"], 500, 2e-6, 8, 2.0, 5.0)}

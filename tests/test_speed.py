@@ -110,7 +110,7 @@ def test_memory_presets_resolve_and_8bit_needs_bitsandbytes(monkeypatch):
 
 
 def test_flop_count_matches_the_performance_budget():
-    """PERFORMANCE.md: a training step at batch 8 on SD 2.1-base is ~13.4 (stage 1), ~13.6 (stage 2) and
+    """docs/performance.md: a training step at batch 8 on SD 2.1-base is ~13.4 (stage 1), ~13.6 (stage 2) and
     ~19.3 TFLOP (stage 3) of U-Net work; counted here on the meta device, no weights."""
     benchmark = script("benchmark")
     flops = benchmark.model_flops("sd21", 8)

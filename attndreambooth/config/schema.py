@@ -92,7 +92,7 @@ class StageConfig:
 
 
 def paper_stages() -> Dict[str, StageConfig]:
-    """The three stages of METHOD.md's table (paper Sec. 4, released code)."""
+    """The three stages of docs/method.md's table (paper Sec. 4, released code)."""
     return {
         "stage1": StageConfig(["embedding"], 60, 1e-3, 8, 0.1, 0.0),
         "stage2": StageConfig(["cross_attention"], 100, 2e-5, 8, 2.0, 5.0),

@@ -7,7 +7,7 @@ from torch import nn
 class ConceptEmbedding(nn.Module):
     """Token embedding whose [V] row is a trainable parameter; every other row stays frozen.
 
-    Stage 1 trains only this row (METHOD.md); weight decay then touches [V] alone, as in
+    Stage 1 trains only this row (docs/method.md); weight decay then touches [V] alone, as in
     the released code, and DDP all-reduces its gradient since it lives in the model.
     """
 
