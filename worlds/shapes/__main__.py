@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from worlds.shapes.model import LATENT_CHANNELS, build
+from worlds.shapes.model import LATENT_CHANNELS, assemble_pipeline, build
 from worlds.shapes.pretrain import Pretraining
 from worlds.shapes.world_report import write_report
 from attndreambooth.config.checks import folder_problem
@@ -107,11 +107,7 @@ def main(argv=None):
         log(f"time limit reached; run the same command to continue ({run.phase} step {run.step})")
         return None
     run.ema_into_models()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer, unet=run.unet,
-                                   scheduler=DDIMScheduler.from_config(run.scheduler.config, set_alpha_to_one=False,
-                                                                       steps_offset=1),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(run.vae, run.text_encoder, run.tokenizer, run.unet, run.scheduler)
     save_pipeline(pipe, out, torch.float16)
     log(f"saved {out} after {run.seconds:.0f} s of training")
     report = dict(seed=args.seed, args=vars(args), train_seconds=round(run.seconds), torch=torch.__version__,

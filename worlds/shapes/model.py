@@ -42,3 +42,16 @@ def build(seed=0, latent_channels=LATENT_CHANNELS):
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, prediction_type="epsilon")
     return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler="ddim"):
+    """A stock StableDiffusionPipeline of a world's parts: DDIM (what is saved; steps_offset 1, as SD's) or DPM++
+    (what the reports sample with), on the parts' own noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False, steps_offset=1)
+    else:
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

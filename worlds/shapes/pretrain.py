@@ -48,6 +48,13 @@ def vae_chunk(seed, k, n):
     return to_tensor(images + [random_textured_image(rng) for _ in range(n // 3)])
 
 
+@torch.no_grad()
+def encode_latents(vae, images, device, chunk=256):
+    """(posterior means, posterior stds) of a tensor of images, `chunk` at a time."""
+    dists = [vae.encode(images[i:i + chunk].to(device)).latent_dist for i in range(0, len(images), chunk)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+
+
 def edge_loss(recon, x):
     """L1 between the images' finite differences: the pixel losses alone let a small star's points blur into a
     blob (the first world's VAE kept 74 % of shapes); this term prices each blurred edge."""
@@ -169,14 +176,8 @@ class Pretraining:
             self.log(f"vae done; latents {self.vae.config.latent_channels}x16x16, scaling factor {self.scale:.4f}")
             self.phase, self.step = "unet", 0
 
-    @torch.no_grad()
-    def encode(self, images, chunk=256):
-        means, stds = [], []
-        for i in range(0, len(images), chunk):
-            dist = self.vae.encode(images[i:i + chunk].to(self.device)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        return torch.cat(means), torch.cat(stds)
+    def encode(self, images):
+        return encode_latents(self.vae, images, self.device)
 
     def latent_scale(self):
         """1 / the latents' std, as SD's scaling factor, from 2,048 scenes of their own seed (as many as a

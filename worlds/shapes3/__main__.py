@@ -134,11 +134,8 @@ def main(argv=None):
     if verdict != "done":
         return verdict
     run.ema_into_unet()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer, unet=run.unet,
-                                   scheduler=DDIMScheduler.from_config(run.scheduler.config, set_alpha_to_one=False,
-                                                                       steps_offset=1),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from worlds.shapes.model import assemble_pipeline
+    pipe = assemble_pipeline(run.vae, run.text_encoder, run.tokenizer, run.unet, run.scheduler)
     save_pipeline(pipe, out, torch.float16)
     log(f"saved {out} after {run.seconds:.0f} s of training")
     return verdict

@@ -164,14 +164,11 @@ class Probe:
         return self._verdict(run, "vae round trip", vae_round_trip(run.vae), VAE_GATE)
 
     def unet(self, run):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from worlds.shapes.model import assemble_pipeline
         kept = [p.detach().clone() for p in run.unet.parameters()]
         run.ema_into_unet()
         try:
-            pipe = StableDiffusionPipeline(vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer,
-                                           unet=run.unet, scheduler=DPMSolverMultistepScheduler.from_config(
-                                               run.scheduler.config, steps_offset=1), safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+            pipe = assemble_pipeline(run.vae, run.text_encoder, run.tokenizer, run.unet, run.scheduler, "dpm++")
             pipe.set_progress_bar_config(disable=True)
             use = caption_use(run)
             numbers = {f"caption use t={t}": v for t, v in use.items()}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worlds.shapes.pretrain import edge_loss, to_tensor
+from worlds.shapes.pretrain import edge_loss, encode_latents, to_tensor
 from worlds.shapes.textures import random_textured_image
 from worlds.shapes3.model import fold_latent_norm
 from worlds.shapes3.scene import random_scene
@@ -233,10 +233,8 @@ class Pretraining:
             self._next_phase("unet")
             return verdict
 
-    @torch.no_grad()
-    def encode(self, images, chunk=256):
-        out = [self.vae.encode(images[i:i + chunk].to(self.device)).latent_dist for i in range(0, len(images), chunk)]
-        return torch.cat([d.mean for d in out]), torch.cat([d.std for d in out])
+    def encode(self, images):
+        return encode_latents(self.vae, images, self.device)
 
     def normalise_latents(self):
         """Per-channel mean and std of the posterior means of 2,048 scenes of their own seed, folded into the VAE."""
