@@ -1,4 +1,4 @@
-"""Generate images from an AttnDreamBooth run (or from a base model + learned embedding + U-Net weights).
+r"""Generate images from an AttnDreamBooth run (or from a base model + learned embedding + U-Net weights).
 
     python infer.py runs/my_dog --prompt "a {} surfing on a wave, oil painting" --num_images 4 --seed 0
     python infer.py runs/my_dog --prompt_file data/prompts/dreambench_live.txt --out samples/
@@ -11,95 +11,22 @@
 (PNG, settings in a text chunk), `grid.png`, `prompt.json`, and with --attention_maps the
 per-token figure `attention.png` and the maps `attention_maps.npz`.
 """
-import argparse
-import hashlib
-import json
+
 import logging
-import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL.PngImagePlugin import PngInfo
-
-from attndreambooth.config.checks import folder_problem, guidance_problem, seed_problem
-from attndreambooth.config.plan import DTYPES
-from attndreambooth.families import of_pipeline
-from attndreambooth.families.source import quiet_known_noise
-from attndreambooth.inference.attention_maps import figure, token_labels
-from attndreambooth.inference.loading import load_pipe, safetensors_keys
-from attndreambooth.inference.sampling import SCHEDULERS, image_grid, sample_prompts
+from attndreambooth.cli import Parser
+from attndreambooth.config.schema import DTYPE_NAMES
+from attndreambooth.inference.schedulers import SCHEDULERS
 
 log = logging.getLogger("infer")
 
 
-def slug(text, n=60):
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
-
-
-def prompt_folder(template, source):
-    """A prompt's folder name: its slug (readable) and 8 hex digits of a hash of the exact prompt and of the
-    model that samples it (`source`: run, stage, weights), so prompts that slug alike ("a {} dog!", "A {} DOG?",
-    emoji, a shared first 60 characters) and the same prompt from another stage or model never share one."""
-    key = json.dumps(dict(template=template, **(source or {})), sort_keys=True)
-    return f"{slug(template.replace('{}', 'V'))}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-
-
-OUTPUT_FILES = ("[0-9][0-9][0-9].png", "grid.png", "prompt.json", "attention.png", "attention_maps.npz")
-
-
-def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_maps=False, model="", source=None,
-             **settings):
-    """Sample `num_images` per prompt into out_dir/<slug>-<hash>/ (see prompt_folder); returns {prompt: [PIL
-    images]}. `source` says which model samples (run, stage, weights files): recorded in prompt.json and every
-    PNG, and part of the folder's name. A prompt's folder is written only once its images exist; an earlier
-    call's images of the same prompt and model there are replaced."""
-    from attndreambooth.trainer.preflight import concept_position
-    out_dir, results = Path(out_dir), {}
-    first = (concept or "").split(" ")[0]
-    placeholder = first if first in pipe.tokenizer.get_added_vocab() else None  # None: a base model alone
-    source = dict(source or {}, model=model)
-    for template in prompts:
-        if "{}" in template and concept is None:
-            raise ValueError(f"prompt {template!r} has {{}} but there is no concept: give --category (the word {{}} "
-                             "stands for on a base model)")
-        if placeholder is not None and "{}" not in template:
-            log.warning("prompt %r has no {} placeholder: the learned concept is not used", template)
-        elif placeholder is not None and concept_position(pipe.tokenizer, template, placeholder) >= pipe.tokenizer.model_max_length - 1:
-            log.warning("prompt %r: the concept falls past the text encoder's %d tokens and is cut off",
-                        template, pipe.tokenizer.model_max_length)
-    texts = [template.replace("{}", concept or "") for template in prompts]
-    for index, images, maps in sample_prompts(pipe, texts, num_images, seed, attention_maps=attention_maps, **settings):
-        template, prompt = prompts[index], texts[index]
-        folder = out_dir / prompt_folder(template, source)
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in (f for pattern in OUTPUT_FILES for f in folder.glob(pattern)):
-            old.unlink()  # an earlier call's images must not mix with this call's
-        record = dict(prompt=prompt, template=template, placeholder=placeholder, seed=seed,
-                      num_images=num_images, **settings, **source)
-        for i, image in enumerate(images):
-            info = PngInfo()
-            info.add_text("parameters", json.dumps(dict(record, seed=seed + i, index=i)))
-            image.save(folder / f"{i:03d}.png", pnginfo=info)
-        image_grid(images).save(folder / "grid.png")
-        (folder / "prompt.json").write_text(json.dumps(record, indent=1))
-        if attention_maps:
-            ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids[0]
-            labels = token_labels(pipe.tokenizer, ids)
-            np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
-                                positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
-            layers = len(of_pipeline(pipe).cross_attention_layers(pipe.unet))  # 16 on SD 2.x and 1.5, 70 on SDXL-base
-            title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, {layers} layers, steps"
-            figure(images, maps, labels, title).save(folder / "attention.png")
-        results[prompt] = images
-        log.info("%s: %d images in %s", prompt, len(images), folder)
-    return results
-
-
 def check_args(args):
     """Counts, sizes and files, before anything loads."""
+    from attndreambooth.config.checks import guidance_problem, seed_problem
+    from attndreambooth.inference.loading import safetensors_keys
     for name in ("run_dir", "out", "base", "embeds", "prompt_file", "category", "device"):
         if getattr(args, name) is not None and not getattr(args, name).strip():  # "$OUT" with OUT unset
             what = "the run folder" if name == "run_dir" else f"--{name}"
@@ -145,6 +72,9 @@ def check_args(args):
 
 def check_place(device, out):
     """The device exists here and the output folder can be made: said before anything loads."""
+    import torch
+
+    from attndreambooth.config.checks import folder_problem
     try:
         kind = torch.device(device)
     except RuntimeError:
@@ -157,36 +87,42 @@ def check_place(device, out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("run_dir", nargs="?", help="a run folder written by train_attndreambooth.py")
     p.add_argument("--prompt", action="append", default=[], help="prompt with {} for the concept (repeatable)")
-    p.add_argument("--prompt_file", help="one prompt per line, {} for the concept")
+    p.add_argument("--prompt_file", help="one prompt per line, {} for the concept, # for comments")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt")
     p.add_argument("--batch_size", type=int, default=4, help="images per denoiser call, across prompts (a small "
                    "model on a CPU runs faster per image in larger batches)")
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--negative_prompt")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative_prompt", help="negative prompt for every image; default: none")
+    p.add_argument("--height", type=int, help="image height in px, a multiple of 8; default: the model's size")
+    p.add_argument("--width", type=int, help="image width in px, a multiple of 8; default: the model's size")
+    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS), help="sampler")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="weights' dtype; default: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--stage", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
                    help="state after this stage: its number (1, 2, ...) or name (stage2); default: the final one")
     p.add_argument("--base", help="without a run folder: base model id, folder or file")
     p.add_argument("--embeds", help="without a run folder: learned_embeds.safetensors")
-    p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors: full, partial, or a diffusers LoRA file)")
-    p.add_argument("--category", help="the class word (read from the run's config by default)")
-    p.add_argument("--out", help="output folder (default: RUN/samples)")
+    p.add_argument("--unet_weights", action="append", default=[], help="U-Net weights (safetensors: full, partial, "
+                   "or a diffusers LoRA file); repeatable")
+    p.add_argument("--category", help="the class word; default: read from the run's config")
+    p.add_argument("--out", help="output folder; default: RUN/samples (./samples without a run folder)")
     p.add_argument("--attention_maps", action="store_true", help="also draw per-token cross-attention maps")
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    args = parse_args(argv)  # --help answers before torch is imported
+    import torch
+
+    from attndreambooth.families.source import quiet_known_noise
+    from attndreambooth.inference.generate import generate
+    from attndreambooth.inference.loading import load_pipe
     quiet_known_noise()
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -204,7 +140,7 @@ def main(argv=None):
     resolved = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
     source = dict(run=resolved(run_dir), stage=args.stage if run_dir else None, base=resolved(args.base) if args.base
                   and Path(args.base).expanduser().exists() else args.base, embeds=resolved(args.embeds),
-                  unet_weights=[resolved(w) for w in args.unet_weights])
+                  unet_weights=[resolved(w) for w in args.unet_weights], scheduler=args.scheduler, dtype=dtype)
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
                     source, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)

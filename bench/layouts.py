@@ -63,7 +63,7 @@ def model_flops(layout, batch_size):
     from attndreambooth.config.plan import Plan
     from attndreambooth.config.schema import paper_stages
     from attndreambooth.trainer.concept import add_concept_token
-    from attndreambooth.trainer.training import Models, set_trainable
+    from attndreambooth.trainer.models import Models, set_trainable
     family, tokenizers, encoders, _, unet, _ = build(layout, "meta")
     unet.set_attn_processor(AttnProcessor())
     add_concept_token(tokenizers[0], encoders[0], "<v>", "toy")

@@ -39,7 +39,7 @@ class ReferenceCapture:
 
 
 class EncodeEveryStep:
-    """A LatentSampler stand-in that runs the VAE on a batch of (pre-augmented) pixels at every step;
+    """A LatentBatches stand-in that runs the VAE on a batch of (pre-augmented) pixels at every step;
     `autocast` is a callable giving a fresh autocast context (e.g. accelerator.autocast)."""
 
     def __init__(self, vae, pixels, scaling_factor, generator, autocast):

@@ -7,7 +7,7 @@
         --variants fast --presets default,low,lora,lora_half     # SDXL-base, 1024 px, full and LoRA
 
 Models are built from config with random weights (same cost as real ones; no download). Each
-variant runs the trainer's own `run_stage` for every stage: `--warmup` steps, then `--steps`
+variant runs the trainer's own `train_stage` for every stage: `--warmup` steps, then `--steps`
 timed steps (each ends in a device sync, the loss's .item()); the per-step median is projected
 onto the paper's schedule (60/100/500 steps) plus the one-time VAE encoding of the view pool.
 Variants add one optimisation at a time, so each row says what it contributed:
@@ -19,7 +19,6 @@ Variants add one optimisation at a time, so each row says what it contributed:
     fast            + fused AdamW; this is what train_attndreambooth.py does
     fast+cl         + channels_last U-Net;  fast+regional / fast+compile: + torch.compile, regional / full
 """
-import argparse
 import gc
 import json
 import platform
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and benc
 import torch
 
 from bench.layouts import LAYOUTS, build, model_flops  # noqa: F401 (build: benchmark_infer)
+from attndreambooth.cli import Parser
 from attndreambooth.trainer.memory import LADDER, LORA_RANK
 
 # Memory presets beyond the trainer's default and low: the card presets' LoRA rungs (attndreambooth.trainer.memory):
@@ -73,7 +73,7 @@ class Recorder:
 
 
 class OpCounter:
-    """Trainer hooks that count the ATen ops (a proxy for kernel launches) of one step, `point` ("stage3:4")."""
+    """FaultInjection points that count the ATen ops (a proxy for kernel launches) of one step, `point` ("stage3:4")."""
 
     def __init__(self, before, point):
         self.before, self.point, self.profiler, self.count = before, point, None, None
@@ -100,10 +100,11 @@ def run_variant(variant, preset, args):
     from attndreambooth.config.plan import DTYPES, Plan
     from attndreambooth.config.schema import MEMORY_PRESETS
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
-    from attndreambooth.trainer.data import LatentSampler, encode_pixels
+    from attndreambooth.trainer.data import LatentBatches, encode_pixels
     from attndreambooth.trainer.lora import add_adapters
     from attndreambooth.trainer.compiling import compile_counts, compile_unet, use_cache
-    from attndreambooth.trainer.training import Models, run_stage
+    from attndreambooth.trainer.method import train_stage
+    from attndreambooth.trainer.models import Models
     flags = VARIANTS[variant]
     if flags.get("cuda_graph") and not args.device.startswith("cuda"):
         raise SystemExit(f"error: {variant} captures the step as a CUDA graph: it needs --device cuda")
@@ -149,7 +150,7 @@ def run_variant(variant, preset, args):
         setup = _sync_time(device) - t0
         vae.to("cpu")  # leaves the training device, as in the trainer
         geometry = torch.tensor([[res, res, 0, 0, res, res]] * mean.shape[0], dtype=torch.float32)
-        sampler = LatentSampler(mean, std, args.images, vae.config.scaling_factor, gen, geometry)
+        sampler = LatentBatches(mean, std, args.images, vae.config.scaling_factor, gen, geometry)
     else:
         sampler = EncodeEveryStep(vae, pixels, vae.config.scaling_factor, gen, accelerator.autocast)
     capture_cls = ReferenceCapture if flags["capture"] == "reference" else CrossAttentionCapture
@@ -170,7 +171,7 @@ def run_variant(variant, preset, args):
             total = args.warmup + args.steps
             ops = OpCounter(f"{name}:{total - 1}", f"{name}:{total}") if args.count_ops else None
             start = time.perf_counter()
-            _, peak = run_stage(planned, models, sampler, accelerator, cfg, rec, hooks=ops)
+            _, peak = train_stage(planned, models, sampler, accelerator, cfg, rec, faults=ops)
             warm = rec.arrived[args.warmup - 1] if args.warmup else start  # after a read: the device is done
             end = rec.arrived[-1]
             row[f"{name}_s_per_step"] = (end - warm) / args.steps
@@ -207,7 +208,7 @@ def markdown(rows, flops, peak):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--layout", default="small", choices=sorted(LAYOUTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])

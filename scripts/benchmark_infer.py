@@ -8,7 +8,6 @@ The layout (scripts/benchmark.py's) is saved once as a diffusers folder in `--dt
 learned-embedding file; then each mode runs `--repeats` times as its own `python infer.py`
 process, alternating, and the median is reported (the first run also pays the disk cache).
 """
-import argparse
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout, when the package is not installed
+from attndreambooth.cli import Parser  # noqa: E402
 
 
 def save_layout(layout, folder, dtype, device):
@@ -40,7 +41,7 @@ def save_layout(layout, folder, dtype, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--layout", default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 elsewhere")

@@ -12,7 +12,6 @@ Per prompt the mean over its images; overall the mean over prompts. Models by hu
 folder (`--clip openai/clip-vit-large-patch14` for ViT-L/14); "tiny" builds random tiny ones (tests).
 Writes metrics.json, metrics.md and scatter.png (identity vs text alignment).
 """
-import argparse
 import json
 import statistics
 import sys
@@ -22,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and benc
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from attndreambooth.cli import Parser
 from attndreambooth.sweep.scatter import scatter
 from attndreambooth.families.source import cached_build, quiet_known_noise
-from attndreambooth.trainer.data import IMAGE_SUFFIXES, load_rgb
+from attndreambooth.trainer.data import IMAGE_SUFFIXES, image_problem, load_rgb
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 
@@ -88,9 +87,22 @@ def _tensor(features):
     return features if torch.is_tensor(features) else features.pooler_output
 
 
-def read_images(folder):
-    return [load_rgb(p) for p in sorted(Path(folder).iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.stem != "grid" and not p.name.startswith(".")]
+def image_paths(folder, flag):
+    """The images of a folder, each checked whole (attndreambooth.trainer.data.image_problem): a special file,
+    an unreadable or truncated image, or a folder without images is one line naming it. Other files (notes,
+    prompt.json, the grid) are left out."""
+    paths = [p for p in sorted(Path(folder).iterdir()) if not p.name.startswith(".") and p.stem != "grid"
+             and not p.is_dir() and (p.suffix.lower() in IMAGE_SUFFIXES or not p.is_file())]
+    bad = [f"{p} {problem}" for p in paths if (problem := image_problem(p))]
+    if bad:
+        raise ValueError(f"{flag}: {'; '.join(bad)}; remove or replace {'it' if len(bad) == 1 else 'them'}")
+    if not paths:
+        raise ValueError(f"{flag}: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def read_images(folder, flag):
+    return [load_rgb(p) for p in image_paths(folder, flag)]
 
 
 def text_prompt(record, placeholder="<v>"):
@@ -101,14 +113,12 @@ def text_prompt(record, placeholder="<v>"):
 
 def evaluate(samples, real, encoders, placeholder="<v>"):
     """Per-prompt and overall CLIP-I, CLIP-T and DINO of a samples folder against real photos."""
-    real_images = read_images(real)
-    if not real_images:
-        raise ValueError(f"--real: {real} holds no images")
+    real_images = read_images(real, "--real")
     real_clip, real_dino = encoders.clip_images(real_images), encoders.dino_images(real_images)
     prompts = []
     for folder in sorted(p for p in Path(samples).iterdir() if (p / "prompt.json").is_file()):
         record = json.loads((folder / "prompt.json").read_text())
-        images = read_images(folder)
+        images = read_images(folder, "--samples")
         clip, dino = encoders.clip_images(images), encoders.dino_images(images)
         text = text_prompt(record, placeholder)
         prompts.append(dict(prompt=record["prompt"], text=text, images=len(images),
@@ -165,14 +175,7 @@ def check_args(args, out):
                          f"{' and '.join(list(models.values())[:2])}, see their prompt.json); give infer.py a "
                          "separate --out for each and evaluate each folder")
     for folder in sorted(f.parent for f in samples.glob("*/prompt.json")):
-        for image in sorted(folder.iterdir()):
-            if image.suffix.lower() in IMAGE_SUFFIXES:
-                try:
-                    with Image.open(image) as im:
-                        im.load()  # the whole file, not just its header
-                except (OSError, SyntaxError, ValueError) as e:
-                    raise ValueError(f"--samples: {image} is not a readable image ({e}); delete it or rerun "
-                                     "infer.py for that prompt") from None
+        image_paths(folder, "--samples")
     if args.world:
         from worlds.shapes.scene import CONCEPTS
         from worlds.shapes.score import parse_caption
@@ -184,13 +187,14 @@ def check_args(args, out):
                 parse_caption(record.get("prompt", ""), record.get("placeholder", args.placeholder), args.concept)
             except ValueError as e:
                 raise ValueError(f"--samples: {record_file}: {e} (sizes, colours, patterns, shapes, positions and "
-                                 "backgrounds of docs/shapes_world.md); score other prompts without --world") from None
+                                 "backgrounds of docs/reports/shapes_world.md); score other prompts without --world") from None
     else:
         if args.real is None:
             raise ValueError("--real is required (the concept's photos), unless --world is given")
         if not Path(args.real).is_dir():
             raise ValueError(f"--real {args.real} " + ("is a file" if Path(args.real).exists() else "does not exist")
                              + "; give the folder of the concept's photos")
+        image_paths(args.real, "--real")
         for flag, name in (("--clip", args.clip), ("--dino", args.dino)):
             if name != "tiny" and not Path(name).is_dir() and not looks_like_hub_id(name):
                 raise ValueError(f"{flag} {name!r} is neither a model folder nor a hub id (owner/name)")
@@ -200,7 +204,7 @@ def check_args(args, out):
 
 def main(argv=None):
     quiet_known_noise()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
     p.add_argument("--real", help="the concept's real photos (not with --world)")
     p.add_argument("--world", choices=["shapes"], help="score with the world's exact metrics instead of CLIP/DINO")

@@ -27,10 +27,10 @@ With --launcher slurm each unfinished cell is a task of one job array (submitit)
 them, and the same command run again waits for the running ones, resubmits those that failed, timed out or
 were preempted (their trainings resume), and never a finished one (attndreambooth/sweep/jobs.py).
 """
-import argparse
 import importlib.util
 import json
 import shutil
+import signal
 from pathlib import Path
 import sys
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and benc
 
 import torch
 
+from attndreambooth.cli import Parser
 from attndreambooth.sweep import dreambench
 from attndreambooth.config.checks import folder_problem
 from attndreambooth.sweep import cluster, jobs
@@ -74,7 +75,7 @@ def parse_seeds(p, text):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--concepts", default="", help="name=folder:category,... (your own concepts); with --world: "
                    "names of the world's concepts (default: all)")
     p.add_argument("--dreambench", help="the DreamBooth data set folder (with prompts_and_classes.txt)")
@@ -87,7 +88,7 @@ def parser():
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (DreamBench: 4)")
     p.add_argument("--num_prompts", type=int, default=20, help="with --world: held-out prompts per concept")
     p.add_argument("--sampler_steps", type=int, default=15, help="with --world: sampler steps per image (15: the "
-                   "metrics of 25 within run-to-run noise, docs/shapes_comparison.md)")
+                   "metrics of 25 within run-to-run noise, docs/reports/shapes_comparison.md)")
     p.add_argument("--sampler_batch", type=int, default=16, help="with --world: images per denoiser call, across "
                    "a cell's prompts (16: 1.3x faster per image than 4 on a CPU; more on a GPU)")
     p.add_argument("--base_model", default=str(ROOT / "models" / "shapes"), help="with --world: the reference's model")
@@ -103,7 +104,7 @@ def parser():
     p.add_argument("--jobs", type=int, help="without a GPU: cells at once, the cores shared out (default 1)")
     p.add_argument("--publish", help="with --world: also copy the report (comparison.md/.json, scatter.png, "
                    "grid.png, protocol.json, floor_captions.json, and sampler_agreement.md/.json once "
-                   "tools/sampler_agreement.py has run) into this folder, e.g. docs/shapes_results_r2")
+                   "tools/sampler_agreement.py has run) into this folder, e.g. docs/reports/shapes_results_r2")
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
     cluster.add_arguments(p)
@@ -157,25 +158,47 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(args, out, cells, options)
     lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
+    previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: the cells' trainings keep their checkpoints
     try:
         return sweep(args, out, concepts, cells, protocol, options)
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted; the cells that were training keep their last checkpoints (each "
+                         "cell's sweep.log says where it stopped); run the same command to resume") from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if lock is not None:
             lock.close()
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def dry_run(args, out, cells, options):
-    """--dry-run: each cell and whether it would run, and where: nothing submitted, trained or written."""
+    """--dry_run: each cell and whether it would run, and where: nothing submitted, trained or written."""
     done = finished(out, cells)
+    if args.launcher != "slurm":  # refused as the real command refuses it: cells a Slurm job may still run
+        jobs.check_no_slurm_jobs(out, cells)
+    recorded = jobs.slurm_submitted(out, cells) if args.launcher == "slurm" else {}  # reads OUT/jobs.json
+    askable = recorded and shutil.which("sacct") and importlib.util.find_spec("submitit")
+    states = jobs.slurm_states(out, set(recorded.values())) if askable else {}
+    running = {c for c, i in recorded.items() if states.get(i) in jobs.ACTIVE}
     for c in cells:
-        print(f"{'finished' if c in done else 'to run  '}  {cell_name(c)}  ({cell_path(out, c)})")
-    todo = len(cells) - len(done)
+        if c in done:
+            what = "finished"
+        elif c in recorded:
+            state = states.get(recorded[c]) or "state unknown here: no sacct"
+            what = f"{'waited' if c in running else 'to run'} (Slurm job {recorded[c]}, {state})"
+        else:
+            what = "to run"
+        print(f"{what:<8}  {cell_name(c)}  ({cell_path(out, c)})")
+    todo = len(cells) - len(done) - len(running)
     if args.launcher == "local":
         where = slots(args)
         print(f"{todo} of {len(cells)} cells would run on this machine, {len(where)} at a time: {where}")
         return None
-    print(f"{todo} of {len(cells)} cells would be submitted as one job array ({args.launcher}; cells whose "
-          f"Slurm jobs still run are waited for, not submitted) with submitit.AutoExecutor parameters:")
+    print(f"{todo} of {len(cells)} cells would be submitted as one job array ({args.launcher}), {len(running)} "
+          "waited for as running Slurm jobs, with submitit.AutoExecutor parameters:")
     for key, value in cluster.executor_parameters(options, args.launcher).items():
         print(f"  {key}: {value!r}")
     if importlib.util.find_spec("submitit") is None:

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 
 import attndreambooth.trainer.data as D
-import attndreambooth.trainer.training as TR
+import attndreambooth.trainer.method as TR
 import train_attndreambooth as T
 from conftest import ROOT, tiny_overrides
-from fault_runner import FaultHooks
+from fault_runner import InjectedFaults
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-hooks = FaultHooks(nan="stage1:2") if sys.argv[2:] == ["nan"] and rank == 1 else None
-seen, original_sample, original_run_stage = {}, D.LatentSampler.sample, TR.run_stage
+hooks = InjectedFaults(nan="stage1:2") if sys.argv[2:] == ["nan"] and rank == 1 else None
+seen, original_sample, original_train_stage = {}, D.LatentBatches.sample, TR.train_stage
 
 
 def sample(self, batch_size, **kwargs):
@@ -26,11 +26,11 @@ def sample(self, batch_size, **kwargs):
     return result
 
 
-def run_stage(planned, models, *args, **kwargs):
+def train_stage(planned, models, *args, **kwargs):
     rows = lambda: [e.get_input_embeddings().row.detach().clone() for e in models.text_encoders]  # noqa: E731
     init, *init_2 = rows()
     init_2 = {"init_2": init_2[0]} if init_2 else {}  # SDXL's second encoder
-    result = original_run_stage(planned, models, *args, **kwargs)
+    result = original_train_stage(planned, models, *args, **kwargs)
     row, *second = rows()
     unet = torch.cat([p.detach().flatten() for p in models.unet.parameters()])
     second = {"row_2": second[0]} if second else {}
@@ -39,9 +39,9 @@ def run_stage(planned, models, *args, **kwargs):
     return result
 
 
-D.LatentSampler.sample, TR.run_stage = sample, run_stage
+D.LatentBatches.sample, TR.train_stage = sample, train_stage
 lora = {f"stages.stage{i}.{k}": v for i in (2, 3) for k, v in (("lora_rank", 4), ("lr", 1e-3))}
 sdxl = {"model.pretrained": "tiny-sdxl", **lora}
 mode = {"lora": lora, "sdxl": sdxl}.get(sys.argv[2] if sys.argv[2:] else "", {})
 T.main(["--config", str(ROOT / "configs/tiny.yaml")] + tiny_overrides(
-    out / "run", **{"runtime.tensorboard": "false", **mode}), hooks=hooks)
+    out / "run", **{"runtime.tensorboard": "false", **mode}), faults=hooks)

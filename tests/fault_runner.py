@@ -12,12 +12,13 @@ import sys
 from collections import Counter
 
 import train_attndreambooth
-from attndreambooth.trainer.training import Hooks
+from attndreambooth.trainer.method import FaultInjection
 
 
-class FaultHooks(Hooks):
-    def __init__(self, kill=None, interrupt=None, disk_full=None, nan=None):
-        self.kill, self.interrupt, self.disk_full, self.nan, self.hits = kill, interrupt, disk_full, nan, Counter()
+class InjectedFaults(FaultInjection):
+    def __init__(self, kill=None, interrupt=None, term=None, disk_full=None, nan=None):
+        self.kill, self.interrupt, self.term, self.disk_full, self.nan = kill, interrupt, term, disk_full, nan
+        self.hits = Counter()
 
     def at(self, point):
         self.hits[point] += 1
@@ -26,6 +27,8 @@ class FaultHooks(Hooks):
             os.kill(os.getpid(), signal.SIGKILL)  # as a pre-empted machine
         if self.interrupt in here:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C
+        if self.term in here:
+            os.kill(os.getpid(), signal.SIGTERM)  # as timeout, docker stop, Slurm's scancel
         if self.disk_full in here:
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -39,11 +42,11 @@ def main(argv):
     # on ignored, and Python then installs no KeyboardInterrupt handler, so the injected Ctrl-C did nothing
     signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser()
-    for name in ("kill", "interrupt", "disk_full", "nan"):
+    for name in ("kill", "interrupt", "term", "disk_full", "nan"):
         p.add_argument(f"--{name}")
     split = argv.index("--")
     faults = p.parse_args(argv[:split])
-    train_attndreambooth.main(argv[split + 1:], hooks=FaultHooks(**vars(faults)))
+    train_attndreambooth.main(argv[split + 1:], faults=InjectedFaults(**vars(faults)))
 
 
 if __name__ == "__main__":

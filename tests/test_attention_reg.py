@@ -238,7 +238,7 @@ def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
     """Each attn2 layer's factor, read from its name, equals its query grid in a real forward; a map-size
     selection hooks exactly those layers."""
     from attndreambooth.families import by_name
-    from attndreambooth.trainer.parts import regularised_layers
+    from attndreambooth.trainer.map_sizes import regularised_layers
     sd = by_name("sd")
     cross_attention_layers = sd.cross_attention_layers
     unet = tiny_pipe.unet
@@ -262,7 +262,7 @@ def test_map_sizes_are_the_sizes_the_unet_makes_when_strides_round_up(tiny_pipe)
     """A latent of odd side (72 px: 9): each stride-2 convolution rounds up (9, 5, 3, 2), and the sizes that
     reg.map_sizes selects and messages name are those a real forward captures."""
     from attndreambooth.families import by_name
-    from attndreambooth.trainer.parts import latent_side, map_side, regularised_layers
+    from attndreambooth.trainer.map_sizes import latent_side, map_side, regularised_layers
     sd, unet = by_name("sd"), tiny_pipe.unet
     latent = latent_side(tiny_pipe.vae.config, 72)
     assert latent == 72 // tiny_pipe.vae_scale_factor == 9
@@ -286,7 +286,7 @@ def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
 
     from attndreambooth.families import by_name
     from attndreambooth.families.sdxl import SDXL_UNET
-    from attndreambooth.trainer.parts import regularised_layers
+    from attndreambooth.trainer.map_sizes import regularised_layers
     sdxl = by_name("sdxl")
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)

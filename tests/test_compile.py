@@ -74,7 +74,7 @@ def test_sd_proportioned_layout_compiles_regionally_to_the_eager_step():
 
 @pytest.mark.slow
 def test_the_capturable_step_run_uncaptured_gives_the_loops_weights_bitwise(tmp_path, monkeypatch):
-    """runtime.cuda_graph's step (capturable fused AdamW with a tensor lr, the host's image order staged in a
+    """runtime.cuda_graph's step (capturable fused AdamW with a tensor lr, the host's image order queued in a
     buffer, autocast without its cache) run uncaptured, as a CPU runs it: the same weights as the loop."""
     from safetensors.torch import load_file
 

@@ -54,6 +54,8 @@ def no_model_loading(monkeypatch):
     ("output_dir=", r"config key 'output_dir': is empty \(an unset shell variable\?\)"),
     ("data.instance_dir= ", r"config key 'data.instance_dir': is empty"),
     ("stages.stage1.train=embedding", r"override 'stages.stage1.train=embedding': must be a list, e.g. \[a, b\]"),
+    ("validation.prompts=[a photo of {}]", r"override 'validation.prompts=\[a photo of \{\}\]': must be a list, e\.g\. "
+     r"\[a, b\] \(one item: \[a\]\) \(braces, colons and commas inside an item are YAML: quote the item"),
     ("stages.stag3.steps=3", r"no stage 'stag3' \(it has stage1, stage2, stage3\); a typo\?"),
     (f"output_dir={ROOT / 'README.md' / 'run'}", re.escape(f"config key 'output_dir': {ROOT / 'README.md' / 'run'} "
                                                            f"would be inside {ROOT / 'README.md'}, which is a file")),
@@ -149,7 +151,7 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_before_the_run_folder(tm
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     T.main(["--config", str(ROOT / "configs/attndreambooth.yaml"), f"data.instance_dir={SAMPLE}",
-            "data.category=toy", f"output_dir={tmp_path}/run", "--dry-run"])
+            "data.category=toy", f"output_dir={tmp_path}/run", "--dry_run"])
     out = capsys.readouterr().out
     assert "stage1: train embedding (1,024 parameters), 60 steps" in out
     assert "stage2: train cross_attention (50,352,320 parameters), 100 steps" in out
@@ -167,7 +169,7 @@ def test_dry_run_reports_what_the_run_would_refuse(tmp_path, capsys, override, m
     """The weight-free checks of a real run (tokens, the regularised layers on SDXL's layout) also stop a
     dry run, before it prints a plan that could not run."""
     msg = run_main(["--config", str(ROOT / "configs/tiny.yaml"), "model.pretrained=tiny-sdxl", *override.split(),
-                    f"output_dir={tmp_path}/run", "--dry-run"], capsys)
+                    f"output_dir={tmp_path}/run", "--dry_run"], capsys)
     assert re.search(message, msg) and msg.startswith("error: config key") and "\n" not in msg
     assert "stage1:" not in capsys.readouterr().out and not (tmp_path / "run").exists()
 
@@ -220,7 +222,7 @@ def test_broken_yaml_file_is_one_line_naming_it(tmp_path, capsys, text, message)
 def test_dry_run_anywhere_and_paths_expanded(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(SAMPLE, tmp_path / "photos")
-    T.main(["data.category=toy", "--dry-run", "data.instance_dir=~/photos/", "output_dir=~/runs/x/",
+    T.main(["data.category=toy", "--dry_run", "data.instance_dir=~/photos/", "output_dir=~/runs/x/",
             "--config", str(ROOT / "configs/tiny.yaml")])
     out = capsys.readouterr().out
     assert f"instance_dir: {tmp_path}/photos\n" in out and f"output_dir: {tmp_path}/runs/x\n" in out
@@ -260,7 +262,7 @@ def test_a_vae_that_does_not_fit_the_base_is_one_line_before_the_run_folder(tmp_
     assert msg == ("error: config key 'model.vae': 'nobody/no-vae' cannot be read as a diffusers VAE (offline); "
                    "give a VAE folder (config.json + weights) or a hub id that holds one")
     monkeypatch.undo()
-    T.main(base + [f"model.vae={vae_variant(tmp_path, tiny_dir, 'same')}", "--dry-run"])  # its own VAE fits
+    T.main(base + [f"model.vae={vae_variant(tmp_path, tiny_dir, 'same')}", "--dry_run"])  # its own VAE fits
     assert "stage3: train unet" in capsys.readouterr().out
 
 

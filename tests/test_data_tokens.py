@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 
 from attndreambooth.config.schema import AugmentConfig
 from attndreambooth.trainer.concept import ConceptEmbedding, add_concept_token, bake_concept, encode_prompt
-from attndreambooth.trainer.data import LatentSampler, augmented_view, load_rgb, to_tensor
+from attndreambooth.trainer.data import LatentBatches, augmented_view, load_rgb, to_tensor
 from conftest import SHARED
 
 
@@ -92,13 +92,24 @@ def test_latent_sampler_epochs_views_and_posterior_noise():
     num_images, views = 3, 4
     # pool entry k = image k // views, view k % views, holds the constant k
     mean = torch.arange(num_images * views, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 4, 2, 2).contiguous()
-    exact = LatentSampler(mean, torch.zeros_like(mean), num_images, 2.0, torch.Generator().manual_seed(0))
+    exact = LatentBatches(mean, torch.zeros_like(mean), num_images, 2.0, torch.Generator().manual_seed(0))
     picked = torch.cat([exact.sample(num_images) for _ in range(8)])[:, 0, 0, 0] / 2.0  # scaling factor undone
     images = (picked // views).view(8, num_images)
     assert all(sorted(row.tolist()) == [0, 1, 2] for row in images)  # each batch of 3 is an epoch
     assert len(set((picked % views).tolist())) == views  # all views get used
     spaced = mean * 100  # constants 100 apart: rounding recovers the exact posterior mean
-    noisy = LatentSampler(spaced, torch.full_like(mean, 0.5), num_images, 1.0, torch.Generator().manual_seed(0))
+    noisy = LatentBatches(spaced, torch.full_like(mean, 0.5), num_images, 1.0, torch.Generator().manual_seed(0))
     batch = noisy.sample(600)
     residual = batch - (batch / 100).round() * 100
     assert abs(float(residual.std()) - 0.5) < 0.02 and abs(float(residual.mean())) < 0.02  # 0.5 * N(0, 1)
+
+
+def test_a_renamed_photo_is_named_as_a_rename():
+    """A photo renamed during a paused run was reported as one added and one removed."""
+    from attndreambooth.trainer.data import fingerprint_changes
+    old = {"a.jpg": [1, "x"], "b.jpg": [2, "y"], "c.jpg": [3, "z"], "e.jpg": [5, "v"]}
+    new = {"a2.jpg": [1, "x"], "b.jpg": [2, "y2"], "d.jpg": [4, "w"], "e.jpg": [5, "v"]}
+    assert fingerprint_changes(old, new) == "renamed a.jpg -> a2.jpg; added d.jpg; removed c.jpg; changed b.jpg"
+    assert fingerprint_changes(old, dict(old)) == ""
+    twins = {"p.jpg": [1, "x"], "q.jpg": [1, "x"]}  # two copies renamed: each old name pairs with one new one
+    assert fingerprint_changes(twins, {"r.jpg": [1, "x"], "s.jpg": [1, "x"]}) == "renamed p.jpg -> r.jpg, q.jpg -> s.jpg"

@@ -68,6 +68,34 @@ def test_bad_arguments_are_one_line_before_any_model_loads(tmp_path, monkeypatch
     assert not (tmp_path / "samples").parent.joinpath("eval").exists()
 
 
+def test_special_damaged_and_empty_image_folders_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    """--real with a named pipe blocked for ever; an empty --real was a ValueError traceback and a truncated
+    JPEG an OSError naming no file. Every folder is now read by the trainer's one image check."""
+    import os
+    monkeypatch.setattr(evaluate, "Encoders", lambda *a, **k: pytest.fail("a model loaded"))
+    write_samples(tmp_path / "samples", {"a <v> toy": [Image.new("RGB", (8, 8))]})
+    pipe, empty, truncated = tmp_path / "pipe", tmp_path / "empty", tmp_path / "truncated"
+    for folder in (pipe, empty, truncated):
+        folder.mkdir()
+    shutil.copy(SAMPLE / "toy_2.jpg", pipe / "a.jpg")
+    os.mkfifo(pipe / "b.jpg")
+    (empty / "notes.txt").write_text("not an image")
+    data = (SAMPLE / "toy_2.jpg").read_bytes()
+    (truncated / "a.jpg").write_bytes(data[:len(data) // 2])
+    bad_sample = tmp_path / "samples" / "00" / "001.png"
+    for real, message in ((pipe, f"--real: {pipe / 'b.jpg'} is not a regular file (a named pipe"),
+                          (empty, f"--real: {empty} holds no images"),
+                          (truncated, f"--real: {truncated / 'a.jpg'} cannot be read as an image")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--samples", str(tmp_path / "samples"), "--real", str(real), "--clip", "tiny",
+                           "--dino", "tiny"])
+        assert str(e.value.code).startswith(f"error: {message}") and "\n" not in str(e.value.code), e.value.code
+    bad_sample.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 40)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "samples"), "--real", str(SAMPLE), "--clip", "tiny", "--dino", "tiny"])
+    assert str(e.value.code).startswith(f"error: --samples: {bad_sample} cannot be read as an image"), e.value.code
+
+
 def test_metrics_against_an_independent_computation(encoders, tmp_path):
     photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE.iterdir())]
     real = tmp_path / "real"
@@ -129,8 +157,9 @@ def test_baselines_and_ablations_train_what_they_claim(name, tiny_dir, tmp_path)
 
 
 def test_sweep_refuses_mistakes_before_writing_anything(tmp_path):
-    """Concepts given wrongly, a --set typo, a missing folder and an --out under a file stop the sweep with one
-    line before it trains or writes anything (a typo used to surface only when its first cell trained)."""
+    """Concepts given wrongly, a --set typo, a --set of a key each cell sets itself, a missing folder and an
+    --out under a file stop the sweep with one line before it trains or writes anything (a typo used to surface
+    only when its first cell trained; a --set output_dir trained outside --out)."""
     toy = f"toy={SAMPLE}:toy"
     (tmp_path / "notes.txt").write_text("x")
     for args, message in (
@@ -141,6 +170,13 @@ def test_sweep_refuses_mistakes_before_writing_anything(tmp_path):
             (["--concepts", "toy=/no/such:toy"], "cell toy / attndreambooth: config key 'data.instance_dir': folder "
                                                  "/no/such does not exist"),
             (["--concepts", toy, "--out", str(tmp_path / "notes.txt" / "s")], "--out: "),
+            (["--concepts", toy, "--set", f"output_dir={tmp_path}/x"], f"--set output_dir={tmp_path}/x: the sweep sets "
+                                                                       "output_dir for each cell (from --out)"),
+            (["--concepts", toy, "--set", "data.instance_dir=/tmp"], "--set data.instance_dir=/tmp: the sweep sets "
+                                                                     "data.instance_dir for each cell"),
+            (["--concepts", toy, "--set", "data.category=dog"], "--set data.category=dog: the sweep sets"),
+            (["--concepts", toy, "--set", "runtime.seed=3"], "--set runtime.seed=3: the sweep sets runtime.seed for "
+                                                             "each cell (from --seeds)"),
             (["--dreambench", str(tmp_path), "--subjects", "dog"], f"--dreambench {tmp_path} has no prompts_and_classes")):
         with pytest.raises(SystemExit) as e:
             sweep.main([*args, "--set", "model.pretrained=tiny"] + ([] if "--out" in args else ["--out", str(tmp_path / "s")]))
@@ -243,10 +279,51 @@ def test_evaluate_names_a_corrupt_image_and_a_prompt_outside_the_world(tmp_path)
             str(tmp_path / "e")]
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv)
-    assert f"{folder / '001.png'} is not a readable image" in str(e.value.code)
+    assert f"{folder / '001.png'} cannot be read as an image" in str(e.value.code)
     (folder / "001.png").unlink()
     (folder / "prompt.json").write_text(json.dumps(dict(prompt="a <v> star on the moon", placeholder="<v>")))
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv)
     assert "is not a caption of the shapes world's grammar" in str(e.value.code) and "prompt.json" in str(e.value.code)
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_parallel_sweep_ends_every_cell_with_one_line(tmp_path):
+    """A SIGINT to the sweep's main process alone (--jobs 2, workers training) did nothing for 9 s, then a
+    30-line traceback came from the pool, and no cell's train.log said it was interrupted. Now the workers are
+    told, each training logs where it stopped, the sweep ends with one line, and the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    for n in ("toy_a", "toy_b"):
+        shutil.copytree(SAMPLE, tmp_path / n)
+    out = tmp_path / "s"
+    small = [f"--set={k}={v}" for k, v in [("model.pretrained", "tiny"), ("data.resolution", 64),
+                                           ("data.views_per_image", 2), ("runtime.tensorboard", "false"),
+                                           ("stages.stage3.steps", 4000), ("runtime.checkpoint_every_steps", 5)]]
+    command = [sys.executable, str(ROOT / "scripts/sweep.py"), "--concepts",
+               f"toy_a={tmp_path / 'toy_a'}:toy,toy_b={tmp_path / 'toy_b'}:toy", "--jobs", "2", "--clip", "tiny",
+               "--dino", "tiny", "--out", str(out), *small]
+    # SIGINT as in a terminal: a suite started in the background (`cmd &`) hands it on ignored, and Python then
+    # installs no KeyboardInterrupt handler
+    sweep_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    logs = [out / c / "attndreambooth" / "run" / "train.log" for c in ("toy_a", "toy_b")]
+    deadline = time.monotonic() + 300
+    try:
+        while not all(p.is_file() and "stage3 step" in p.read_text() for p in logs):
+            assert sweep_process.poll() is None and time.monotonic() < deadline, sweep_process.communicate()
+            time.sleep(1)
+        sweep_process.send_signal(signal.SIGINT)  # to the main process alone (its own session: not the workers)
+        _, stderr = sweep_process.communicate(timeout=120)
+    finally:
+        if sweep_process.poll() is None:  # the test failed: leave no training behind
+            os.killpg(sweep_process.pid, signal.SIGKILL)
+    assert sweep_process.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted; the cells that were training keep")
+    for log in logs:
+        assert "interrupted in stage3 at step" in log.read_text().splitlines()[-1]

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import attndreambooth.inference.generate as G
 import infer
 import train_attndreambooth as T
+from attndreambooth.inference.generate import generate, slug
+from attndreambooth.inference.loading import load_pipe
 from attndreambooth.trainer.concept import add_concept_token, encode_prompt
 from conftest import ROOT, tiny_overrides
 
@@ -64,13 +67,13 @@ def test_tensorboard_has_losses_and_grids(runs):
 
 
 def test_generate_is_reproducible_per_seed(runs, tmp_path):
-    pipe, concept, _ = infer.load_pipe(runs[1])
-    a = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "a", num_images=3, seed=5, **FAST)
-    b = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "b", num_images=3, seed=5,
+    pipe, concept, _ = load_pipe(runs[1])
+    a = generate(pipe, concept, ["a {} on the beach"], tmp_path / "a", num_images=3, seed=5, **FAST)
+    b = generate(pipe, concept, ["a {} on the beach"], tmp_path / "b", num_images=3, seed=5,
                        **dict(FAST, batch_size=1))  # image i depends on seed + i only, not on batching
-    c = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "c", num_images=3, seed=6, **FAST)
+    c = generate(pipe, concept, ["a {} on the beach"], tmp_path / "c", num_images=3, seed=6, **FAST)
     (ia,), (ib,), (ic,) = a.values(), b.values(), c.values()
-    a2 = infer.generate(pipe, concept, ["a {} on the beach"], tmp_path / "a2", num_images=3, seed=5, **FAST)
+    a2 = generate(pipe, concept, ["a {} on the beach"], tmp_path / "a2", num_images=3, seed=5, **FAST)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(ia, *a2.values()))  # identical twice
     # batching changes float rounding only (a level or two of 255)
     assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(ia, ib))
@@ -85,19 +88,19 @@ def test_generate_is_reproducible_per_seed(runs, tmp_path):
 def test_batches_across_prompts_give_each_prompt_its_own_images_and_maps(runs, tmp_path):
     """One denoiser call holding images of several prompts (batch 5 over 3 prompts x 2 images) gives every
     prompt the images and attention maps of sampling it alone (to a level of 255: batching rounds floats)."""
-    pipe, concept, _ = infer.load_pipe(runs[1])
+    pipe, concept, _ = load_pipe(runs[1])
     prompts = ["a {} on the beach", "a {} in the snow", "a red {}"]
-    together = infer.generate(pipe, concept, prompts, tmp_path / "t", num_images=2, seed=3, attention_maps=True,
+    together = generate(pipe, concept, prompts, tmp_path / "t", num_images=2, seed=3, attention_maps=True,
                               **dict(FAST, batch_size=5))
     for template in prompts:
-        alone = infer.generate(pipe, concept, [template], tmp_path / "a", num_images=2, seed=3, attention_maps=True,
+        alone = generate(pipe, concept, [template], tmp_path / "a", num_images=2, seed=3, attention_maps=True,
                                **dict(FAST, batch_size=2))
         (images,) = alone.values()
         mixed = together[template.replace("{}", concept)]
         assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(images, mixed))
-        slug = infer.slug(template.replace("{}", "V"))
-        maps_t = np.load(next((tmp_path / "t").glob(f"{slug}-*/attention_maps.npz")))["maps"]
-        maps_a = np.load(next((tmp_path / "a").glob(f"{slug}-*/attention_maps.npz")))["maps"]
+        name = slug(template.replace("{}", "V"))
+        maps_t = np.load(next((tmp_path / "t").glob(f"{name}-*/attention_maps.npz")))["maps"]
+        maps_a = np.load(next((tmp_path / "a").glob(f"{name}-*/attention_maps.npz")))["maps"]
         np.testing.assert_allclose(maps_t, maps_a, atol=1e-4)
         assert not np.allclose(maps_t[0], maps_t[1])  # image 0 and 1: seeds 3 and 4, not one map twice
 
@@ -118,7 +121,7 @@ def test_pipeline_folder_works_without_this_project(runs, tiny_dir, tmp_path):
                    check=True, env=env, cwd=tmp_path, timeout=300)
     got = load_file(tmp_path / "o.safetensors")
     assert got["image"].shape == (1, 64, 64, 3) and got["image"].std() > 0
-    base = infer.load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy")[0]
+    base = load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy")[0]
     from diffusers import StableDiffusionPipeline
     fresh = StableDiffusionPipeline.from_pretrained(tiny_dir)
     token_id, cat_ids = add_concept_token(fresh.tokenizer, fresh.text_encoder, "<v>", "toy")
@@ -140,23 +143,23 @@ def test_a1111_embedding_matches(runs):
 def test_stage_1_and_2_states(runs, tiny_dir):
     from diffusers import UNet2DConditionModel
     base_unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").state_dict()
-    s1 = infer.load_pipe(runs[1], stage=1)[0].unet.state_dict()
+    s1 = load_pipe(runs[1], stage=1)[0].unet.state_dict()
     assert all(torch.equal(s1[k], base_unet[k]) for k in base_unet)  # stage 1: base U-Net + embedding
-    s2 = infer.load_pipe(runs[1], stage=2)[0].unet.state_dict()
+    s2 = load_pipe(runs[1], stage=2)[0].unet.state_dict()
     attn2 = load_file(runs[1] / "attn2_stage2.safetensors")
     assert set(attn2) == {k for k in s2 if ".attn2." in k}
     assert all(torch.equal(s2[k], attn2[k] if k in attn2 else base_unet[k]) for k in s2)
     assert not all(torch.equal(attn2[k], base_unet[k]) for k in attn2)
-    final = infer.load_pipe(runs[1])[0].unet.state_dict()
+    final = load_pipe(runs[1])[0].unet.state_dict()
     assert not all(torch.equal(final[k], s2[k]) for k in s2)
     with pytest.raises(ValueError, match="stages 1..3"):
-        infer.load_pipe(runs[1], stage=4)
+        load_pipe(runs[1], stage=4)
 
 
 def test_unet_weights_for_another_model_are_refused(runs, tiny_dir, tmp_path):
     save_file({"not.a.unet.key": torch.zeros(1)}, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="not in this U-Net"):
-        infer.load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy",
+        load_pipe(base=tiny_dir, embeds=runs[1] / "learned_embeds.safetensors", category="toy",
                         unet_weights=[tmp_path / "w.safetensors"])
 
 
@@ -218,7 +221,7 @@ def test_half_precision_folders_load_with_the_stock_default_call(tmp_path, folde
 def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_path):
     row = load_file(runs[1] / "learned_embeds.safetensors")["<v>"][0]
     torch.save({"<v>": row}, tmp_path / "learned_embeds.bin")  # the older files: a 1-D row
-    pipe = infer.load_pipe(base=tiny_dir, embeds=tmp_path / "learned_embeds.bin", category="toy")[0]
+    pipe = load_pipe(base=tiny_dir, embeds=tmp_path / "learned_embeds.bin", category="toy")[0]
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], row, rtol=0, atol=0)
 
     class Evil:
@@ -226,7 +229,7 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
             return (print, ("code ran",))
     torch.save({"<v>": Evil()}, tmp_path / "evil.bin")
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
-        infer.load_pipe(base=tiny_dir, embeds=tmp_path / "evil.bin", category="toy")
+        load_pipe(base=tiny_dir, embeds=tmp_path / "evil.bin", category="toy")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -302,6 +305,16 @@ def test_unfinished_run_says_so(runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         infer.main([str(run), "--prompt", "a {}", "--stage", "2"])
     assert "has no attn2_stage2.safetensors yet" in str(e.value.code)
+    assert "resume training with the same command" in str(e.value.code)
+    from attndreambooth.trainer.run_folder import hold_folder
+    training = hold_folder(run)  # as a training that runs now (a resume would be refused: not what to advise)
+    try:
+        with pytest.raises(SystemExit) as e:
+            infer.main([str(run), "--prompt", "a {}", "--stage", "2"])
+    finally:
+        training.close()
+    assert f"it is training now (pid {os.getpid()} on " in str(e.value.code)
+    assert "resume" not in str(e.value.code)
 
 
 def test_prompt_folders_never_collide_and_record_their_model(runs, tmp_path):
@@ -324,24 +337,50 @@ def test_prompt_folders_never_collide_and_record_their_model(runs, tmp_path):
     assert png["stage"] == 1 and png["run"] == str(run.resolve()) and png["template"] == "a {} dog!"
 
 
+def test_calls_that_differ_in_what_changes_the_pixels_keep_their_own_folders(runs, tmp_path, caplog):
+    """A ddim call replaced the dpm++ images and a call with another --seed the first call's, without a word,
+    and neither the sampler nor the dtype was recorded. Now each such call has its own folder and records
+    them; a repeated call replaces its own folder's images and says so."""
+    import logging
+    out, base = tmp_path / "o", [str(runs[1]), "--prompt", "a {}", "--num_images", "1", "--steps", "1"]
+    variants = [[], ["--scheduler", "ddim"], ["--seed", "7"], ["--steps", "2"], ["--guidance_scale", "3"],
+                ["--dtype", "bf16"], ["--height", "32", "--width", "32"], ["--negative_prompt", "blurry"]]
+    for extra in variants:
+        infer.main([*base, "--out", str(out), *extra])
+    folders = sorted(out.iterdir())
+    assert len(folders) == len(variants)
+    records = [json.loads((f / "prompt.json").read_text()) for f in folders]
+    assert {r["scheduler"] for r in records} == {"dpm++", "ddim"} and {r["dtype"] for r in records} == {"fp32", "bf16"}
+    png = json.loads(Image.open(folders[0] / "000.png").text["parameters"])
+    assert {"scheduler", "dtype", "steps", "guidance_scale", "seed"} <= set(png)
+    with caplog.at_level(logging.INFO, logger="infer"):
+        infer.main([*base, "--out", str(out)])
+    assert len(list(out.iterdir())) == len(variants)
+    assert "replacing an earlier call's 3 files there" in caplog.text
+
+
 def test_second_call_leaves_no_stale_images_and_failure_no_folder(runs, tmp_path, monkeypatch):
-    pipe, concept, _ = infer.load_pipe(runs[1])
+    pipe, concept, _ = load_pipe(runs[1])
     out = tmp_path / "samples"
-    infer.generate(pipe, concept, ["a {} in the snow"], out, num_images=3, **FAST)
-    infer.generate(pipe, concept, ["a {} in the snow"], out, num_images=1, **FAST)
+    generate(pipe, concept, ["a {} in the snow"], out, num_images=3, **FAST)
+    generate(pipe, concept, ["a {} in the snow"], out, num_images=1, **FAST)
     (folder,) = out.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["000.png", "grid.png", "prompt.json"]
-    monkeypatch.setattr(infer, "sample_prompts", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(G, "sample_prompts", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError):
-        infer.generate(pipe, concept, ["a {} on the moon"], tmp_path / "never", num_images=1, **FAST)
+        generate(pipe, concept, ["a {} on the moon"], tmp_path / "never", num_images=1, **FAST)
     assert not (tmp_path / "never").exists()
 
 
 def test_concept_past_77_tokens_is_warned(runs, tmp_path, caplog):
-    pipe, concept, _ = infer.load_pipe(runs[1])
+    pipe, concept, _ = load_pipe(runs[1])
     long = "a photo of a red toy " * 16 + "and {}"
-    infer.generate(pipe, concept, [long], tmp_path / "s", num_images=1, **FAST)
+    generate(pipe, concept, [long], tmp_path / "s", num_images=1, **FAST)
     assert "falls past the text encoder's 77 tokens" in caplog.text
+    # and where the prompt is cut, in words: the 75 tokens between start and end are what the encoder reads
+    ids = pipe.tokenizer(long.replace("{}", concept)).input_ids[1:-1]
+    read, cut = pipe.tokenizer.decode(ids[71:75]).strip(), pipe.tokenizer.decode(ids[75:]).strip()
+    assert f"it reads up to {read!r}; {cut!r} is cut" in caplog.text and cut.startswith("a red toy") and "and" in cut
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):

@@ -181,7 +181,7 @@ def test_colour_profile_is_converted_to_srgb(tmp_path):
 
 
 def test_a_named_pipe_among_the_photos_is_named_not_read(data, tmp_path):
-    """A FIFO in data.instance_dir used to block the run (and --dry-run) for ever on its first read."""
+    """A FIFO in data.instance_dir used to block the run (and --dry_run) for ever on its first read."""
     import os
     import threading
     os.mkfifo(data / "pipe.jpg")
@@ -190,7 +190,7 @@ def test_a_named_pipe_among_the_photos_is_named_not_read(data, tmp_path):
     def dry_run():
         try:
             T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"data.instance_dir={data}",
-                    f"output_dir={tmp_path}/run", "--dry-run"])
+                    f"output_dir={tmp_path}/run", "--dry_run"])
         except SystemExit as e:
             result["message"] = str(e.code)
 
@@ -206,6 +206,8 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loadin
     uncaught ValueError after loading); a run records how many processes trained it."""
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert "'stages.stage1.batch_size': 4 does not split over the 3 processes launched" in fail(data, tmp_path)
+    monkeypatch.setenv("RANK", "1")  # the other ranks find it too, and exit without saying it again
+    assert fail(data, tmp_path) == "1"
 
 
 def test_the_run_records_its_world_size(data, tmp_path, monkeypatch):

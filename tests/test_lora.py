@@ -56,7 +56,7 @@ def test_lora_stage_trains_only_its_adapter(tiny_pipe):
     from attndreambooth.config.plan import Plan
     from attndreambooth.trainer.concept import add_concept_token
     from attndreambooth.trainer.lora import add_adapters, adapter_part, lora_parameter_count
-    from attndreambooth.trainer.training import Models, set_trainable
+    from attndreambooth.trainer.models import Models, set_trainable
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.instance_dir={SAMPLE}", "output_dir=x",
                                             *[f"{k}={v}" for k, v in LORA.items()]])
     add_concept_token(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<v>", "toy")
@@ -132,7 +132,7 @@ def test_kohya_file_holds_the_same_adapters_under_the_clients_names(lora_run, ti
 
 
 def test_infer_loads_lora_runs_and_their_stages(lora_run, tiny_dir, tmp_path):
-    from infer import load_pipe
+    from attndreambooth.inference.loading import load_pipe
     slim = tmp_path / "slim"  # the default LoRA run: no pipeline/
     shutil.copytree(lora_run, slim, ignore=shutil.ignore_patterns("pipeline"))
     want = unet_output(patched_base(tiny_dir, lora_run, "pytorch_lora_weights.safetensors"))

@@ -19,7 +19,7 @@ def test_estimate_reproduces_the_sd21_measurement():
     cfg = load_config(None, SD21)  # the default hub id: the built-in SD 2.1-base layout, batch 8, 512 px
     _, sizes = memory_sizes(cfg)
     assert sizes["unet"] == 865_910_724 and abs(sizes["activations"] - 431.25e6) < 0.01e6
-    for savers, measured in ((LADDER[0], 22.9), (LADDER[2], 10.8)):  # docs/gpu_results.md, stage 3
+    for savers, measured in ((LADDER[0], 22.9), (LADDER[2], 10.8)):  # docs/reports/gpu_results.md, stage 3
         assert stage_peaks(sizes, Plan(cfg.stages), savers, "bf16")["stage3"] == pytest.approx(measured, abs=0.05)
 
 

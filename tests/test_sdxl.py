@@ -124,7 +124,8 @@ def test_sdxl_lora_file_rebuilds_the_unet_in_stock_diffusers(tmp_path, base):
 def test_infer_on_an_sdxl_run_with_attention_maps_and_its_stages(run, tmp_path):
     import numpy as np
 
-    from infer import generate, load_pipe
+    from attndreambooth.inference.generate import generate
+    from attndreambooth.inference.loading import load_pipe
     pipe, concept, _ = load_pipe(run)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and concept == "<v> toy"
     generate(pipe, concept, ["a {} on the beach"], tmp_path, num_images=1, steps=2, attention_maps=True)

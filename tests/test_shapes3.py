@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from worlds.shapes.scene import COLOURS, POSITIONS
+from worlds.shapes.scene import COLOURS
 from worlds.shapes3 import read as R
-from worlds.shapes3.scene import (APPEARANCES, CONCEPTS, PATTERNS, RADII, SPREAD, Scene, Thing, concept_photos,
+from worlds.shapes3.scene import (APPEARANCES, CONCEPTS, PATTERNS, SPREAD, Scene, Thing, concept_photos,
                                   object_masks, random_scene)
 
 

@@ -139,7 +139,7 @@ def test_every_view_of_a_world_photo_is_the_photo_itself():
     from worlds.shapes.bench import DATA
     from attndreambooth.config.loading import load_config
     from attndreambooth.trainer.data import augmented_view, list_images, load_rgb
-    from conftest import ROOT, script
+    from conftest import ROOT
     for concept in CONCEPTS:
         cfg = load_config(ROOT / "configs/shapes/attndreambooth.yaml", [f"data.instance_dir={DATA / concept}",
                                                                          "output_dir=unused"], check=False).data
@@ -190,7 +190,7 @@ def test_the_vae_ceiling_of_a_concept_is_what_the_rerun_published(tmp_path):
     from worlds.shapes.bench import DATA, write_vae_ceiling
     from conftest import ROOT
     got = write_vae_ceiling(tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
-    published = json.loads((ROOT / "docs" / "shapes_results_r2" / "vae_ceiling.json").read_text())
+    published = json.loads((ROOT / "docs" / "reports" / "shapes_results_r2" / "vae_ceiling.json").read_text())
     assert got["split_circle"] == pytest.approx(published["split_circle"], abs=1e-3)  # another CPU may differ
     #   in a convolution's last bits
 
@@ -336,15 +336,15 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
 
 
 def test_readme_and_docs_tables_are_the_committed_report():
-    """The README's and docs' comparison tables are pasted from a committed report (what the one command
-    wrote): docs/shapes_results/ (the first run) and docs/shapes_results_r2/ (the rerun).
+    """The shapes overview's and comparison page's tables are pasted from a committed report (what the one command
+    wrote): docs/reports/shapes_results/ (the first run) and docs/reports/shapes_results_r2/ (the rerun).
     Reports share their headers, so a page says whose tables follow with a line `<!-- report: docs/DIR -->`;
     a table with one of a report's headers must repeat that report's rows exactly, and may not stand before
     any marker."""
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    reports = ("docs/shapes_results", "docs/shapes_results_r2")
+    reports = ("docs/reports/shapes_results", "docs/reports/shapes_results_r2")
 
     def tables(text):
         found, rows, report = {}, [], None
@@ -364,7 +364,7 @@ def test_readme_and_docs_tables_are_the_committed_report():
                            tables((root / name / "comparison.md").read_text()).items()}
         assert len(committed[name]) >= 3, name
     headers = {h for r in committed.values() for h in r}
-    for page in ("README.md", "docs/shapes_comparison.md"):
+    for page in ("docs/reports/shapes_overview.md", "docs/reports/shapes_comparison.md"):
         copies = [(r, h, b) for (r, h), bodies in tables((root / page).read_text()).items() if h in headers
                   for b in bodies]
         for name in reports:  # the main table and the paired differences of each report at least
@@ -376,42 +376,42 @@ def test_readme_and_docs_tables_are_the_committed_report():
 
 
 def test_the_published_multiple_comparison_figures_are_the_committed_cells():
-    """The README's and docs' account of the first world's multiple comparisons is what stats.py computes
-    from docs/shapes_results/comparison.json's cells."""
+    """The reports' account of the first world's multiple comparisons is what stats.py computes
+    from docs/reports/shapes_results/comparison.json's cells."""
     import json
 
     from worlds.shapes.bench import METRICS, pairs_of
     from worlds.shapes.stats import paired_tests
     from conftest import ROOT
-    report = json.loads((ROOT / "docs" / "shapes_results" / "comparison.json").read_text())
+    report = json.loads((ROOT / "docs" / "reports" / "shapes_results" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
     tests = paired_tests(pairs_of(cells), METRICS)
     kept = sorted(key for key, t in tests.items() if t["holm"])
     assert kept == [("base model, category word", "identity"), ("no_stage2", "attention_iou")]
     said = (f"The paired table holds {len(tests)} intervals. {sum(t['excludes_0'] for t in tests.values())} of them "
             f"exclude 0, where about {0.05 * len(tests):.1f} would by chance alone at 95 %.")
-    for page in ("README.md", "docs/shapes_comparison.md"):
+    for page in ("docs/reports/shapes_overview.md", "docs/reports/shapes_comparison.md"):
         assert said in (ROOT / page).read_text().replace("\n  ", " ").replace("\n", " "), page
     assert round(tests[("no_reg", "attention_share")]["p"], 3) == 0.006
 
 
 def test_the_reruns_multiple_comparison_paragraph_is_what_its_cells_give():
-    """The rerun's paragraph on multiple comparisons, quoted in the README and docs, is what stats.py computes
-    from docs/shapes_results_r2/comparison.json's cells, and what its comparison.md says."""
+    """The rerun's paragraph on multiple comparisons, quoted in the reports, is what stats.py computes
+    from docs/reports/shapes_results_r2/comparison.json's cells, and what its comparison.md says."""
     import json
     import re
 
     from worlds.shapes.bench import METRICS, pairs_of
     from worlds.shapes.stats import multiplicity_note, paired_tests
     from conftest import ROOT
-    report = json.loads((ROOT / "docs" / "shapes_results_r2" / "comparison.json").read_text())
+    report = json.loads((ROOT / "docs" / "reports" / "shapes_results_r2" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
     tests = paired_tests(pairs_of(cells), METRICS)
     said = multiplicity_note(tests)
-    text = (ROOT / "docs" / "shapes_results_r2" / "comparison.md").read_text()
+    text = (ROOT / "docs" / "reports" / "shapes_results_r2" / "comparison.md").read_text()
     intervals = len(re.findall(r"\| [+-]\d\.\d{3} ± ", text))  # the paired table's cells: signed differences
     assert said.startswith(f"Multiple comparisons: this table holds {intervals} intervals;"), said
     stars = len(re.findall(r"\| [+-]\d\.\d{3} ± \d\.\d{3} \*", text))  # the table marks what Holm keeps
     assert stars == sum(t["holm"] for t in tests.values())
-    for page in ("docs/shapes_results_r2/comparison.md", "README.md", "docs/shapes_comparison.md"):
+    for page in ("docs/reports/shapes_results_r2/comparison.md", "docs/reports/shapes_overview.md", "docs/reports/shapes_comparison.md"):
         assert said in " ".join((ROOT / page).read_text().split()), page

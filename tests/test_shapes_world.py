@@ -204,7 +204,7 @@ def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     import train_attndreambooth as T
-    from conftest import ROOT, script
+    from conftest import ROOT
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models/shapes", safety_checker=None,
                                                    requires_safety_checker=False)
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
@@ -307,7 +307,7 @@ def test_any_latent_channel_count_pretrains_trains_samples_and_saves(tmp_path, c
     common = ["--config", str(ROOT / "configs/shapes.yaml"), f"data.instance_dir={ROOT}/data/shapes/checker_star",
               f"model.pretrained={model}", "stages.stage1.steps=2", "stages.stage2.steps=2", "stages.stage3.steps=2",
               "runtime.tensorboard=false", "data.views_per_image=2"]
-    T.main([*common, f"output_dir={tmp_path}/plan", "--dry-run"])
+    T.main([*common, f"output_dir={tmp_path}/plan", "--dry_run"])
     assert "stage3" in capsys.readouterr().out and not (tmp_path / "plan").exists()
     out = T.main([*common, f"output_dir={tmp_path}/run"])
     trained = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None,
@@ -353,15 +353,15 @@ def test_shape_words_attention_iou_on_constructed_maps():
 
 
 def test_the_second_worlds_published_numbers_are_its_report():
-    """The README's and docs/shapes_world.md's figures for the second world's model are its report's."""
+    """docs/reports/shapes_overview.md's and shapes_world.md's figures for the second world's model are its report's."""
     from conftest import ROOT
-    report = json.loads((ROOT / "docs" / "shapes_v2" / "report.json").read_text())
+    report = json.loads((ROOT / "docs" / "reports" / "shapes_v2" / "report.json").read_text())
     acc, iou = report["eval"]["accuracy"], report["eval"]["attention_iou"]
     pct = lambda key: f"{100 * acc[key]:g} %"  # noqa: E731
     row = (f"| measured | {' | '.join(pct(k) for k in ('background', 'shape', 'colour', 'pattern', 'position', 'second'))}"
            f" | {iou['main']:.2f} (ceiling {iou['ceiling']:.2f}) |")
-    assert row in (ROOT / "README.md").read_text()
-    docs = (ROOT / "docs" / "shapes_world.md").read_text()
+    assert row in (ROOT / "docs" / "reports" / "shapes_overview.md").read_text()
+    docs = (ROOT / "docs" / "reports" / "shapes_world.md").read_text()
     for line, key in (("| background | 63.5 % |", "background"), ("| shape | 23 % |", "shape"),
                       ("| position | 26 % |", "position"), ("| second object | 67 % |", "second")):
         assert f"{line} {pct(key)} |" in docs

@@ -14,7 +14,7 @@ from attndreambooth.config.schema import ConfigError
 from attndreambooth.families import Conditioning, by_name
 from attndreambooth.trainer.concept import add_concept_token, encode_prompt
 from attndreambooth.trainer.data import encode_pixels
-from attndreambooth.trainer.training import AttnDreamBoothLoss
+from attndreambooth.trainer.method import AttnDreamBoothLoss
 
 SD = by_name("sd")
 from conftest import ROOT, SAMPLE, tiny_overrides, script
@@ -134,7 +134,7 @@ def test_benchmark_runs_reference_and_fast_side_by_side(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_times_sdxl_with_lora_and_half_precision_weights(tmp_path):
-    """The SDXL layout (two text encoders, size/crop conditioning) through the trainer's run_stage, with
+    """The SDXL layout (two text encoders, size/crop conditioning) through the trainer's train_stage, with
     LoRA stages over bf16 frozen weights; its FLOP count sees both encoders and the U-Net's extra inputs."""
     benchmark = script("benchmark")
     out = tmp_path / "b.json"

@@ -92,6 +92,15 @@ def test_slurm_submits_one_array_resubmits_only_what_failed_and_waits(tmp_path, 
     record = json.loads((out / "jobs.json").read_text())
     first, second = (record[f"toy/{m.replace('/', '_')}"]["job_id"] for m in METHODS)
     assert (first, second) == ("100_0", "100_1") and len(fake_slurm.calls(slurm, "sbatch")) == 1
+    # a dry run reads jobs.json: the queued jobs are shown as waited for, not promised as new submissions
+    fake_slurm.set_states(slurm, **{first: "RUNNING", second: "PENDING"})
+    new_process()
+    capsys.readouterr()
+    assert sweep.main([*grid(out), *options, "--dry_run"]) is None
+    said = capsys.readouterr().out
+    assert f"waited (Slurm job {first}, RUNNING)  toy / attndreambooth" in said and f"(Slurm job {second}, PENDING)" in said
+    assert "0 of 2 cells would be submitted as one job array (slurm), 2 waited for" in said
+    assert len(fake_slurm.calls(slurm, "sbatch")) == 1
 
     # the first cell's job runs (here, from the pickle the sweep submitted; two processes train, as its two
     # GPUs would) and finishes; the second cell's job fails
@@ -212,9 +221,10 @@ def test_slurm_refusals_that_need_the_machine(tmp_path, slurm, monkeypatch, caps
     (out / "jobs.json").write_text("{not json")
     (slurm / "refuse").unlink()
     assert refused(base, capsys).startswith(f"error: {out / 'jobs.json'}: cannot be read (")
+    assert refused([*base, "--dry_run"], capsys).startswith(f"error: {out / 'jobs.json'}: cannot be read (")
     (out / "jobs.json").unlink()
     capsys.readouterr()
-    assert sweep.main([*base, "--partition", "gpu", "--dry-run"]) is None
+    assert sweep.main([*base, "--partition", "gpu", "--dry_run"]) is None
     said = capsys.readouterr().out
     assert "2 of 2 cells would be submitted as one job array (slurm" in said and "slurm_partition: 'gpu'" in said
     assert len(fake_slurm.calls(slurm, "sbatch")) == 1  # the refused one only: a dry run submits nothing
@@ -244,16 +254,17 @@ def test_the_multinode_sbatch_example_trains(tmp_path, slurm):
     assert [c[0] for c in fake_slurm.calls(slurm, "srun")] == ["torchrun"]
 
 
-def test_the_readme_and_docs_cluster_examples_are_valid(monkeypatch):
-    """Every sweep command the README shows parses, with its cluster options checked as a run would check
+def test_the_cluster_guides_examples_are_valid(monkeypatch):
+    """Every sweep command the guides show (clusters, evaluation, the shapes overview) parses, with its cluster options checked as a run would check
     them; docs/slurm/sweep_cluster.yaml is a valid --cluster_config."""
     import shlex
 
     from attndreambooth.sweep import cluster
     from conftest import ROOT
-    monkeypatch.chdir(ROOT)  # the README's paths are the checkout's
-    readme = (ROOT / "README.md").read_text()
-    assert "## Beyond one machine" in readme and "docs/slurm/train_multinode.sbatch" in readme
+    monkeypatch.chdir(ROOT)  # the guide's paths are the checkout's
+    readme = "\n".join((ROOT / "docs" / page).read_text() for page in ("clusters.md", "evaluation.md",
+                                                                       "reports/shapes_overview.md"))
+    assert "docs/slurm/train_multinode.sbatch" in readme
     commands = [c.replace("\\\n", " ") for c in re.findall(r"^python scripts/sweep\.py (?:.*\\\n)*.*$", readme, re.M)]
     assert any("--launcher slurm" in c for c in commands) and len(commands) >= 3
     for command in commands:

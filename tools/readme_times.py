@@ -1,4 +1,4 @@
-"""Measure the README's commands and record one figure for each in docs/readme_times.json; the README quotes
+"""Measure the README's commands and record one figure for each in docs/reports/readme_times.json; the README quotes
 exactly these (tests/test_readme_times.py checks it), so its times cannot drift from a measurement.
 
     python tools/readme_times.py demo infer quick_sweep tests quick_tests   # or any of them; `--print` shows the table
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD = ROOT / "docs" / "readme_times.json"
+RECORD = ROOT / "docs" / "reports" / "readme_times.json"
 COMMANDS = {  # name -> the README's command line (run from the checkout; {tmp} is a fresh folder)
     "demo": [sys.executable, "train_attndreambooth.py", "--config", "configs/tiny.yaml", "output_dir={tmp}/tiny"],
     "infer": [sys.executable, "infer.py", "{tmp}/tiny", "--prompt", "a photo of {}", "--num_images", "4"],

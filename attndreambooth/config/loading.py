@@ -100,7 +100,11 @@ def load_config(config_file=None, overrides=(), check=True):
         try:
             OmegaConf.update(cfg, key.strip(), _parse_value(value), merge=True)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r}: {_plain(e)}") from None
+            hint = ""
+            if value.strip().startswith("[") and re.search(r"[{}:,]", value.strip()[1:-1]):  # YAML reads these
+                hint = (""" (braces, colons and commas inside an item are YAML: quote the item, e.g. """
+                        """'validation.prompts=["a photo of {}"]')""")
+            raise ConfigError(f"override {item!r}: {_plain(e)}{hint}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)} "

@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the one dtype table
+from attndreambooth.config.schema import DTYPE_NAMES
+
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))  # the one dtype table
 UNET_PARTS = {"cross_attention", "unet"}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's adapters, under diffusers' default name:
 #                                                 pipe.load_lora_weights(run_dir) finds it

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 TRAINABLE_PARTS = ("embedding", "cross_attention", "unet")
 PRECISIONS = ("no", "fp16", "bf16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # config.plan.DTYPES maps them to torch dtypes
 MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=False, half_frozen_weights=False),
                   "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
@@ -45,8 +46,8 @@ class DataConfig:
     instance_dir: str = MISSING  # folder with the concept's photos (jpg, jpeg, png, webp)
     category: str = MISSING  # class word, e.g. "dog"; initialises [V] and is the regulariser's reference
     placeholder: str = "<v>"  # the new token [V]; must not already be in the vocabulary
-    init_token: Optional[str] = None  # word [V] starts from; None = the category (e.g. "sks" for the DreamBooth baseline)
-    prompt_template: str = "a photo of a {placeholder} {category}"  # training prompt (METHOD: one prompt for all images)
+    init_token: Optional[str] = None  # word [V] starts from; null = the category (e.g. "sks" for the DreamBooth baseline)
+    prompt_template: str = "a photo of a {placeholder} {category}"  # training prompt (the paper: one prompt for every image)
     resolution: int = 512  # training image size in pixels
     views_per_image: int = 64  # augmented views per image encoded once by the VAE and sampled per step
     skip_invalid_files: bool = False  # skip non-image files with a warning instead of failing
@@ -71,7 +72,7 @@ class PriorConfig:
     enabled: bool = False  # off: the paper's AttnDreamBooth and its DreamBooth baseline train without it
     class_dir: Optional[str] = None  # class images (yours, or generated here if fewer); null = OUTPUT_DIR/class_images
     class_prompt: Optional[str] = None  # null = the training prompt without [V] ("a photo of a dog")
-    num_class_images: int = 100  # generated up to this many with the base model (diffusers' example: 100)
+    num_class_images: int = 100  # generated up to this many with the base model (diffusers' example: 100); at most 10,000
     weight: float = 1.0  # lambda of the prior loss (DreamBooth: 1)
     steps: int = 25  # sampler steps (DPM-Solver++, CFG 7.5) when generating class images
 
@@ -124,7 +125,7 @@ class RuntimeConfig:
     compile: str = "off"  # torch.compile the U-Net: off, regional (its repeated blocks; compiles in a fraction of
     #                      full's time) or full (one graph; over 120 s on an H100); trainer/compiling.py
     compile_cache: str = "~/.cache/attndreambooth/compile"  # compiled graphs kept here for later stages, runs
-    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (CUDA only; trainer/step.py's GraphedStep)
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (CUDA only; experimental: trainer/cuda_graph.py)
     max_grad_norm: Optional[float] = None  # clip gradients to this norm; None = off, like the released code
     log_every_steps: int = 10  # how often a line goes to the log (metrics.jsonl gets every step)
     checkpoint_every_steps: int = 100  # resume state every N steps within a stage (and at each stage's end); 0 = ends only

@@ -86,17 +86,19 @@ class Family(ABC):
         """Conditioning of token ids (one tensor per tokenizer, (B, 77)), as the family's pipeline encodes."""
         return Conditioning(text_encoders[0](input_ids[0])[0])
 
-    def training_target(self, noise_scheduler, latents, noise, timesteps):
-        """What the denoiser is trained to predict: the noise, or v for a v-prediction schedule."""
+    def noised(self, noise_scheduler, latents, noise, timesteps):
+        """(the denoiser's noisy input, its training target): DDPM's forward process; the target is the noise,
+        or v for a v-prediction schedule."""
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
-            return noise_scheduler.get_velocity(latents, noise, timesteps)
-        return noise
+            return noisy, noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
 
     needs_view_geometry = False  # whether the denoiser takes each view's size and crop (SDXL's time_ids)
 
-    def denoiser_inputs(self, cond, view_geometry=None):
-        """Keyword arguments of the U-Net besides the noisy latents and timesteps."""
-        return dict(encoder_hidden_states=cond.hidden)
+    def predict(self, denoiser, noisy, timesteps, cond, view_geometry=None):
+        """The denoiser's prediction for a batch with its conditioning (a Conditioning of the same batch)."""
+        return denoiser(noisy, timesteps, encoder_hidden_states=cond.hidden).sample
 
     def placeholder_inputs(self, unet, batch_size, device=None):
         """Zero text-derived inputs besides the hidden states, for shape-only work (FLOP, activation counts)."""

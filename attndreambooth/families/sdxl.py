@@ -70,9 +70,9 @@ class SDXL(Family):
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return Conditioning(hidden, dict(text_embeds=second.text_embeds))
 
-    def denoiser_inputs(self, cond, view_geometry=None):
-        return dict(encoder_hidden_states=cond.hidden,
-                    added_cond_kwargs=dict(text_embeds=cond.extra["text_embeds"], time_ids=view_geometry))
+    def predict(self, denoiser, noisy, timesteps, cond, view_geometry=None):
+        extra = dict(text_embeds=cond.extra["text_embeds"], time_ids=view_geometry)
+        return denoiser(noisy, timesteps, encoder_hidden_states=cond.hidden, added_cond_kwargs=extra).sample
 
     def placeholder_inputs(self, unet, batch_size, device=None):
         c = unet.config

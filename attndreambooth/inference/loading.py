@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from attndreambooth.config.checks import lock_holder
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.plan import DTYPES, LORA_FILE, Plan
 from attndreambooth.config.schema import ModelConfig
@@ -27,13 +28,21 @@ def stage_sources(run_dir, cfg, stage):
                                     "it, or use --stage with an earlier stage; training again needs resume=false")
         if not (run_dir / "pipeline" / "model_index.json").is_file():
             raise FileNotFoundError(f"{run_dir} has not finished (no pipeline/): use --stage with a stage it has "
-                                    "completed, or resume training with the same command")
+                                    f"completed, or {after_training(run_dir)}")
         return run_dir / "pipeline", []
     missing = [f for f in ["learned_embeds.safetensors", *files] if not (run_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"--stage {stage}: {run_dir} has no {', '.join(missing)} yet (that stage has not "
-                                "finished); resume training with the same command")
+                                f"finished); {after_training(run_dir)}")
     return None, [run_dir / f for f in files]
+
+
+def after_training(run_dir):
+    """What to do about a run that is not done: wait for the training that holds it, or resume it."""
+    holder = lock_holder(run_dir)
+    if holder:
+        return f"it is training now ({holder}): wait for it to get there"
+    return "resume training with the same command"
 
 
 @contextlib.contextmanager

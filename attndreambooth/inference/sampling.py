@@ -5,11 +5,7 @@ import torch
 from PIL import Image
 
 from attndreambooth.inference.attention_maps import AttentionMapAverager
-
-SCHEDULERS = {  # name -> diffusers class name
-    "dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
-}
+from attndreambooth.inference.schedulers import SCHEDULERS
 
 
 def set_scheduler(pipe, name):

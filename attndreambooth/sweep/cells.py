@@ -129,6 +129,26 @@ def resumes_a_run(run):
     return (Path(run) / "finished.json").is_file() or bool(Checkpointer(run, keep=0).folders())
 
 
+CHILDREN = set()  # the scripts running as subprocesses now: a Ctrl-C or SIGTERM of the sweep is passed on
+
+
+def run_child(command, env, log):
+    """A cell's script as a subprocess; returns its exit status."""
+    child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    CHILDREN.add(child)
+    try:
+        return child.wait()
+    finally:
+        CHILDREN.discard(child)
+
+
+def stop_children(signum):
+    """Pass a signal on to every running script (each training then checkpoints and says so in its log)."""
+    for child in list(CHILDREN):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+
 def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
     """Train, generate, evaluate one cell (in subprocesses with the slot's environment, or with slot None in
     this process); returns its metrics. A cell whose eval/metrics.json exists is skipped; an interrupted
@@ -149,9 +169,8 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
             try:
                 if slot is None:
                     call_in_process(script, argv, log)
-                elif subprocess.run(command_line(script, argv, processes), env=env, stdout=log,  # in this cwd:
-                                    stderr=subprocess.STDOUT).returncode:  # relative --out, photos mean the same
-                    raise RuntimeError("exit status != 0")
+                elif run_child(command_line(script, argv, processes), env, log):  # in this cwd: relative
+                    raise RuntimeError("exit status != 0")  # --out and photos mean the same
             except Exception as e:
                 raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
             seconds[Path(script).stem] = round(time.perf_counter() - start, 2)

@@ -24,9 +24,26 @@ def parse_concepts(text):
     return concepts
 
 
+# keys the sweep sets for each cell, and where they come from: a --set of one would train every cell alike
+# (outside --out, or on one folder) while the report labels each cell with its own concept
+CELL_KEYS = {"output_dir": "--out", "resume": "--out (a cell resumes)", "data.instance_dir": "--concepts/--dreambench",
+             "data.category": "--concepts/--dreambench", "data.placeholder": "the method's config",
+             "runtime.seed": "--seeds", "prior.class_dir": "--out (class images shared per category)"}
+
+
+def check_set(items):
+    """--set items that a cell's own keys would fight are refused in one line, before anything runs."""
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key in CELL_KEYS:
+            raise SystemExit(f"error: --set {item}: the sweep sets {key} for each cell (from {CELL_KEYS[key]}); "
+                             "remove it from --set")
+
+
 def check_cells(args, cells):
     """Each method's training config as its cells will run it (the concept's folder and category, --set):
     a mistake is named now, not hours in when its first cell starts."""
+    check_set(args.set)
     if problem := folder_problem(args.out):
         raise SystemExit(f"error: --out: {problem}")
     for concept, folder, category, method, seed in cells:

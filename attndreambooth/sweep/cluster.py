@@ -34,7 +34,7 @@ def add_arguments(parser):
                        "or a flag's KEY, e.g. exclusive (repeatable)")
     group.add_argument("--detach", action="store_true", help="slurm: submit and return; rerun the same command "
                        "to wait for the jobs and report")
-    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+    group.add_argument("--dry_run", action="store_true",
                        help="print the cells and the job parameters; submit, train and write nothing")
 
 

@@ -4,10 +4,11 @@ import concurrent.futures
 import multiprocessing
 import os
 import queue
+import signal
 
 import torch
 
-from attndreambooth.sweep.cells import run_cell
+from attndreambooth.sweep.cells import run_cell, stop_children
 
 
 def visible_gpus():
@@ -65,7 +66,12 @@ def run_local(args, cells):
             free.put(slot)
 
     with concurrent.futures.ThreadPoolExecutor(len(where)) as pool:
-        list(pool.map(task, cells))  # in order: the first failure is the one raised
+        try:
+            list(pool.map(task, cells))  # in order: the first failure is the one raised
+        except KeyboardInterrupt:  # the running scripts end with their checkpoints; no cell starts after
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_children(signal.SIGINT)
+            raise
 
 
 def run_in_workers(args, cells, threads):
@@ -74,7 +80,15 @@ def run_in_workers(args, cells, threads):
     spawn = multiprocessing.get_context("spawn")  # a fork of a process holding OpenMP threads can hang
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=set_threads,
                                                 initargs=(threads,)) as pool:
-        list(pool.map(run_cell, *zip(*cells), [args] * len(cells), [None] * len(cells)))
+        try:
+            list(pool.map(run_cell, *zip(*cells), [args] * len(cells), [None] * len(cells)))
+        except KeyboardInterrupt:  # a SIGINT to this process alone left the workers training on
+            workers = list((pool._processes or {}).values())  # no public list of them; shutdown drops this one
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                if worker.is_alive():
+                    os.kill(worker.pid, signal.SIGINT)  # each training stops at its step and logs "interrupted"
+            raise
 
 
 def set_threads(threads):

@@ -57,11 +57,11 @@ def unflatten_optimizer(tensors, meta):
 
 
 class Checkpointer:
-    """Writes and finds checkpoints in output_dir/resume/; keeps the last `keep`. `hooks.at("checkpoint")`
+    """Writes and finds checkpoints in output_dir/resume/; keeps the last `keep`. `faults.at("checkpoint")`
     is called between the tensors and the JSON of a write (tests kill the process there)."""
 
-    def __init__(self, out, keep, hooks=None):
-        self.dir, self.keep, self.hooks = Path(out) / "resume", keep, hooks
+    def __init__(self, out, keep, faults=None):
+        self.dir, self.keep, self.faults = Path(out) / "resume", keep, faults
         self.last = None  # (stage, step) of the newest checkpoint written or loaded
 
     def folders(self):
@@ -78,8 +78,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
-            if self.hooks is not None:
-                self.hooks.at("checkpoint")
+            if self.faults is not None:
+                self.faults.at("checkpoint")
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)

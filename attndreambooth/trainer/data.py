@@ -25,9 +25,17 @@ def fingerprint(paths):
 
 
 def fingerprint_changes(old, new):
-    """What changed between two fingerprints, in words ("" when nothing did)."""
+    """What changed between two fingerprints, in words ("" when nothing did); a file under a new name with the
+    same bytes is a rename (it still moves the photos' order, which the run's data stream follows)."""
+    added, removed = new.keys() - old.keys(), old.keys() - new.keys()
+    renamed = {}
+    for name in sorted(removed):
+        twin = next((n for n in sorted(added) if new[n] == old[name] and n not in renamed.values()), None)
+        if twin is not None:
+            renamed[name] = twin
     parts = [(what, sorted(names)) for what, names in (
-        ("added", new.keys() - old.keys()), ("removed", old.keys() - new.keys()),
+        ("renamed", {f"{a} -> {b}" for a, b in renamed.items()}), ("added", added - set(renamed.values())),
+        ("removed", removed - renamed.keys()),
         ("changed", {n for n in old.keys() & new.keys() if old[n] != new[n]})) if names]
     return "; ".join(f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for what, names in parts)
 
@@ -42,15 +50,7 @@ def list_images(data_cfg, report=None, key="data.instance_dir"):
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):  # .DS_Store, editor swap files
             continue
-        problem = None
-        if path.is_dir():
-            problem = "is a folder"
-        elif not path.is_file():  # a named pipe would block the read below for ever
-            problem = "is not a regular file (a named pipe, socket or device)"
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            problem = f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); HEIC/TIFF photos: convert to JPEG"
-        else:
-            problem = _check_image(path, data_cfg, report)
+        problem = image_problem(path) or _check_size(path, data_cfg, report)
         if problem is None:
             digest = hashlib.sha1(path.read_bytes()).hexdigest()
             if digest in seen:
@@ -62,23 +62,38 @@ def list_images(data_cfg, report=None, key="data.instance_dir"):
         else:
             unusable.append(f"  {path} {problem}")
     if unusable:
+        skip = ", or set data.skip_invalid_files=true to skip such files" if key == "data.instance_dir" else ""
         raise ValueError(f"{key}: {len(unusable)} file(s) cannot be used:\n" + "\n".join(unusable)
-                         + "\nremove them, or set data.skip_invalid_files=true to skip such files")
+                         + f"\nremove them{skip}")
     if not images:
         raise ValueError(f"{key}: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
-def _check_image(path, data_cfg, report):
-    """None if the image is usable, else what is wrong with it."""
+def image_problem(path):
+    """None if `path` is an image file that decodes whole, else what is wrong with it, in words: the one check
+    every command that reads images applies (the trainer's photos and class images, evaluate's folders). A
+    special file (a named pipe, socket or device) is refused before anything opens it: reading one blocks."""
+    if path.is_dir():
+        return "is a folder"
+    if not path.is_file():
+        return "is not a regular file (a named pipe, socket or device)"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"is not an image ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); HEIC/TIFF photos: convert to JPEG"
     try:
         with Image.open(path) as im:
-            mode, size = im.mode, im.size
             im.load()  # a full decode: truncated files fail here, not in the middle of a run
     except Image.DecompressionBombError as e:
         return f"is too large to decode safely ({e}); downscale it (a few megapixels are plenty)"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"cannot be read as an image ({e})"
+    return None
+
+
+def _check_size(path, data_cfg, report):
+    """For training: None if a decodable image is large enough (reporting what will be converted), else why not."""
+    with Image.open(path) as im:  # the header only: image_problem has decoded it
+        mode, size = im.mode, im.size
     if min(size) < data_cfg.min_image_size:
         return (f"is {size[0]}x{size[1]} px, under data.min_image_size={data_cfg.min_image_size}; "
                 "use a larger photo")
@@ -192,7 +207,7 @@ def encode_pixels(vae, pixels, device, chunk=8):
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
-class LatentSampler:
+class LatentBatches:
     """Batches of latents: images in shuffled epochs (as a shuffled repeated data set), a random
     pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor. The image order is
     drawn on the host (`generator`); the view, the posterior sample, and the step's noise and timesteps
@@ -205,8 +220,8 @@ class LatentSampler:
         self.device_gen = device_generator or generator
         self.geometry = None if geometry is None else geometry.to(mean.device)  # moved once, not per step
         self.num_images, self.views = num_images, mean.shape[0] // num_images
-        self.order, self.staged = [], None
-        self.prior = None  # prior preservation's class-image sampler (trainer/prior.py), drawing with these generators
+        self.order, self.queued = [], None
+        self.prior = None  # prior preservation's class-image batches (trainer/prior.py), drawing with these generators
 
     def state_dict(self):
         state = {"generator": self.gen.get_state(), "order": list(self.order)}
@@ -229,20 +244,20 @@ class LatentSampler:
             self.order = torch.randperm(self.num_images, generator=self.gen).tolist()
         return self.order.pop()
 
-    def stage(self, batch_size):
+    def queue(self, batch_size):
         """The host's part of a batch: its images, into a fixed (pinned, on a GPU) buffer that `sample` copies
-        from, so a captured step replays with each step's own images."""
-        if self.staged is None or len(self.staged) != batch_size:
-            self.staged = torch.empty(batch_size, dtype=torch.int64)
-            self.staged = self.staged.pin_memory() if self.mean.device.type == "cuda" else self.staged
-        self.staged.copy_(torch.tensor([self._next_image() for _ in range(batch_size)]))
+        from, so a CUDA graph's replay reads each step's own images."""
+        if self.queued is None or len(self.queued) != batch_size:
+            self.queued = torch.empty(batch_size, dtype=torch.int64)
+            self.queued = self.queued.pin_memory() if self.mean.device.type == "cuda" else self.queued
+        self.queued.copy_(torch.tensor([self._next_image() for _ in range(batch_size)]))
 
-    def sample(self, batch_size, with_geometry=False, staged=False):
-        """Latents (batch, channels, h, w); with `with_geometry`, also the sampled views' geometry. `staged`:
-        the images `stage` put in the buffer (else they are drawn now)."""
-        if not staged:
-            self.stage(batch_size)
-        images = self.staged.to(self.mean.device, non_blocking=True)  # asynchronous: the host does not wait
+    def sample(self, batch_size, with_geometry=False, queued=False):
+        """Latents (batch, channels, h, w); with `with_geometry`, also the sampled views' geometry. `queued`:
+        the images `queue` put in the buffer (else they are drawn now)."""
+        if not queued:
+            self.queue(batch_size)
+        images = self.queued.to(self.mean.device, non_blocking=True)  # asynchronous: the host does not wait
         gen = self.device_gen
         index = images.to(gen.device) * self.views + torch.randint(self.views, (batch_size,), generator=gen,
                                                                     device=gen.device)
@@ -253,9 +268,9 @@ class LatentSampler:
         return (latents, self.geometry[index]) if with_geometry else latents
 
 
-def draw_noise(sampler, latents, num_train_timesteps):
-    """A step's noise and timesteps, on the sampler's device generator when it has one (else its generator)."""
-    gen = getattr(sampler, "device_gen", sampler.gen)
+def draw_noise(batches, latents, num_train_timesteps):
+    """A step's noise and timesteps, on the data stream's device generator when it has one (else its generator)."""
+    gen = getattr(batches, "device_gen", batches.gen)
     noise = torch.randn(latents.shape, generator=gen, device=gen.device).to(latents.device)
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
     return noise, timesteps.to(latents.device)

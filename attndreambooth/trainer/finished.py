@@ -2,7 +2,8 @@
 that acts only while training is named as such (nothing is trained again); an output an option defines is
 written from what the run saved (a merged pipeline from the base, the embedding and the LoRA file; the
 pipeline in a narrower dtype), or refused with the reason where the run no longer holds what it needs. The
-run's config.yaml then records the outputs the folder holds."""
+run's config.yaml and finished.json then record the outputs the folder holds."""
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from attndreambooth.config.plan import DTYPES, LORA_FILE
 from attndreambooth.config.schema import ConfigError
+from attndreambooth.trainer.run_folder import FINISHED_FILE, recorded_config
 
 log = logging.getLogger(__name__)
 OUTPUT_KEYS = ("runtime.save_merged_pipeline", "runtime.pipeline_dtype")  # the options that define files
@@ -77,9 +79,13 @@ def complete_finished(cfg, work):
     replace_pipeline(pipe, out / "pipeline", dtype)
     text = (out / "config.yaml").read_text()
     header = "".join(line for line in text.splitlines(True) if line.startswith("#"))  # "# trained by N processes"
-    record = yaml.safe_load(text)
+    record = recorded_config(out)  # the training's own record, not a hand-edited config.yaml
     for key in OUTPUT_KEYS:
         record["runtime"][key.split(".")[1]] = getattr(cfg.runtime, key.split(".")[1])
     (out / ".tmp-config.yaml").write_text(header + yaml.safe_dump(record, sort_keys=False))
     os.replace(out / ".tmp-config.yaml", out / "config.yaml")
+    finished = json.loads((out / FINISHED_FILE).read_text())
+    if isinstance(finished.get("config"), dict):  # a run from before records were kept has none to update
+        (out / ".tmp-finished.json").write_text(json.dumps(dict(finished, config=record), indent=1))
+        os.replace(out / ".tmp-finished.json", out / FINISHED_FILE)
     log.info("saved %s in %s (%s); the run is not trained again", out / "pipeline", cfg.runtime.pipeline_dtype, how)

@@ -4,7 +4,7 @@
 The estimate: weights (fp32, or half precision for frozen ones) + gradients and AdamW state of what the
 stage trains + activations. Activations are the summed outputs of the U-Net's leaf modules for one sample
 at the run's resolution (a forward on the meta device), times the batch, times bytes per element fitted to
-the one measurement there is: SD 2.1-base, 512 px, batch 8, bf16 autocast on an H100 (docs/gpu_results.md),
+the one measurement there is: SD 2.1-base, 512 px, batch 8, bf16 autocast on an H100 (docs/reports/gpu_results.md),
 stage 3 peaks of 22.9 GiB (default) and 10.8 GiB (gradient checkpointing + 8-bit AdamW). Everything else
 (SDXL, LoRA, half-precision weights) is extrapolated from it: estimated, until a GPU measures it.
 """

@@ -11,11 +11,12 @@ from attndreambooth.config.checks import looks_like_hub_id
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.families.source import meta_models, model_source
+from attndreambooth.inference.generate import concept_position
 from attndreambooth.trainer.checkpoint import size_text
 from attndreambooth.trainer.concept import is_known_word
 from attndreambooth.trainer.data import fingerprint, list_images
 from attndreambooth.trainer.lora import adapter_part, lora_parameter_count, narrowest_target
-from attndreambooth.trainer.parts import latent_side, regularised_layers, vae_factor
+from attndreambooth.trainer.map_sizes import latent_side, regularised_layers, vae_factor
 from attndreambooth.trainer.run_folder import (IMAGES_FILE, check_checkpoint_fits, check_same_images, check_world,
                                                hold_folder, run_folder_state)
 
@@ -77,7 +78,7 @@ def stage_parameters(sizes, planned):
 
 
 def plan_text(cfg, plan, layout=None):
-    """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry-run."""
+    """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry_run."""
     from attndreambooth.trainer.memory import current_savers, stage_peaks
     source, sizes = memory_sizes(cfg, layout, plan)
     planned = {s.name: s for s in plan}
@@ -94,6 +95,9 @@ def plan_text(cfg, plan, layout=None):
                          f"peak ~{peaks[name]:.1f} GiB")
         else:
             lines.append(f"  {name}: skipped")
+    if cfg.prior.enabled:
+        from attndreambooth.trainer.prior import class_image_estimate
+        lines.append(class_image_estimate(cfg))
     return "\n".join(lines)
 
 
@@ -124,12 +128,6 @@ def check_tokens(cfg):
                               f"encoder's {tokenizer.model_max_length} tokens and would be cut off; shorten it")
 
 
-def concept_position(tokenizer, template, placeholder):
-    """Token position of "[V]" when `{}` of `template` is filled with it (start token included)."""
-    before = template.split("{}")[0]
-    return len(tokenizer(before).input_ids) - 1  # the end token is not counted; [V] follows `before`
-
-
 def check_disk(cfg, plan, layout=None):
     """Refuse early when the final artefacts plus the resume checkpoints cannot fit on the disk."""
     _, sizes = parameter_sizes(cfg, layout, plan)
@@ -154,10 +152,13 @@ def check_disk(cfg, plan, layout=None):
 
 
 def check_inputs(cfg, download=True):
-    """The checks that need no weights and write nothing (also --dry-run's): images, model path, tokens, the
+    """The checks that need no weights and write nothing (also --dry_run's): images, model path, tokens, the
     regularised layers. Returns the images and the model's layout on the meta device. download=False skips
     the token check for a hub id (it would fetch the tokenizer)."""
     paths = list_images(cfg.data)
+    if cfg.prior.enabled:
+        from attndreambooth.trainer.prior import check_class_images
+        check_class_images(cfg)
     kind, where = model_source(cfg.model)
     if kind == "hub" and download:  # a typo'd id, no network or a gated model: said before the folder is claimed
         from diffusers import DiffusionPipeline

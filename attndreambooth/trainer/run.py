@@ -41,17 +41,17 @@ def save_atomic(tensors, path):
 
 
 def prepare(cfg, plan, accelerator, paths):
-    """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, sampler)."""
+    """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, batches)."""
     from diffusers import DDPMScheduler
 
     from attention_reg import CrossAttentionCapture
     from attndreambooth.families.source import load_pipeline
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
-    from attndreambooth.trainer.data import LatentSampler, encode_view_pool
+    from attndreambooth.trainer.data import LatentBatches, encode_view_pool
     from attndreambooth.trainer.lora import add_adapters
-    from attndreambooth.trainer.parts import latent_side, regularised_layers
+    from attndreambooth.trainer.map_sizes import latent_side, regularised_layers
     from attndreambooth.trainer.prior import attach_prior
-    from attndreambooth.trainer.training import Models
+    from attndreambooth.trainer.models import Models
 
     pipe, family = load_pipeline(cfg.model)
     vae, unet = pipe.vae, pipe.unet
@@ -94,10 +94,10 @@ def prepare(cfg, plan, accelerator, paths):
     seed = cfg.runtime.seed * 1000 + accelerator.process_index
     gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else None  # a CPU: one generator
-    sampler = LatentSampler(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen)
+    batches = LatentBatches(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen)
     prior_cond = None
     if cfg.prior.enabled:  # the class images, made by the model as loaded (before any stage trains it)
-        prior_cond = attach_prior(cfg, pipe, family, text_encoders, tokenizers, sampler, accelerator)
+        prior_cond = attach_prior(cfg, pipe, family, text_encoders, tokenizers, batches, accelerator)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
         layers = regularised_layers(family, unet, cfg.reg.map_sizes, latent_side(vae.config, cfg.data.resolution))
@@ -106,7 +106,7 @@ def prepare(cfg, plan, accelerator, paths):
                  len(family.cross_attention_layers(unet)))
     models = Models(family, unet, text_encoders, DDPMScheduler.from_config(pipe.scheduler.config), capture,
                     [ids.to(device) for ids in input_ids], prior_cond=prior_cond)
-    return pipe, models, sampler
+    return pipe, models, batches
 
 
 def embedding_files(cfg, models):
@@ -136,7 +136,7 @@ def save_final(cfg, plan, pipe, models, out):
     log.info("saved %s (load with %s.from_pretrained)", out / "pipeline", type(pipe).__name__)
 
 
-def run(cfg, plan, state, paths, hooks=None):
+def run(cfg, plan, state, paths, faults=None):
     """Run every planned stage in order on the instance images `paths` (continuing from the newest good
     checkpoint when `state` is 'resume') and write the run folder; returns the run folder."""
     from accelerate import Accelerator
@@ -146,11 +146,13 @@ def run(cfg, plan, state, paths, hooks=None):
     from attndreambooth.inference.sampling import validation_grid
     from attndreambooth.trainer.lora import save_lora
     from attndreambooth.trainer.run_folder import mark_finished, world_size
+    from attndreambooth.trainer.signals import Stopped
     from attndreambooth.trainer.state import RunState
     from attndreambooth.trainer.trackers import hyperparameters, log_grid, log_with, start_trackers, trackers_in_use
-    from attndreambooth.trainer.training import Hooks, Reporter, run_stage
+    from attndreambooth.trainer.method import FaultInjection, train_stage
+    from attndreambooth.trainer.reporting import Reporter
 
-    hooks, out = hooks or Hooks(), Path(cfg.output_dir)
+    faults, out = faults or FaultInjection(), Path(cfg.output_dir)
     world = world_size()
     trackers = trackers_in_use(cfg)
     # accelerate runs several processes without GPUs only when told `cpu` (gloo backend)
@@ -174,7 +176,7 @@ def run(cfg, plan, state, paths, hooks=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     set_seed(cfg.runtime.seed)
 
-    pipe, models, sampler = prepare(cfg, plan, accelerator, paths)
+    pipe, models, batches = prepare(cfg, plan, accelerator, paths)
     device, capture = accelerator.device, models.capture
     components = models.family.components(pipe)
 
@@ -188,8 +190,8 @@ def run(cfg, plan, state, paths, hooks=None):
             log_grid(accelerator, trackers, f"validation/{name}", grid, global_step)
         accelerator.wait_for_everyone()
 
-    run_state = RunState(models, sampler, plan)
-    checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints, hooks)
+    run_state = RunState(models, batches, plan)
+    checkpointer = Checkpointer(out, cfg.runtime.keep_checkpoints, faults)
     latest = checkpointer.load_latest() if state == "resume" else None
     if latest is not None:
         path, tensors, meta = latest
@@ -202,8 +204,11 @@ def run(cfg, plan, state, paths, hooks=None):
     reporter = Reporter(out, accelerator, cfg, validate)
     reporter.global_step = run_state.global_step
 
+    training = yaml.safe_load(to_yaml(cfg))  # recorded with every checkpoint: a resume is compared with it
+
     def save_checkpoint(s):
-        tensors, meta = s.state_dict(gather_object([sampler.state_dict()]))  # every rank's data stream
+        tensors, meta = s.state_dict(gather_object([batches.state_dict()]))  # every rank's data stream
+        meta["config"] = training
         if accelerator.is_main_process:
             checkpointer.save(tensors, meta)
         accelerator.wait_for_everyone()
@@ -221,8 +226,8 @@ def run(cfg, plan, state, paths, hooks=None):
                 if run_state.finished(name):
                     log.info("%s: already done", name)
                     continue
-                seconds, peak = run_stage(planned, models, sampler, accelerator, cfg, reporter, run_state,
-                                          save_checkpoint, hooks)
+                seconds, peak = train_stage(planned, models, batches, accelerator, cfg, reporter, run_state,
+                                            save_checkpoint, faults)
                 log.info("%s done: %d steps in %.1f s, peak %s memory %.2f GiB", name, stage.steps, seconds,
                          "GPU" if device.type == "cuda" else "process", peak)
                 if accelerator.is_main_process and planned.lora:  # the adapters so far (infer.py --stage)
@@ -234,21 +239,27 @@ def run(cfg, plan, state, paths, hooks=None):
                     save_atomic(embedding_files(cfg, models)["learned_embeds.safetensors"],
                                 out / "learned_embeds.safetensors")
                 save_checkpoint(run_state)
-                hooks.at(f"{name}:end")
+                faults.at(f"{name}:end")
         reporter.close()
         if cfg.runtime.compile != "off":
             log.info("compilation: %(graphs)d graphs, %(breaks)d graph breaks, FX-graph cache %(cache_hits)d hits "
                      "and %(cache_misses)d misses", compile_counts())
         if accelerator.is_main_process:
             save_final(cfg, plan, pipe, models, out)
-            mark_finished(out)  # before resume/ goes: a kill in between leaves a finished run, not a lost one
-            hooks.at("finished")
+            mark_finished(out, training)  # before resume/ goes: a kill in between leaves a finished run, not a lost one
+            faults.at("finished")
             if not cfg.runtime.keep_resume_state:
                 shutil.rmtree(checkpointer.dir, ignore_errors=True)
+    except Stopped as e:
+        message = f"stopped by SIGTERM after {e}, with a checkpoint there; run the same command to resume"
+        log.error(message)  # in train.log too: a cluster job's end is read there
+        raise Interrupted(message) from None
     except KeyboardInterrupt:
         last = f"{checkpointer.last[0]} step {checkpointer.last[1]}" if checkpointer.last else "none yet"
-        raise Interrupted(f"interrupted in {run_state.stage} at step {run_state.step}; the last checkpoint is "
-                          f"{last}; run the same command to resume") from None
+        message = (f"interrupted in {run_state.stage} at step {run_state.step}; the last checkpoint is {last}; "
+                   "run the same command to resume")
+        log.error(message)
+        raise Interrupted(message) from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

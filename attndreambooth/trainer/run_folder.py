@@ -12,22 +12,25 @@ from pathlib import Path
 
 import yaml
 
+from attndreambooth.config.checks import RUN_LOCK
 from attndreambooth.config.loading import to_yaml
 from attndreambooth.config.schema import ConfigError
 from attndreambooth.trainer.data import fingerprint, fingerprint_changes
 
 log = logging.getLogger(__name__)
-LOCK_NAME = ".lock"
+LOCK_NAME = RUN_LOCK
 IMAGES_FILE = "instance_images.json"  # the run's photos: name -> [bytes, sha256]
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
 # way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
-# resume); everything else must match the run's config.yaml.
-# The compile switches (runtime.compile, .compile_cache) and the CUDA graph change how a step runs, not what
-# it computes, so a run started eager may continue compiled.
+# resume); everything else defines the training and must match what the run trained under.
+# The compile switches (runtime.compile, .compile_cache), the CUDA graph and gradient checkpointing (with the
+# memory preset that may switch it) change how a step runs, not what it computes.
 RESUMABLE_CHANGES = ("output_dir", "resume", "validation.", "runtime.log_every_steps", "runtime.tensorboard",
                      "runtime.report_to", "runtime.checkpoint_every_steps", "runtime.keep_checkpoints",
                      "runtime.keep_resume_state", "runtime.max_grad_norm", "runtime.pipeline_dtype",
-                     "runtime.save_merged_pipeline", "runtime.compile", "runtime.cuda_graph")
+                     "runtime.save_merged_pipeline", "runtime.compile", "runtime.cuda_graph",
+                     "runtime.gradient_checkpointing", "runtime.memory")
+FINISHED_FILE = "finished.json"
 
 
 def run_folder_state(cfg):
@@ -42,11 +45,7 @@ def run_folder_state(cfg):
                           "output_dir (nothing in it is touched)")
     if not cfg.resume:
         return "replace", []
-    try:
-        old = yaml.safe_load((out / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"output_dir {out}: its config.yaml cannot be read ({e}); use a new output_dir or "
-                          "resume=false") from None
+    old = recorded_config(out)
     changed = config_changes(upgraded(old if isinstance(old, dict) else {}), yaml.safe_load(to_yaml(cfg)))
     refused = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES) and not c[0].endswith(".lr")]
     if refused:
@@ -59,6 +58,27 @@ def run_folder_state(cfg):
         if key != "output_dir":
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
     return "resume", changed
+
+
+def recorded_config(out):
+    """The config the run in `out` trained under, as the training itself recorded it: in its finished.json
+    when it finished, else in its newest readable checkpoint (config.yaml may have been edited by hand since).
+    A run written before records were kept falls back to its config.yaml."""
+    records = [out / FINISHED_FILE] if (out / FINISHED_FILE).is_file() else sorted(
+        (out / "resume").glob("ckpt-*/state.json"), reverse=True)
+    for path in records:
+        try:
+            config = json.loads(path.read_text()).get("config")
+        except (ValueError, AttributeError, OSError):
+            continue  # a damaged checkpoint: the run skips it too (checkpoint.load_latest)
+        if isinstance(config, dict):
+            return config
+        break  # the newest readable record has none: an older version's run
+    try:
+        return yaml.safe_load((out / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"output_dir {out}: its config.yaml cannot be read ({e}); use a new output_dir or "
+                          "resume=false") from None
 
 
 def hold_folder(out, option="output_dir", holder="a running training"):
@@ -191,5 +211,7 @@ def missing_outputs(cfg, plan):
     return [w for w in want if not (out / w).is_file()]
 
 
-def mark_finished(out):
-    (Path(out) / "finished.json").write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+def mark_finished(out, config):
+    """`config`: the resolved config as a dict, what the run trained under (see recorded_config)."""
+    record = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config}
+    (Path(out) / FINISHED_FILE).write_text(json.dumps(record, indent=1))

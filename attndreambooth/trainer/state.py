@@ -1,20 +1,20 @@
 """What a checkpoint saves and restores, in one object (as lingua's TrainState): the position in the
-plan, the trained tensors, the running stage's optimizer, every process's latent sampler, torch's RNG."""
+plan, the trained tensors, the running stage's optimizer, every process's latent batches, torch's RNG."""
 import logging
 
 import torch
 
 from attndreambooth.trainer.checkpoint import flatten_optimizer, unflatten_optimizer
-from attndreambooth.trainer.training import restore_weights, trained_weights
+from attndreambooth.trainer.models import restore_weights, trained_weights
 
 log = logging.getLogger(__name__)
 
 
 class RunState:
-    def __init__(self, models, sampler, plan):
-        self.models, self.sampler, self.plan = models, sampler, plan
+    def __init__(self, models, batches, plan):
+        self.models, self.batches, self.plan = models, batches, plan
         self.stage, self.step, self.done, self.global_step = None, 0, False, 0
-        self.optimizer = None  # the running stage's, set by run_stage
+        self.optimizer = None  # the running stage's, set by train_stage
         self.optimizer_state = None  # restored, waiting for the stage's optimizer
 
     def finished(self, name):
@@ -44,33 +44,34 @@ class RunState:
         """The running stage is done; its optimizer is not checkpointed any more."""
         self.done, self.optimizer = True, None
 
-    def state_dict(self, sampler_states):
-        """(tensors, meta); `sampler_states` is every process's `sampler.state_dict()`, rank order."""
+    def state_dict(self, stream_states):
+        """(tensors, meta); `stream_states` is every process's `batches.state_dict()` (its data stream), in rank
+        order. The tensor names ("sampler.<rank>") are the checkpoint format, kept so old runs resume."""
         weights = trained_weights(self.plan[self.stage].holds, self.models)
         tensors = {f"weights.{n}": p for n, p in weights.items()}
         meta = dict(stage=self.stage, step=self.step, done=self.done, global_step=self.global_step, optimizer=None,
-                    orders=[s["order"] for s in sampler_states], prior_orders=[s.get("prior_order") for s in sampler_states])
+                    orders=[s["order"] for s in stream_states], prior_orders=[s.get("prior_order") for s in stream_states])
         if self.optimizer is not None and not self.done:
             optim_tensors, meta["optimizer"] = flatten_optimizer(self.optimizer.state_dict())
             tensors.update(optim_tensors)
-        tensors.update({f"sampler.{rank}": s["generator"] for rank, s in enumerate(sampler_states)})
-        tensors.update({f"sampler_device.{rank}": s["device_generator"] for rank, s in enumerate(sampler_states)
+        tensors.update({f"sampler.{rank}": s["generator"] for rank, s in enumerate(stream_states)})
+        tensors.update({f"sampler_device.{rank}": s["device_generator"] for rank, s in enumerate(stream_states)
                         if "device_generator" in s})
         tensors["rng.torch"] = torch.get_rng_state()
         return tensors, meta
 
     def load_state_dict(self, tensors, meta, rank=0):
         restore_weights({k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}, self.models)
-        sampler = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank],
+        stream = {"generator": tensors[f"sampler.{rank}"], "order": meta["orders"][rank],
                    "prior_order": (meta.get("prior_orders") or [None] * (rank + 1))[rank]}
         if f"sampler_device.{rank}" in tensors:
-            sampler["device_generator"] = tensors[f"sampler_device.{rank}"]
-        elif self.sampler.device_gen is not self.sampler.gen:  # written on a CPU, or before draws moved to the GPU
-            self.sampler.device_gen.manual_seed(int(torch.randint(2**62, (1,), generator=self.sampler.gen)))
+            stream["device_generator"] = tensors[f"sampler_device.{rank}"]
+        elif self.batches.device_gen is not self.batches.gen:  # written on a CPU, or before draws moved to the GPU
+            self.batches.device_gen.manual_seed(int(torch.randint(2**62, (1,), generator=self.batches.gen)))
             log.warning("the checkpoint holds no device generator (written on a CPU, or by a version that drew the "
                         "batch on the host): the device generator is seeded from the run's own, so the run goes on, "
                         "but not bit for bit as an uninterrupted one would")
-        self.sampler.load_state_dict(sampler)
+        self.batches.load_state_dict(stream)
         torch.set_rng_state(tensors["rng.torch"])
         self.stage, self.step, self.done, self.global_step = meta["stage"], meta["step"], meta["done"], meta["global_step"]
         self.optimizer_state = unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] else None

@@ -1,5 +1,5 @@
 """Experiment trackers (`runtime.report_to`): accelerate's, with the run's config as hyper-parameters, the
-step terms as scalars (training.Reporter) and the validation grids as images. `runtime.tensorboard=false`
+step terms as scalars (reporting.Reporter) and the validation grids as images. `runtime.tensorboard=false`
 is the older way to leave TensorBoard out, and still works."""
 import importlib.util
 import logging
@@ -13,6 +13,8 @@ def trackers_in_use(cfg):
     """The trackers this run reports to: runtime.report_to, without TensorBoard when runtime.tensorboard is
     false or it is not installed (the default list must not stop a run; config.checks refused the others)."""
     names = [n for n in dict.fromkeys(cfg.runtime.report_to) if n != "tensorboard" or cfg.runtime.tensorboard]
+    if "tensorboard" in cfg.runtime.report_to and not cfg.runtime.tensorboard:
+        log.info("runtime.tensorboard=false: TensorBoard is left out of runtime.report_to (no TensorBoard logs)")
     if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
         log.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
         names.remove("tensorboard")

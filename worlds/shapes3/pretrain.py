@@ -13,10 +13,8 @@ Every random draw comes from the seed and the step (or the data chunk), never fr
 so a resumed run draws what an uninterrupted one would: the same command continues to the same bytes (same
 machine, torch and thread count).
 """
-import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 

@@ -11,7 +11,6 @@
 """
 import argparse
 import json
-import random
 import sys
 from itertools import product
 from pathlib import Path

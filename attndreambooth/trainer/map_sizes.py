@@ -1,27 +1,5 @@
-"""What each stage trains, by name: the [V] row(s), the cross-attention layers, the whole U-Net, or a LoRA
-adapter's factors (the names also key checkpoints), and the cross-attention layers Eq. 2 averages."""
-
-
-def row_name(index):
-    """The checkpoint name of [V]'s row in the `index`-th text encoder: concept.row, concept.row_2, ..."""
-    return "concept.row" if index == 0 else f"concept.row_{index + 1}"
-
-
-def trainable_parameters(part, unet, text_encoders, family, adapter=None):
-    """The parameters, by name, that a stage's `train` entry names: embedding ([V]'s row in each text encoder),
-    cross_attention (the family's cross-attention layers), unet; with `adapter` (a LoRA stage) the U-Net parts
-    are that adapter's factors; "lora" is every adapter's."""
-    from attndreambooth.trainer.lora import adapter_parameters
-    if part == "embedding":
-        return {row_name(i): encoder.get_input_embeddings().row for i, encoder in enumerate(text_encoders)}
-    if part == "lora" or (adapter is not None and part in ("cross_attention", "unet")):
-        return {f"unet.{n}": p for n, p in adapter_parameters(unet, adapter).items()}
-    named = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" not in n}
-    if part == "cross_attention":
-        return {n: p for n, p in named.items() if family.is_cross_attention(n)}
-    if part == "unet":
-        return named
-    raise ValueError(f"unknown trainable part {part!r}")
+"""Sizes: how much smaller than the image its latent is, the side of each cross-attention layer's maps, and
+so which layers Eq. 2 reads (`reg.map_sizes`)."""
 
 
 def vae_factor(vae_config):

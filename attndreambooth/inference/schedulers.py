@@ -1,0 +1,6 @@
+"""The samplers infer.py and validation offer, by name (no torch import: `infer.py --help` reads it)."""
+
+SCHEDULERS = {  # name -> diffusers class name
+    "dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+}
