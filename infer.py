@@ -21,6 +21,7 @@ from attndreambooth.config.schema import DTYPE_NAMES
 from attndreambooth.inference.schedulers import SCHEDULERS
 
 log = logging.getLogger("infer")
+MAX_IMAGES, MAX_STEPS = 10_000, 1_000  # per prompt; a typo'd count (an extra 0) would otherwise run for days
 
 
 def check_args(args):
@@ -34,6 +35,10 @@ def check_args(args):
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name, most in (("num_images", MAX_IMAGES), ("steps", MAX_STEPS)):
+        if getattr(args, name) > most:
+            raise ValueError(f"--{name} {getattr(args, name):,} is more than {most:,}; sample in several calls "
+                             "(--seed moves on: image i of a call uses seed + i)")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
@@ -141,6 +146,9 @@ def main(argv=None):
     source = dict(run=resolved(run_dir), stage=args.stage if run_dir else None, base=resolved(args.base) if args.base
                   and Path(args.base).expanduser().exists() else args.base, embeds=resolved(args.embeds),
                   unet_weights=[resolved(w) for w in args.unet_weights], scheduler=args.scheduler, dtype=dtype)
+    total = len(args.prompt) * args.num_images
+    log.info("%d prompt%s x %d images = %d images of %d %s steps each, into %s", len(args.prompt),
+             "s" * (len(args.prompt) != 1), args.num_images, total, args.steps, args.scheduler, out)
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
                     source, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)

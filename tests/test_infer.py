@@ -236,6 +236,8 @@ def test_old_bin_embeddings_load_without_arbitrary_pickle(runs, tiny_dir, tmp_pa
     (["--num_images", "0"], "--num_images must be >= 1"),
     (["--batch_size", "-1"], "--batch_size must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--num_images", "1000000"], "--num_images 1,000,000 is more than 10,000; sample in several calls"),
+    (["--steps", "50000"], "--steps 50,000 is more than 1,000"),
     (["--height", "100"], "--height must be a positive multiple of 8"),
     (["--stage", "0"], "--stage must be 1 or more"),
     (["--seed", "-1"], "--seed -1 must be in 0 .. 4294967295"),
