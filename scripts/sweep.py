@@ -179,9 +179,7 @@ def dry_run(args, out, cells, options):
     done = finished(out, cells)
     if args.launcher != "slurm":  # refused as the real command refuses it: cells a Slurm job may still run
         jobs.check_no_slurm_jobs(out, cells)
-    recorded = jobs.slurm_submitted(out, cells) if args.launcher == "slurm" else {}  # reads OUT/jobs.json
-    askable = recorded and shutil.which("sacct") and importlib.util.find_spec("submitit")
-    states = jobs.slurm_states(out, set(recorded.values())) if askable else {}
+    recorded, states = jobs.recorded_slurm_states(out, cells) if args.launcher == "slurm" else ({}, {})  # jobs.json
     running = {c for c, i in recorded.items() if states.get(i) in jobs.ACTIVE}
     for c in cells:
         if c in done:

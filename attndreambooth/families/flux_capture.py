@@ -8,6 +8,7 @@ text length. The output path is the stock processor's, line for line (diffusers 
 compares the two outputs), so a diffusers change that breaks it shows there.
 """
 import torch
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb, dispatch_attention_fn
 
 from attndreambooth.families.joint_maps import joint_columns
 
@@ -21,8 +22,6 @@ class FluxCaptureProcessor:
         self.renormalise_text = renormalise_text
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_flux import (_get_qkv_projections, apply_rotary_emb,
-                                                                     dispatch_attention_fn)
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))

@@ -83,6 +83,14 @@ def slurm_submitted(out, cells):
             if c not in done and record.get(cell_key(c), {}).get("launcher") == "slurm"}
 
 
+def recorded_slurm_states(out, cells):
+    """({cell: its recorded Slurm job id}, {job id: state}) for the unfinished cells jobs.json says went to
+    Slurm; the states are empty where this machine cannot ask (no sacct or no submitit)."""
+    submitted = slurm_submitted(out, cells)
+    askable = submitted and shutil.which("sacct") and importlib.util.find_spec("submitit")
+    return submitted, slurm_states(out, set(submitted.values())) if askable else {}
+
+
 def sort_cells(out, cells, launcher):
     """(finished, {cell: its job still queued or running}, cells to submit). Only Slurm's jobs outlive the
     process that submitted them; submitit-local's ended with it."""
@@ -97,9 +105,7 @@ def check_no_slurm_jobs(out, cells):
     """The local launchers on an OUT whose unfinished cells were submitted to Slurm: refused while a job may
     still run them (two trainings in one run folder; the trainer's lock holds only where the file system's
     locks do)."""
-    submitted = slurm_submitted(out, cells)
-    askable = submitted and shutil.which("sacct") and importlib.util.find_spec("submitit")
-    states = slurm_states(out, set(submitted.values())) if askable else {}
+    submitted, states = recorded_slurm_states(out, cells)
     for cell, job_id in submitted.items():
         state = states.get(job_id)
         if state is None or state in ACTIVE:

@@ -65,7 +65,6 @@ def class_images(cfg, pipe, family, accelerator):
     share a folder write the same files and never a partial one)."""
     from attndreambooth.trainer.data import list_images
     folder, want = class_dir(cfg), cfg.prior.num_class_images
-    data_cfg = class_data_config(cfg)
     have = check_class_images(cfg)
     if len(have) < want:
         if accelerator.is_main_process:
@@ -73,7 +72,7 @@ def class_images(cfg, pipe, family, accelerator):
             with accelerator.autocast():
                 generate(cfg, pipe, family, folder, missing)
         accelerator.wait_for_everyone()
-        have = list_images(data_cfg, key="prior.class_dir")  # read again only when images were added
+        have = list_images(class_data_config(cfg), key="prior.class_dir")  # again only when images were added
     return have[:want]
 
 

@@ -18,7 +18,6 @@ from attndreambooth.config.schema import ConfigError
 from attndreambooth.trainer.data import fingerprint, fingerprint_changes
 
 log = logging.getLogger(__name__)
-LOCK_NAME = RUN_LOCK
 IMAGES_FILE = "instance_images.json"  # the run's photos: name -> [bytes, sha256]
 # Keys that may differ when a run is resumed: they change how it is logged or checkpointed, or are the
 # way out of a numerical fault (a lower lr, clipping), or where the folder now is (moved or copied runs
@@ -38,7 +37,7 @@ def run_folder_state(cfg):
     config keys as (key, in the run, now)) for cfg.output_dir, without touching it; refuses a folder that is
     not this run's."""
     out = Path(cfg.output_dir)  # that it can be written in is checked with the config (config_checks.folder_problem)
-    if not out.is_dir() or not [p for p in out.iterdir() if p.name not in (LOCK_NAME, IMAGES_FILE)]:
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name not in (RUN_LOCK, IMAGES_FILE)]:
         return "new", []
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"output_dir {out} holds files that are not a run of this trainer; choose a new "
@@ -52,7 +51,7 @@ def run_folder_state(cfg):
         lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in refused)
         raise ConfigError(f"output_dir {out} holds a run with another config:\n{lines}\n"
                           "Use a new output_dir, or resume=false to move the earlier run aside and start over.")
-    if (out / "finished.json").is_file():
+    if (out / FINISHED_FILE).is_file():
         return "finished", changed  # what each change means for a finished run: trainer/finished.py
     for key, old, new in changed:
         if key != "output_dir":
@@ -86,7 +85,7 @@ def hold_folder(out, option="output_dir", holder="a running training"):
     process dies, so a killed run never blocks); refuses a folder that a live process holds (a training's run
     folder; a sweep's --out)."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
+    handle = open(out / RUN_LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
