@@ -13,7 +13,7 @@ SD_CROSS_ATTENTION_LAYERS = 16  # SD 1.x / 2.x: 6 down + 1 mid + 9 up
 REDUCTIONS = ("per_layer", "pooled")
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation). Never while
     torch.compile traces: a compiled graph's recomputation does not run Python again, and asking autograd
     here would split the U-Net's graph at every attn2 layer."""
@@ -61,7 +61,7 @@ class CaptureProcessor:
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
         probs = scores.float().softmax(dim=-1)  # fp32 softmax, also under autocast
         picked = probs if self.token_indices is None else probs[..., self.token_indices]  # (B, heads, HW, k)
-        if not _in_backward():  # a checkpoint recomputation runs the same ops but adds no maps
+        if not in_backward():  # a checkpoint recomputation runs the same ops but adds no maps
             self.record(picked)
         hidden_states = probs.to(value.dtype) @ value  # (B, heads, HW, head_dim)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -112,11 +112,15 @@ class CrossAttentionCapture(AbstractContextManager):
     come back, also after an exception.
     """
 
-    def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS, layers=None):
+    def __init__(self, unet, token_indices=None, expected_layers=SD_CROSS_ATTENTION_LAYERS, layers=None,
+                 processor=None):
         """`expected_layers`: how many cross-attention layers the U-Net must have (None: any number); `layers`:
-        the processor names to hook (default: every cross-attention layer, as the U-Net's naming says)."""
+        the processor names to hook (default: every cross-attention layer, as the U-Net's naming says);
+        `processor(record, token_indices)`: the recording processor of another attention (a transformer's
+        joint attention: then `layers` names the processors, and is required)."""
         self.unet, self.token_indices, self.expected_layers = unet, token_indices, expected_layers
         self.layers, self.slots, self._original = layers, {}, None
+        self.processor = processor or CaptureProcessor
 
     @property
     def maps(self):
@@ -125,14 +129,14 @@ class CrossAttentionCapture(AbstractContextManager):
 
     def __enter__(self):
         self._original = dict(self.unet.attn_processors)
-        cross = cross_attention_processors(self.unet)
+        cross = cross_attention_processors(self.unet) if self.processor is CaptureProcessor else list(self.layers)
         if self.expected_layers is not None and len(cross) != self.expected_layers:
             raise ValueError(
                 f"found {len(cross)} cross-attention (attn2) layers, expected {self.expected_layers} "
                 "(the SD 1.x/2.x layout); pass expected_layers=None or the right count for another layout")
         cross = [name for name in cross if self.layers is None or name in self.layers]
         self.slots = {name: LayerMaps() for name in cross}
-        processors = {n: CaptureProcessor(self.slots[n].record, self.token_indices) for n in cross}
+        processors = {n: self.processor(self.slots[n].record, self.token_indices) for n in cross}
         self.unet.set_attn_processor({n: processors.get(n, p) for n, p in self._original.items()})
         self.layer_count = len(cross)
         return self
@@ -162,7 +166,7 @@ def compile_with_capture(module, **compile_kwargs):
     """torch.compile `module` in place (the whole U-Net as one graph, or one of its blocks; module names,
     processors and state-dict keys stay) with the capture inside. The capture's `record` is a side effect,
     which dynamo refuses inside gradient checkpointing (eager checkpointing replays it in backward) and would
-    split the graph at every checkpointed block; the capture wants each map recorded once (see `_in_backward`),
+    split the graph at every checkpointed block; the capture wants each map recorded once (see `in_backward`),
     which is what this dynamo switch does. Before torch has the switch, checkpointed blocks just run in
     smaller graphs."""
     import torch._dynamo.config as dynamo_config

@@ -105,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--negative_prompt", help="negative prompt for every image; default: none")
     p.add_argument("--height", type=int, help="image height in px, a multiple of 8; default: the model's size")
     p.add_argument("--width", type=int, help="image width in px, a multiple of 8; default: the model's size")
-    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS), help="sampler")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler; default: dpm++, or flow_euler on FLUX.1")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="weights' dtype; default: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--stage", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
@@ -124,6 +124,7 @@ def main(argv=None):
     args = parse_args(argv)  # --help answers before torch is imported
     import torch
 
+    from attndreambooth.families import of_pipeline
     from attndreambooth.families.source import quiet_known_noise
     from attndreambooth.inference.generate import generate
     from attndreambooth.inference.loading import load_pipe
@@ -142,13 +143,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a hub id that cannot be fetched: the library's first line says which file
         sys.exit(f"error: the model cannot be loaded: {str(e).splitlines()[0]}")
+    scheduler = args.scheduler or of_pipeline(pipe).samplers[0]
     resolved = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
     source = dict(run=resolved(run_dir), stage=args.stage if run_dir else None, base=resolved(args.base) if args.base
                   and Path(args.base).expanduser().exists() else args.base, embeds=resolved(args.embeds),
-                  unet_weights=[resolved(w) for w in args.unet_weights], scheduler=args.scheduler, dtype=dtype)
+                  unet_weights=[resolved(w) for w in args.unet_weights], scheduler=scheduler, dtype=dtype)
     total = len(args.prompt) * args.num_images
     log.info("%d prompt%s x %d images = %d images of %d %s steps each, into %s", len(args.prompt),
-             "s" * (len(args.prompt) != 1), args.num_images, total, args.steps, args.scheduler, out)
+             "s" * (len(args.prompt) != 1), args.num_images, total, args.steps, scheduler, out)
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
                     source, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)

@@ -7,6 +7,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from attention_reg import CaptureProcessor, CrossAttentionCapture, attention_reg_loss, attention_reg_terms
+from attndreambooth.config.schema import RegConfig
 
 
 def hand_maps():
@@ -250,12 +251,12 @@ def test_layer_factors_are_the_query_grids_and_select_layers(tiny_pipe):
             with CrossAttentionCapture(unet, [5, 6], layers=[name]) as cap:
                 unet(x, t, cond)
             assert len(cap.maps) == 1 and cap.maps[0].shape[2] == (x.shape[-1] // factor) ** 2, name
-    chosen = regularised_layers(sd, unet, [4, 1], 8)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
+    chosen = regularised_layers(sd, unet, RegConfig(map_sizes=[4, 1]), 8)  # 64 px: latent 8, maps 8, 4, 2, 1 on a side
     with torch.no_grad(), CrossAttentionCapture(unet, [5, 6], layers=chosen) as cap:
         unet(x, t, cond)
     assert sorted(m.shape[2] for m in cap.maps) == [1] + [16] * 5
     with pytest.raises(ValueError, match=r"reg.map_sizes.*\[3\] matches no cross-attention layer.*\[8, 4, 2, 1\]"):
-        regularised_layers(sd, unet, [3], 8)
+        regularised_layers(sd, unet, RegConfig(map_sizes=[3]), 8)
 
 
 def test_map_sizes_are_the_sizes_the_unet_makes_when_strides_round_up(tiny_pipe):
@@ -276,9 +277,9 @@ def test_map_sizes_are_the_sizes_the_unet_makes_when_strides_round_up(tiny_pipe)
     assert sorted(set(captured.values())) == [4, 9, 25, 81]  # 2, 3, 5, 9 on a side, not 1, 2, 4, 9
     for name, factor in sd.cross_attention_layers(unet).items():
         assert map_side(latent, factor) ** 2 == captured[name]
-    assert set(regularised_layers(sd, unet, [5], latent)) == {n for n, hw in captured.items() if hw == 25}
+    assert set(regularised_layers(sd, unet, RegConfig(map_sizes=[5]), latent)) == {n for n, hw in captured.items() if hw == 25}
     with pytest.raises(ValueError, match=r"a 9x9 latent\) this U-Net's maps are \[9, 5, 3, 2\] on a side"):
-        regularised_layers(sd, unet, [4], latent)
+        regularised_layers(sd, unet, RegConfig(map_sizes=[4]), latent)
 
 
 def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
@@ -292,5 +293,5 @@ def test_sdxl_layout_has_70_cross_attention_layers_mostly_at_32():
         unet = UNet2DConditionModel(**SDXL_UNET)
     sides = [128 // f for f in sdxl.cross_attention_layers(unet).values()]  # 1024 px
     assert len(sides) == 70 and sides.count(32) == 60 and sides.count(64) == 10
-    assert len(regularised_layers(sdxl, unet, [32], 128)) == 60
-    assert len(regularised_layers(sdxl, unet, None, 128)) == 70
+    assert len(regularised_layers(sdxl, unet, RegConfig(map_sizes=[32]), 128)) == 60
+    assert len(regularised_layers(sdxl, unet, RegConfig(map_sizes=None), 128)) == 70

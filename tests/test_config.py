@@ -271,7 +271,8 @@ def test_a_resolution_off_the_vae_factor_is_named():
 
     from attndreambooth.trainer.preflight import check_sizes
     cfg = load_config(None, REQUIRED + ["data.resolution=520"])
-    deep = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[8] * 5)))  # 16x smaller
+    deep = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[8] * 5)),  # 16x smaller
+                           family=SimpleNamespace(patch=1))
     with pytest.raises(ConfigError, match=r"'data.resolution': 520 is not a multiple of this model's VAE factor 16 "
                                           r"\(the latent would be cut\); use 512 or 528"):
         check_sizes(cfg, deep)

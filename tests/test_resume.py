@@ -28,6 +28,20 @@ def trainer(argv):
     return warm_runs.run(argv, dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT)))
 
 
+def straight_and_killed(tmp_path, kills, **overrides):
+    """The final tensors of an uninterrupted run and of one killed at each of `kills` and resumed by the same
+    command (both in folders of the same name: final_tensors' keys carry it)."""
+    runs = {}
+    for name, points in (("straight", []), ("killed", kills)):
+        out = runs[name] = tmp_path / name / "run"
+        for kill in points:
+            first = train(out, [f"--kill={kill}"], **overrides)
+            assert first.returncode == -9 and not (out / "finished.json").exists()
+        last = train(out, **overrides)
+        assert last.returncode == 0 and ("resuming from" in last.stdout) == bool(points), last.stderr[-2000:]
+    return final_tensors(runs["straight"]), final_tensors(runs["killed"])
+
+
 def final_tensors(out):
     files = [out / "learned_embeds.safetensors", out / "attn2_stage2.safetensors",
              *sorted((out / "pipeline").glob("*/*.safetensors"))]
@@ -331,6 +345,9 @@ def test_the_device_generator_is_part_of_the_sampler_state():
     comes back, so a resumed run draws the same batches (two CPU generators stand in for host and device)."""
     import torch
 
+    from diffusers import DDPMScheduler
+
+    from attndreambooth.families import SD
     from attndreambooth.trainer.data import LatentBatches, draw_noise
 
     def sampler():
@@ -342,10 +359,10 @@ def test_the_device_generator_is_part_of_the_sampler_state():
     a.sample(2)
     state = a.state_dict()
     assert "device_generator" in state
-    want = a.sample(2), draw_noise(a, torch.zeros(2, 4, 2, 2), 1000)
+    want = a.sample(2), draw_noise(a, torch.zeros(2, 4, 2, 2), SD(), DDPMScheduler())
     b = sampler()
     b.load_state_dict(state)
-    got = b.sample(2), draw_noise(b, torch.zeros(2, 4, 2, 2), 1000)
+    got = b.sample(2), draw_noise(b, torch.zeros(2, 4, 2, 2), SD(), DDPMScheduler())
     assert torch.equal(want[0], got[0]) and all(torch.equal(x, y) for x, y in zip(want[1], got[1]))
     c = sampler()  # a checkpoint without it (written on a CPU) loads; the device generator is left as it was
     c.load_state_dict({k: v for k, v in state.items() if k != "device_generator"})

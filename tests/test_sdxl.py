@@ -177,15 +177,7 @@ def test_an_sdxl_base_is_recognised_in_every_form(base, tiny_dir, tmp_path):
 def test_killed_sdxl_run_resumes_to_the_same_weights(tmp_path):
     """Killed in stage 1 (both encoders' [V] rows and their AdamW states in the checkpoint), the resumed SDXL
     run ends bit for bit where the uninterrupted one does (later stages resume as on SD: test_resume.py)."""
-    from test_resume import final_tensors, train
-    runs = {}
-    for name, kills in (("straight", []), ("killed", ["stage1:3"])):
-        out = runs[name] = tmp_path / name / "run"  # the same folder name: final_tensors keys carry it
-        for kill in kills:
-            first = train(out, [f"--kill={kill}"], **{"model.pretrained": "tiny-sdxl"})
-            assert first.returncode == -9 and not (out / "finished.json").exists()
-        last = train(out, **{"model.pretrained": "tiny-sdxl"})
-        assert last.returncode == 0 and ("resuming from" in last.stdout) == bool(kills), last.stderr[-2000:]
-    want, got = final_tensors(runs["straight"]), final_tensors(runs["killed"])
+    from test_resume import straight_and_killed
+    want, got = straight_and_killed(tmp_path, ["stage1:3"], **{"model.pretrained": "tiny-sdxl"})
     assert {"clip_l", "clip_g"} <= {k.split("/")[-1] for k in want}
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

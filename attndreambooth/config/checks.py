@@ -44,6 +44,11 @@ def validate(cfg: Config, card_pending=False):
     need(vae is None or os.path.isdir(os.path.expanduser(vae)) or looks_like_hub_id(vae), "model.vae",
          f"{vae!r} is neither a diffusers VAE folder nor a hub id (owner/name)")
     need(cfg.reg.reduction in REDUCTIONS, "reg.reduction", f"{cfg.reg.reduction!r} is not one of {REDUCTIONS}")
+    need(cfg.reg.joint_map in ("text", "joint"), "reg.joint_map", f"{cfg.reg.joint_map!r} is not 'text' or 'joint'")
+    need(cfg.reg.joint_blocks in ("double", "all"), "reg.joint_blocks",
+         f"{cfg.reg.joint_blocks!r} is not 'double' or 'all'")
+    need(cfg.model.guidance is None or cfg.model.guidance >= 0, "model.guidance",
+         f"{cfg.model.guidance} must be null (1.0) or at least 0")
     need(cfg.reg.map_sizes is None or (cfg.reg.map_sizes and all(s >= 1 for s in cfg.reg.map_sizes)), "reg.map_sizes",
          f"{cfg.reg.map_sizes} must be null (every layer) or a list of map sides, e.g. [32, 16]")
     pr = cfg.prior

@@ -31,6 +31,7 @@ class ModelConfig:
     single_file_config: Optional[str] = None  # diffusers folder or hub id whose configs a single-file checkpoint uses
     vae: Optional[str] = None  # another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 SDXL
     cross_attention_layers: Optional[int] = None  # attn2 layers the U-Net must have; null = any (SD 2.x: 16, SDXL: 70)
+    guidance: Optional[float] = None  # FLUX.1-dev's guidance input while training; null = 1.0 (diffusers', kohya's)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RegConfig:
     reduction: str = "per_layer"  # "per_layer" (released code, default) or "pooled" (paper's wording)
     map_sizes: Optional[List[int]] = None  # Eq. 2 over the attn2 layers whose maps have these sides (px at
     #                                        data.resolution, e.g. [32]); null = every attn2 layer (released code)
+    joint_map: str = "text"  # FLUX.1/SD3: [V]'s joint-attention column renormalised over the text keys ("text") or raw ("joint")
+    joint_blocks: str = "double"  # FLUX.1: Eq. 2 over the double-stream blocks ("double") or all joint blocks ("all")
 
 
 @dataclass

@@ -10,6 +10,7 @@ compares the two outputs), so a diffusers change that breaks it shows there.
 import torch
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb, dispatch_attention_fn
 
+from attention_reg import in_backward
 from attndreambooth.families.joint_maps import joint_columns
 
 
@@ -38,9 +39,10 @@ class FluxCaptureProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.text_len
-        q_image, k_all = query[:, text:].transpose(1, 2), key.transpose(1, 2)  # (B, heads, tokens, head_dim)
-        self.record(joint_columns(q_image, k_all, self.columns, attn.head_dim ** -0.5,
-                                  renormalise_over=text if self.renormalise_text else None))
+        if not in_backward():  # a checkpoint recomputation runs the same ops but adds no maps
+            q_image, k_all = query[:, text:].transpose(1, 2), key.transpose(1, 2)  # (B, heads, tokens, head_dim)
+            self.record(joint_columns(q_image, k_all, self.columns, attn.head_dim ** -0.5,
+                                      renormalise_over=text if self.renormalise_text else None))
 
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         out = out.flatten(2, 3).to(query.dtype)

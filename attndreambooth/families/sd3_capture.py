@@ -10,6 +10,7 @@ tests/test_joint_maps.py compares the two outputs).
 import torch
 import torch.nn.functional as F
 
+from attention_reg import in_backward
 from attndreambooth.families.joint_maps import joint_columns
 
 
@@ -35,9 +36,10 @@ class SD3CaptureProcessor:
                 e_query = attn.norm_added_q(e_query)
             if attn.norm_added_k is not None:
                 e_key = attn.norm_added_k(e_key)
-            text_first = torch.cat([e_key, key], dim=2)
-            self.record(joint_columns(query, text_first, self.columns, query.shape[-1] ** -0.5,
-                                      renormalise_over=e.shape[1] if self.renormalise_text else None))
+            if not in_backward():  # a checkpoint recomputation runs the same ops but adds no maps
+                text_first = torch.cat([e_key, key], dim=2)
+                self.record(joint_columns(query, text_first, self.columns, query.shape[-1] ** -0.5,
+                                          renormalise_over=e.shape[1] if self.renormalise_text else None))
             query, key, value = (torch.cat(p, dim=2) for p in ((query, e_query), (key, e_key), (value, e_value)))
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)

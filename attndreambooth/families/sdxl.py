@@ -45,6 +45,7 @@ class SDXL(Family):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     tiny_layouts = ("tiny-sdxl",)
     needs_view_geometry = True
+    embedding_keys = EMBEDDING_KEYS
     embedding_kind, model_kind = "an SDXL embedding (clip_l, clip_g)", "an SDXL model"
 
     def matches_index(self, model_index):
@@ -83,17 +84,6 @@ class SDXL(Family):
     def embedding_files(self, rows, placeholder):
         both = {k: row.detach()[None] for k, row in zip(EMBEDDING_KEYS, rows)}
         return {"learned_embeds.safetensors": both, "embedding_a1111.safetensors": both}
-
-    def is_own_embedding(self, keys):
-        return set(EMBEDDING_KEYS) <= set(keys)
-
-    def load_embedding(self, pipe, path, token):
-        """Both rows of an SDXL embedding file, each into its tokenizer and encoder (diffusers'
-        load_textual_inversion takes one encoder a call)."""
-        from safetensors.torch import load_file
-        state = load_file(path)
-        for key, encoder, tokenizer in zip(EMBEDDING_KEYS, self.text_encoders(pipe), self.tokenizers(pipe)):
-            pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
     def meta_layout(self, name):
         from diffusers import AutoencoderKL, UNet2DConditionModel

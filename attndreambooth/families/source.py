@@ -156,18 +156,10 @@ def meta_models(cfg):
     """The model's Layout on the meta device (shapes only): the model's own configs for a folder; for a hub id
     or single file (no download for a plan) the built-in layout of its family (SDXL-base, SD 1.5 or SD
     2.1-base)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     kind, where = model_source(cfg.model)
     if kind == "folder":
         family = families.of_index(json.loads((Path(where) / "model_index.json").read_text()))
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(where, subfolder="unet"))
-            texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(where, subfolder=sub))
-                     for sub in family.text_encoder_names]
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(where, subfolder="vae"))
-        return Layout(where, unet, texts, vae, family)
+        return Layout(where, *family.meta_layout_of_folder(where), family)
     family, keys = plan_family(kind, where)
     label, unet, texts, vae = family.meta_layout_of_checkpoint(keys) if keys else family.meta_layout(where)
     return Layout(label, unet, texts, vae, family)

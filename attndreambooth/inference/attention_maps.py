@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from attention_reg import CrossAttentionCapture
-
 
 class AttentionMapAverager:
-    """Use as `callback_on_step_end` of a diffusers pipeline inside `self.capture`: after each step
-    it folds that step's maps into a running sum of shape (images, 77, *grid); grid = latent (h, w)."""
+    """Use as `callback_on_step_end` of a diffusers pipeline inside `self.capture` (a capture of every text
+    token's column, `Family.token_maps`): after each step it folds that step's maps into a running sum of shape
+    (images, text tokens, *grid); grid = latent (h, w)."""
 
-    def __init__(self, unet, num_images, grid, expected_layers=None):
-        self.capture = CrossAttentionCapture(unet, token_indices=None, expected_layers=expected_layers)
+    def __init__(self, capture, num_images, grid):
+        self.capture = capture
         self.num_images, self.grid, self.sum, self.count = num_images, grid, None, 0
 
     def __call__(self, pipe, step, timestep, callback_kwargs):
@@ -26,7 +25,7 @@ class AttentionMapAverager:
 
     @torch.no_grad()
     def add(self, maps):
-        for m in maps:  # (B, heads, HW, 77); with guidance B = 2 * images, the conditional half last
+        for m in maps:  # (B, heads, HW, tokens); with guidance B = 2 * images, the conditional half last
             m = m[-self.num_images:].float().mean(dim=1)  # (images, HW, 77)
             gh, gw = self.grid
             h = round(gh / (gh * gw / m.shape[1]) ** 0.5)  # this layer's grid has the latent's aspect ratio
@@ -36,7 +35,7 @@ class AttentionMapAverager:
             self.count += 1
 
     def average(self):
-        """(images, 77, h, w): each pixel's 77 token weights sum to 1."""
+        """(images, tokens, h, w): each pixel's token weights sum to 1 (over the text keys)."""
         return (self.sum / self.count).cpu()
 
 
@@ -50,10 +49,12 @@ def _colormap(x):
 
 
 def token_labels(tokenizer, input_ids):
-    """(position, text) of the prompt's tokens, start and end tokens and padding left out."""
-    ids = input_ids.tolist()
-    end = ids.index(tokenizer.eos_token_id, 1) if tokenizer.eos_token_id in ids[1:] else len(ids)
-    return [(i, tokenizer.convert_ids_to_tokens(ids[i]).replace("</w>", "")) for i in range(1, end)]
+    """(position, text) of the prompt's tokens, start and end tokens and padding left out (CLIP starts with
+    <|startoftext|>, T5 with the first word)."""
+    ids, start = input_ids.tolist(), int(tokenizer.bos_token_id is not None)
+    end = ids.index(tokenizer.eos_token_id, start) if tokenizer.eos_token_id in ids[start:] else len(ids)
+    return [(i, tokenizer.convert_ids_to_tokens(ids[i]).replace("</w>", "").replace("▁", ""))
+            for i in range(start, end)]
 
 
 def figure(images, maps, labels, title, panel=128):

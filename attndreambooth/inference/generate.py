@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL.PngImagePlugin import PngInfo
 
+from attndreambooth.config.schema import RegConfig
 from attndreambooth.families import of_pipeline
 from attndreambooth.inference.attention_maps import figure, token_labels
 from attndreambooth.inference.sampling import image_grid, sample_prompts
@@ -97,13 +98,15 @@ def generate(pipe, concept, prompts, out_dir, num_images=4, seed=0, attention_ma
         image_grid(images).save(folder / "grid.png")
         (folder / "prompt.json").write_text(json.dumps(record, indent=1))
         if attention_maps:
-            ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids[0]
-            labels = token_labels(pipe.tokenizer, ids)
+            family = of_pipeline(pipe)
+            tokenizer = family.tokenizers(pipe)[family.map_tokenizer]
+            ids = tokenizer(prompt, padding="max_length", max_length=maps.shape[1], truncation=True,
+                            return_tensors="pt").input_ids[0]
+            labels = token_labels(tokenizer, ids)
             np.savez_compressed(folder / "attention_maps.npz", maps=maps.numpy(), input_ids=ids.numpy(),
                                 positions=np.array([p for p, _ in labels]), tokens=np.array([t for _, t in labels]))
-            layers = len(of_pipeline(pipe).cross_attention_layers(pipe.unet))  # 16 on SD 2.x and 1.5, 70 on SDXL-base
-            title = f"{prompt}  |  model: {model}  |  cross-attention, mean over heads, {layers} layers, steps"
+            layers = len(family.map_layers(family.denoiser(pipe), RegConfig()))  # SD 2.x: 16, SDXL: 70, FLUX.1: 19
+            title = f"{prompt}  |  model: {model}  |  {family.maps_title}, mean over heads, {layers} layers, steps"
             figure(images, maps, labels, title).save(folder / "attention.png")
         results[prompt] = images
         log.info("%s: %d images in %s", prompt, len(images), folder)

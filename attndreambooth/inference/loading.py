@@ -10,6 +10,7 @@ from attndreambooth.config.checks import lock_holder
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.plan import DTYPES, LORA_FILE, Plan
 from attndreambooth.config.schema import ModelConfig
+from attndreambooth.families import of_pipeline
 from attndreambooth.inference.sampling import set_scheduler
 
 
@@ -110,7 +111,7 @@ def lora_mismatch(unet, state):
 def load_unet_weights(pipe, path):
     """Load a full or partial (e.g. attn2-only) U-Net state dict, or a LoRA file, from a safetensors file."""
     from safetensors.torch import load_file
-    state, unet = load_file(path), pipe.unet
+    state, unet = load_file(path), of_pipeline(pipe).denoiser(pipe)
     if any(".lora" in k for k in state):  # diffusers' LoRA format (this trainer's, or any other)
         problem = lora_mismatch(unet, state)
         if problem:
@@ -126,7 +127,7 @@ def load_unet_weights(pipe, path):
 
 
 def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(), category=None,
-              dtype="fp32", device="cpu", scheduler="dpm++"):
+              dtype="fp32", device="cpu", scheduler=None):
     """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name). With
     `base` and no `embeds`, the base model alone, `{}` standing for `category` (None: prompts without `{}`)."""
     from attndreambooth.families.source import load_pipeline, tiny_layouts

@@ -8,11 +8,18 @@ from attndreambooth.inference.attention_maps import AttentionMapAverager
 from attndreambooth.inference.schedulers import SCHEDULERS
 
 
-def set_scheduler(pipe, name):
-    """Swap the pipeline's sampler, keeping the model's noise schedule."""
+def set_scheduler(pipe, name=None):
+    """Swap the pipeline's sampler, keeping the model's noise schedule (None: the model family's default)."""
     import diffusers
+
+    from attndreambooth.families import of_pipeline
+    family = of_pipeline(pipe)
+    name = name or family.samplers[0]
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
+    if name not in family.samplers:
+        raise ValueError(f"--scheduler {name} is not a sampler of this model (family {family.name}); use one of "
+                         f"{', '.join(family.samplers)}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
     return pipe
 
@@ -31,7 +38,7 @@ def image_grid(images, cols=None):
 @torch.no_grad()
 def sample(pipe, prompt, num_images=4, seed=0, batch_size=4, **settings):
     """Images for one prompt; image i always comes from seed + i (whatever the batch size).
-    With `attention_maps`, also the (num_images, 77, h, w) per-token maps at latent size (see attention_maps.py)."""
+    With `attention_maps`, also the (num_images, text tokens, h, w) per-token maps at latent size (attention_maps.py)."""
     ((_, images, maps),) = sample_prompts(pipe, [prompt], num_images, seed, batch_size, **settings)
     return images, maps
 
@@ -45,8 +52,9 @@ def sample_prompts(pipe, prompts, num_images=4, seed=0, batch_size=4, steps=50, 
     seed + i (or from seeds[i]). Yields (prompt's index, its images, its maps or None) as each prompt's last
     image is done."""
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(num_images)]
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from attndreambooth.families import of_pipeline
+    family = of_pipeline(pipe)
+    height, width = height or family.default_side(pipe), width or family.default_side(pipe)
     jobs = [(p, i) for p in range(len(prompts)) for i in range(num_images)]  # prompt-major: prompts end in order
     done, images, maps = 0, [], []  # the images (and their maps) of prompts not yet yielded
     for start in range(0, len(jobs), batch_size):
@@ -57,7 +65,7 @@ def sample_prompts(pipe, prompts, num_images=4, seed=0, batch_size=4, steps=50, 
                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch))
         if attention_maps:
             grid = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-            averager = AttentionMapAverager(pipe.unet, len(batch), grid, expected_layers)
+            averager = AttentionMapAverager(family.token_maps(family.denoiser(pipe), expected_layers), len(batch), grid)
             with averager.capture:
                 images += pipe(**kwargs, callback_on_step_end=averager).images
             maps += list(averager.average())
@@ -68,11 +76,12 @@ def sample_prompts(pipe, prompts, num_images=4, seed=0, batch_size=4, steps=50, 
             images, maps, done = images[num_images:], maps[num_images:], done + 1
 
 
-def validation_grid(family, components, concept, vcfg, device, autocast):
-    """A grid (one row per prompt) from the models being trained; leaves the training's RNG untouched."""
-    vae, unet = components["vae"], components["unet"]
+def validation_grid(family, components, concept, vcfg, device, autocast, side=None):
+    """A grid (one row per prompt) from the models being trained, `side` px square (default: the pipeline's);
+    leaves the training's RNG untouched."""
+    vae, unet = components["vae"], components[family.denoiser_name]
     pipe = family.pipeline(components)
-    set_scheduler(pipe, "dpm++")
+    set_scheduler(pipe)  # the family's default sampler
     pipe.set_progress_bar_config(disable=True)
     vae_device, unet_mode = vae.device, unet.training
     vae.to(device)
@@ -81,7 +90,8 @@ def validation_grid(family, components, concept, vcfg, device, autocast):
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), autocast:
         for template in vcfg.prompts:
             images, _ = sample(pipe, template.replace("{}", concept), vcfg.num_images, vcfg.seed,
-                               batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=vcfg.guidance_scale)
+                               batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=vcfg.guidance_scale,
+                               height=side, width=side)
             rows += images
     vae.to(vae_device)
     unet.train(unet_mode)

@@ -57,15 +57,17 @@ def add_concept_token(tokenizer, text_encoder, placeholder, category, init_token
     return token_id, category_ids
 
 
-def encode_prompt(tokenizer, prompt, token_id, category_ids):
-    """Token ids (1, 77) of the training prompt and the positions of [V] and of the category's first
-    sub-token after it. Found by id: SD 2.x pads with "!", not with the end token."""
-    input_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+def encode_prompt(tokenizer, prompt, token_id, category_ids, length=None):
+    """Token ids (1, length) of the training prompt (default the tokenizer's length: CLIP's 77) and the
+    positions of [V] and of the category's first sub-token after it. Found by id: SD 2.x pads with "!", not
+    with the end token."""
+    length = length or tokenizer.model_max_length
+    input_ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids
     ids = input_ids[0].tolist()
     if ids.count(token_id) != 1:
         raise ValueError(f"data.prompt_template: the training prompt {prompt!r} must hold the placeholder "
-                         "exactly once within the tokenizer's 77 tokens")
+                         f"exactly once within the tokenizer's {length} tokens")
     v_pos = ids.index(token_id)
     cat_pos = next((i for i in range(v_pos + 1, len(ids)) if ids[i] == category_ids[0]), None)
     if cat_pos is None:

@@ -209,14 +209,15 @@ def encode_pixels(vae, pixels, device, chunk=8):
 
 class LatentBatches:
     """Batches of latents: images in shuffled epochs (as a shuffled repeated data set), a random
-    pre-encoded view of each, a fresh posterior sample, times the VAE scaling factor. The image order is
+    pre-encoded view of each, a fresh posterior sample, less the VAE's shift, times its scaling factor. The image order is
     drawn on the host (`generator`); the view, the posterior sample, and the step's noise and timesteps
     (`draw`) on the device the pool lives on (`device_generator`, the same generator on a CPU), so a step
     reads nothing back from the device."""
 
     def __init__(self, mean, std, num_images, scaling_factor, generator: torch.Generator, geometry=None,
-                 device_generator=None):
+                 device_generator=None, shift=0.0):
         self.mean, self.std, self.scale, self.gen = mean, std, scaling_factor, generator
+        self.shift = shift  # subtracted before scaling (FLUX.1's and SD3's VAEs)
         self.device_gen = device_generator or generator
         self.geometry = None if geometry is None else geometry.to(mean.device)  # moved once, not per step
         self.num_images, self.views = num_images, mean.shape[0] // num_images
@@ -264,13 +265,14 @@ class LatentBatches:
         index = index.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
         eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
-        latents = (mean + std * eps) * self.scale
+        latents = (mean + std * eps - self.shift) * self.scale if self.shift else (mean + std * eps) * self.scale
         return (latents, self.geometry[index]) if with_geometry else latents
 
 
-def draw_noise(batches, latents, num_train_timesteps):
-    """A step's noise and timesteps, on the data stream's device generator when it has one (else its generator)."""
+def draw_noise(batches, latents, family, noise_scheduler):
+    """A step's noise and timesteps (as the family draws them), on the data stream's device generator when it
+    has one (else its generator)."""
     gen = getattr(batches, "device_gen", batches.gen)
     noise = torch.randn(latents.shape, generator=gen, device=gen.device).to(latents.device)
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
+    timesteps = family.timesteps(noise_scheduler, latents.shape[0], gen)
     return noise, timesteps.to(latents.device)

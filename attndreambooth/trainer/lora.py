@@ -69,21 +69,20 @@ def summed_lora_state_dict(unet, adapters):
     return state
 
 
-def save_lora(unet, adapters, path, family=None, kohya_path=None):
+def save_lora(unet, adapters, path, family, kohya_path=None):
     """Write the sum of `adapters` as a diffusers LoRA file (the format `load_lora_weights` reads) and, with
-    `kohya_path`, in the family's format for ComfyUI, AUTOMATIC1111 and kohya too; each under a temporary name,
-    then renamed."""
-    from diffusers import StableDiffusionPipeline
+    `kohya_path`, in the family's format for ComfyUI, AUTOMATIC1111 and kohya too (where the family has one);
+    each under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
     state = summed_lora_state_dict(unet, adapters)  # peft's key names, which diffusers reads as they are
     tmp = path.with_name(f".tmp-{path.name}")
-    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=state, weight_name=tmp.name,
-                                              safe_serialization=True)
+    family.save_lora_weights(path.parent, state, tmp.name)
     os.replace(tmp, path)
-    if kohya_path is not None:
+    kohya = None if kohya_path is None else family.kohya_lora(state)
+    if kohya is not None:
         tmp = kohya_path.with_name(f".tmp-{kohya_path.name}")
-        save_file(family.kohya_lora(state), tmp)
+        save_file(kohya, tmp)
         os.replace(tmp, kohya_path)
 
 

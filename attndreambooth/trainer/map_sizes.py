@@ -22,10 +22,11 @@ def map_side(latent, factor):
     return latent
 
 
-def regularised_layers(family, unet, map_sizes, latent):
-    """The cross-attention processor names whose maps Eq. 2 averages: all, or those whose map side for a
-    `latent`-wide latent is in `map_sizes`; refuses a selection that matches no layer."""
-    layers = family.cross_attention_layers(unet)
+def regularised_layers(family, unet, reg_cfg, latent):
+    """The cross-attention processor names whose maps Eq. 2 averages: all the family offers (`reg`'s choice of
+    blocks on a transformer), or those whose map side for a `latent`-wide latent is in `reg.map_sizes`;
+    refuses a selection that matches no layer."""
+    layers, map_sizes = family.map_layers(unet, reg_cfg), reg_cfg.map_sizes
     if map_sizes is None:
         return list(layers)
     chosen = [name for name, factor in layers.items() if map_side(latent, factor) in map_sizes]

@@ -56,9 +56,7 @@ def activation_elements(unet, side, family):
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.device("meta"), torch.no_grad():
-            c = unet.config
-            unet(torch.zeros(1, c.in_channels, side, side), torch.zeros(1), torch.zeros(1, 77, c.cross_attention_dim),
-                 **family.placeholder_inputs(unet, 1))
+            family.shape_call(unet, side)
     finally:
         for h in handles:
             h.remove()

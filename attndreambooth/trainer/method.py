@@ -98,7 +98,6 @@ class Step:
         self.models, self.accelerator, self.cfg, self.per_process = models, accelerator, cfg, per_process
         self.weights, self.run_text, self.faults = weights, run_text, faults
         self.autocast = autocast or accelerator.autocast
-        self.T = models.noise_scheduler.config.num_train_timesteps
         self.images_queued = False  # trainer/cuda_graph.py queues each step's images before a replay
 
     def batch(self, batches=None, queued=None):
@@ -110,7 +109,7 @@ class Step:
             latents, geometry = batches.sample(self.per_process, with_geometry=True, **kwargs)
         else:
             latents = batches.sample(self.per_process, **kwargs)
-        noise, timesteps = draw_noise(batches, latents, self.T)
+        noise, timesteps = draw_noise(batches, latents, self.models.family, self.models.noise_scheduler)
         return latents.to(self.accelerator.device), noise, timesteps, geometry
 
     def prior_batch(self):

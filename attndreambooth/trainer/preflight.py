@@ -176,20 +176,37 @@ def check_inputs(cfg, download=True):
     layout = meta_models(cfg)  # built once for the checks below
     if vae_config is not None:
         check_vae_fits(cfg.model.vae, vae_config, layout.vae.config)
+    check_family_options(cfg, layout)
     check_sizes(cfg, layout)
     if cfg.reg.enabled:  # the layer selection against the model's layout, before weights load
-        regularised_layers(layout.family, layout.unet, cfg.reg.map_sizes, latent_side(layout.vae.config, cfg.data.resolution))
+        regularised_layers(layout.family, layout.unet, cfg.reg, latent_side(layout.vae.config, cfg.data.resolution))
     return paths, layout
 
 
+def check_family_options(cfg, layout):
+    """Options the model's family cannot honour: an option of the U-Net families on a transformer, a guidance
+    value for a model without a guidance input."""
+    family = layout.family
+    for key, off in family.sd_only_options:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != off:
+            raise ConfigError(f"config key '{key}': {value} is an option of the U-Net models (SD, SDXL) that "
+                              f"{family.model_kind} does not have; remove it (or set it to {off})")
+    if cfg.model.guidance is not None and not layout.unet.config.get("guidance_embeds", False):
+        raise ConfigError(f"config key 'model.guidance': {cfg.model.guidance} is given but this model has no guidance "
+                          "input (only guidance-distilled models such as FLUX.1-dev have one); remove the key")
+
+
 def check_sizes(cfg, layout):
-    """Numbers that must fit the model: the resolution its VAE's factor (else the latent is cut), each LoRA
-    rank the narrowest layer its adapter adapts."""
-    factor = vae_factor(layout.vae.config)
+    """Numbers that must fit the model: the resolution a multiple of its VAE's factor times the denoiser's
+    patch (else the latent is cut), each LoRA rank the narrowest layer its adapter adapts."""
+    factor, patch = vae_factor(layout.vae.config) * layout.family.patch, layout.family.patch
     if cfg.data.resolution % factor:
         near = sorted({max(factor, cfg.data.resolution // factor * factor), -(-cfg.data.resolution // factor) * factor})
-        raise ConfigError(f"config key 'data.resolution': {cfg.data.resolution} is not a multiple of this model's VAE "
-                          f"factor {factor} (the latent would be cut); use {' or '.join(map(str, near))}")
+        what = f"VAE factor {factor}" if patch == 1 else f"VAE factor times patch, {factor}"
+        raise ConfigError(f"config key 'data.resolution': {cfg.data.resolution} is not a multiple of this model's "
+                          f"{what} (the latent would be cut); use {' or '.join(map(str, near))}")
     for s in Plan(cfg.stages):
         if s.lora:
             name, width = narrowest_target(layout.unet, adapter_part(s.config), layout.family)

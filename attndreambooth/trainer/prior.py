@@ -84,7 +84,7 @@ def generate(cfg, pipe, family, folder, indices):
     prompt = class_prompt(cfg)
     log.info("%s", class_image_estimate(cfg))
     folder.mkdir(parents=True, exist_ok=True)
-    sampler = set_scheduler(family.pipeline(family.components(pipe)), "dpm++")  # the training keeps its scheduler
+    sampler = set_scheduler(family.pipeline(family.components(pipe)))  # the training keeps its scheduler
     sampler.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(indices), desc="class images", unit="image")  # with its rate and time left
     for start in range(0, len(indices), CHUNK):  # image i from seed i: the same files whichever runs made them

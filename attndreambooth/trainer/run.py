@@ -42,9 +42,6 @@ def save_atomic(tensors, path):
 
 def prepare(cfg, plan, accelerator, paths):
     """Load the model, add [V], encode the view pool once, install the hook; returns (pipe, models, batches)."""
-    from diffusers import DDPMScheduler
-
-    from attention_reg import CrossAttentionCapture
     from attndreambooth.families.source import load_pipeline
     from attndreambooth.trainer.concept import add_concept_token, encode_prompt
     from attndreambooth.trainer.data import LatentBatches, encode_view_pool
@@ -54,7 +51,8 @@ def prepare(cfg, plan, accelerator, paths):
     from attndreambooth.trainer.models import Models
 
     pipe, family = load_pipeline(cfg.model)
-    vae, unet = pipe.vae, pipe.unet
+    family = family.configured(cfg.model)
+    vae, unet = pipe.vae, family.denoiser(pipe)
     text_encoders, tokenizers = family.text_encoders(pipe), family.tokenizers(pipe)
     if cfg.runtime.half_frozen_weights:  # what never trains as a whole: the text encoders ([V] is its own fp32
         half = DTYPES[cfg.runtime.mixed_precision]  # row), and the U-Net of a run that trains only adapters
@@ -65,16 +63,15 @@ def prepare(cfg, plan, accelerator, paths):
     d = cfg.data
     prompt = d.prompt_template.format(placeholder=d.placeholder, category=d.category)
     input_ids, positions = [], []
-    for tokenizer, encoder in zip(tokenizers, text_encoders):  # [V] gets a row in each encoder, from its own vocabulary
+    lengths = family.token_lengths(tokenizers)  # each as the family's pipeline pads it
+    for tokenizer, encoder, length in zip(tokenizers, text_encoders, lengths):  # [V]: a row in each, own vocabulary
         token_id, category_ids = add_concept_token(tokenizer, encoder, d.placeholder, d.category, d.init_token)
-        ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids)
+        ids, v_pos, cat_pos = encode_prompt(tokenizer, prompt, token_id, category_ids, length)
         input_ids.append(ids)
         positions.append([v_pos, cat_pos])
-    v_pos, cat_pos = positions[0]
-    log.info("training prompt %r: [V] at token %d, category at token %d", prompt, v_pos, cat_pos)
-    if any(p != positions[0] for p in positions):
-        raise ValueError(f"the tokenizers place [V] and the category differently ({positions[1:]} vs "
-                         f"{positions[0]}); the regulariser needs one position for all")
+    v_pos, cat_pos = family.map_positions(positions)
+    log.info("training prompt %r: [V] at token %d, category at token %d (of the tokens the maps are read at)",
+             prompt, v_pos, cat_pos)
 
     adapters = add_adapters(unet, plan, family)
     if adapters:
@@ -94,17 +91,19 @@ def prepare(cfg, plan, accelerator, paths):
     seed = cfg.runtime.seed * 1000 + accelerator.process_index
     gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else None  # a CPU: one generator
-    batches = LatentBatches(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen)
+    batches = LatentBatches(mean, std, len(paths), vae.config.scaling_factor, gen, geometry, device_gen,
+                            family.latent_shift(vae.config))
     prior_cond = None
     if cfg.prior.enabled:  # the class images, made by the model as loaded (before any stage trains it)
         prior_cond = attach_prior(cfg, pipe, family, text_encoders, tokenizers, batches, accelerator)
     capture = None  # without the regulariser every layer keeps the stock (SDPA) processor
     if cfg.reg.enabled:
-        layers = regularised_layers(family, unet, cfg.reg.map_sizes, latent_side(vae.config, cfg.data.resolution))
-        capture = CrossAttentionCapture(unet, [v_pos, cat_pos], cfg.model.cross_attention_layers, layers)
-        log.info("Eq. 2 over %d of the U-Net's %d cross-attention layers", len(layers),
+        layers = regularised_layers(family, unet, cfg.reg, latent_side(vae.config, cfg.data.resolution))
+        capture = family.capture(unet, [v_pos, cat_pos], layers, cfg.reg, cfg.model.cross_attention_layers,
+                                 input_ids[-1].shape[1])
+        log.info("Eq. 2 over %d of the denoiser's %d cross-attention layers", len(layers),
                  len(family.cross_attention_layers(unet)))
-    models = Models(family, unet, text_encoders, DDPMScheduler.from_config(pipe.scheduler.config), capture,
+    models = Models(family, unet, text_encoders, family.training_scheduler(pipe.scheduler.config), capture,
                     [ids.to(device) for ids in input_ids], prior_cond=prior_cond)
     return pipe, models, batches
 
@@ -124,12 +123,12 @@ def save_final(cfg, plan, pipe, models, out):
     for name, tensors in embedding_files(cfg, models).items():
         save_atomic(tensors, out / name)
     if plan.lora:
-        save_lora(pipe.unet, plan.names, out / LORA_FILE, models.family, out / KOHYA_LORA_FILE)
-        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding) and %s (for ComfyUI, "
-                 "AUTOMATIC1111 and kohya)", out / LORA_FILE, str(out), out / KOHYA_LORA_FILE)
+        save_lora(models.unet, plan.names, out / LORA_FILE, models.family, out / KOHYA_LORA_FILE)
+        kohya = f" and {out / KOHYA_LORA_FILE} (for ComfyUI, AUTOMATIC1111 and kohya)" * (out / KOHYA_LORA_FILE).is_file()
+        log.info("saved %s (load with pipe.load_lora_weights(%r) and the embedding)%s", out / LORA_FILE, str(out), kohya)
         if not cfg.runtime.save_merged_pipeline:
             return
-        merge_adapters(pipe.unet)
+        merge_adapters(models.unet)
     for encoder in models.text_encoders:
         bake_concept(encoder)  # in place: the pipeline holds the same modules
     replace_pipeline(pipe, out / "pipeline", DTYPES[cfg.runtime.pipeline_dtype])
@@ -184,7 +183,7 @@ def run(cfg, plan, state, paths, faults=None):
         if accelerator.is_main_process:  # eager and with the stock processors: no maps, no recompilation
             with capture.paused() if capture else contextlib.nullcontext(), torch.compiler.set_stance("force_eager"):
                 grid = validation_grid(models.family, components, f"{cfg.data.placeholder} {cfg.data.category}",
-                                       cfg.validation, device, accelerator.autocast())
+                                       cfg.validation, device, accelerator.autocast(), cfg.data.resolution)
             (out / "validation").mkdir(exist_ok=True)
             grid.save(out / "validation" / f"{name}_{step:05d}.png")
             log_grid(accelerator, trackers, f"validation/{name}", grid, global_step)
@@ -232,7 +231,7 @@ def run(cfg, plan, state, paths, faults=None):
                          "GPU" if device.type == "cuda" else "process", peak)
                 if accelerator.is_main_process and planned.lora:  # the adapters so far (infer.py --stage)
                     save_lora(models.unet, [s.name for s in plan if s.number <= planned.number],
-                              out / planned.saves[-1])
+                              out / planned.saves[-1], models.family)
                 elif accelerator.is_main_process and "cross_attention" in stage.train:
                     save_atomic(models.family.cross_attention_state(models.unet), out / f"attn2_{name}.safetensors")
                 if accelerator.is_main_process and "embedding" in stage.train:
