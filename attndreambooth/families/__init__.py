@@ -1,16 +1,18 @@
-"""Model families behind one interface (families.base.Family): SD 1.x/2.x and SDXL. Found once from a model's
+"""Model families behind one interface (families.base.Family): SD 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5. Found once from a model's
 source (`detect`) or a loaded pipeline (`of_pipeline`), then carried and asked."""
 from attndreambooth.families.base import Conditioning, Family
+from attndreambooth.families.flux import Flux
 from attndreambooth.families.sd import SD
+from attndreambooth.families.sd3 import SD3
 from attndreambooth.families.sdxl import SDXL
 
-FAMILIES = (SDXL(), SD())  # asked in this order; the last one takes whatever no other claims
-__all__ = ["Conditioning", "Family", "FAMILIES", "detect", "of_index", "of_pipeline", "of_tiny", "of_checkpoint_keys",
-           "of_name", "by_name"]
+FAMILIES = (Flux(), SD3(), SDXL(), SD())  # asked in this order; the last one takes whatever no other claims
+__all__ = ["Conditioning", "Family", "FAMILIES", "Flux", "SD", "SD3", "SDXL", "detect", "of_index", "of_pipeline",
+           "of_tiny", "of_checkpoint_keys", "of_name", "by_name"]
 
 
 def by_name(name):
-    """The family called `name` ("sd", "sdxl")."""
+    """The family called `name` ("sd", "sdxl", "flux", "sd3")."""
     return next(f for f in FAMILIES if f.name == name)
 
 
@@ -24,7 +26,7 @@ def of_pipeline(pipe):
 
 
 def of_tiny(layout):
-    """The family of a built-in tiny model's name ("tiny", "tiny-sd15", "tiny-sdxl"), or None."""
+    """The family of a built-in tiny model's name ("tiny", "tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"), or None."""
     return next((f for f in FAMILIES if layout in f.tiny_layouts), None)
 
 
