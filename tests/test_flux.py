@@ -181,6 +181,18 @@ def test_the_run_loads_in_stock_flux_pipeline_and_the_embedding_with_the_documen
     assert not torch.allclose(state["t5"][0], category)  # trained away from its start
 
 
+def comfyui_flux_lora_modules(double, single):
+    """The LoRA module names ComfyUI applies to a FLUX.1 model from a diffusers-format file: "transformer." +
+    each diffusers module its FLUX.1 key table maps onto Black Forest Labs' weights (comfy/utils.py
+    `flux_to_diffusers`, read by comfy/lora.py `model_lora_keys_unet`), linear layers only."""
+    per_double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    per_single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear"]
+    return ({f"transformer.transformer_blocks.{i}.{m}" for i in range(double) for m in per_double}
+            | {f"transformer.single_transformer_blocks.{i}.{m}" for i in range(single) for m in per_single})
+
+
 @pytest.mark.slow
 def test_the_flux_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path, base):
     from diffusers import FluxPipeline
@@ -191,7 +203,10 @@ def test_the_flux_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path
     merged, stock = FluxPipeline.from_pretrained(out / "pipeline"), FluxPipeline.from_pretrained(tiny_model_dir("tiny-flux"))
     stock.load_lora_weights(str(out))
     keys = load_file(out / "pytorch_lora_weights.safetensors")
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    modules = {k.split(".lora_")[0] for k in keys}
+    assert {k.split(".lora_")[1] for k in keys} == {"A.weight", "B.weight"} and len(keys) == 2 * len(modules)
+    assert modules <= comfyui_flux_lora_modules(double=2, single=2)  # every module ComfyUI maps, none it drops
+    assert {m.split(".")[1] for m in modules} == {"transformer_blocks", "single_transformer_blocks"}
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), timestep=torch.tensor([0.4]),
                   guidance=torch.ones(1), pooled_projections=torch.randn(1, 32, generator=g),
@@ -275,3 +290,29 @@ def test_the_captured_layers_are_the_ones_the_config_names(base, blocks, recorde
     assert len(layers) == recorded and list(capture.slots) == layers and kept == set(stock) - set(layers)
     assert [len(s.maps) for s in capture.slots.values()] == [1] * recorded
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, counts", [
+    ("black-forest-labs/FLUX.1-dev", ["(4,864 parameters)", "(717,459,456 parameters)", "(11,901,408,320 parameters)"]),
+    ("stabilityai/stable-diffusion-3.5-large", ["(6,144 parameters)", "(899,392,512 parameters)",
+                                                "(8,056,627,520 parameters)"]),
+])
+def test_dry_run_plans_the_published_layouts_without_a_download(tmp_path, capsys, monkeypatch, model, counts):
+    """Trained parameters per stage from the published configs on the meta device: [V]'s rows (CLIP-L 768 +
+    T5 4,096; SD3: + CLIP-G 1,280), stage 2's projections, the whole transformer (FLUX.1-dev's published
+    11.9 B). Nothing is fetched; no memory figure is printed, as none is calibrated for a transformer."""
+    import diffusers
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", lambda *a, **k: pytest.fail("fetched"))
+    T.main(["--config", str(ROOT / "configs/tiny-flux.yaml"), f"model.pretrained={model}", "data.resolution=1024",
+            f"output_dir={tmp_path}/run", "--dry_run"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in counts) and "GiB" not in out.split("plan (")[1] and not (tmp_path / "run").exists()
+
+
+def test_a_card_preset_is_refused_on_a_transformer(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        flux_run(tmp_path / "run", **{"runtime.memory": "24gb"})
+    assert str(e.value.code) == (
+        "error: config key 'runtime.memory': 24gb picks a way to train from memory estimates calibrated on SD's "
+        "U-Net, which a FLUX.1 model does not have yet; use default or low (gradient checkpointing + 8-bit AdamW), "
+        "and LoRA stages")

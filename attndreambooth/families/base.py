@@ -47,6 +47,7 @@ class Family(ABC):
     model_kind = "not an SDXL model"
     sd_only_options = ()  # config keys (with the value that is off) this family cannot honour
     patch = 1  # latent pixels per denoiser token along a side (a transformer's patch)
+    memory_calibrated = True  # whether trainer/memory.py's estimate (fitted on SD 2.1's U-Net) applies
     samplers = ("dpm++", "ddim", "euler", "euler_a", "pndm", "ddpm")  # infer.py's names it can use; first: default
 
     # -- recognising it -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from attndreambooth.families.base import Family
 
 class RectifiedFlow(Family):
     patch = 2  # the transformer's tokens are 2x2 latent pixels
+    memory_calibrated = False  # no transformer step has been measured on a GPU yet
     samplers = ("flow_euler",)
     density = "none"
     stage2 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.(to_q|add_k_proj|add_v_proj|to_out\.0)\.")

@@ -79,12 +79,14 @@ def sample_prompts(pipe, prompts, num_images=4, seed=0, batch_size=4, steps=50, 
 def validation_grid(family, components, concept, vcfg, device, autocast, side=None):
     """A grid (one row per prompt) from the models being trained, `side` px square (default: the pipeline's);
     leaves the training's RNG untouched."""
-    vae, unet = components["vae"], components[family.denoiser_name]
+    unet = components[family.denoiser_name]
     pipe = family.pipeline(components)
     set_scheduler(pipe)  # the family's default sampler
     pipe.set_progress_bar_config(disable=True)
-    vae_device, unet_mode = vae.device, unet.training
-    vae.to(device)
+    kept_off = [m for name, m in components.items() if name == "vae" or name in family.text_encoder_names]
+    devices, unet_mode = [m.device for m in kept_off], unet.training
+    for m in kept_off:  # the VAE, and the text encoders once the training keeps only their output
+        m.to(device)
     unet.eval()
     rows = []
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), autocast:
@@ -93,6 +95,7 @@ def validation_grid(family, components, concept, vcfg, device, autocast, side=No
                                batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=vcfg.guidance_scale,
                                height=side, width=side)
             rows += images
-    vae.to(vae_device)
+    for m, d in zip(kept_off, devices):
+        m.to(d)
     unet.train(unet_mode)
     return image_grid(rows, cols=vcfg.num_images)

@@ -160,8 +160,12 @@ def train_stage(planned, models, batches, accelerator, cfg, reporter, state=None
     objective = AttnDreamBoothLoss(models.family, models.unet, models.text_encoders, models.noise_scheduler,
                                    models.capture, cfg.reg.reduction)
     if not run_text:  # computed anew for every stage: an earlier stage may have moved [V]
+        for encoder in models.text_encoders:
+            encoder.to(accelerator.device)
         with torch.no_grad(), accelerator.autocast():
             models.cond = objective.encode(models.input_ids).float()
+    for encoder in models.text_encoders:  # off the device while only the cached conditioning is used (T5: 4.7 B)
+        encoder.to(accelerator.device if run_text else "cpu")
     device, graphed = accelerator.device, cfg.runtime.cuda_graph
     if graphed:
         from attndreambooth.trainer.cuda_graph import capturable_optimizer, graph_autocast

@@ -55,7 +55,12 @@ def fit_memory(cfg):
     from attndreambooth.config.schema import CARD_PRESETS
     from attndreambooth.trainer.memory import current_savers, describe, fit_card, stage_peaks
     if cfg.runtime.memory in CARD_PRESETS:
-        _, sizes = memory_sizes(cfg)
+        layout = meta_models(cfg)
+        if not layout.family.memory_calibrated:
+            raise ConfigError(f"config key 'runtime.memory': {cfg.runtime.memory} picks a way to train from memory "
+                              f"estimates calibrated on SD's U-Net, which {layout.family.model_kind} does not have "
+                              "yet; use default or low (gradient checkpointing + 8-bit AdamW), and LoRA stages")
+        _, sizes = memory_sizes(cfg, layout)
         fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
         validate(cfg)
         plan = Plan(cfg.stages)  # what will run, read back from the resolved config, explicit settings included
@@ -83,16 +88,18 @@ def plan_text(cfg, plan, layout=None):
     source, sizes = memory_sizes(cfg, layout, plan)
     planned = {s.name: s for s in plan}
     peaks = stage_peaks(sizes, plan, current_savers(cfg, plan), cfg.runtime.mixed_precision)
+    calibrated = (layout or meta_models(cfg)).family.memory_calibrated
     lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "
-             "counts, see attndreambooth/trainer/memory.py):"]
+             "counts, see attndreambooth/trainer/memory.py):" if calibrated else
+             f"plan (parameter counts from {source}; no memory estimate: it is calibrated on SD's U-Net only):"]
     for name in cfg.stages:
         if name in planned:
             s = planned[name].config
             n = stage_parameters(sizes, planned[name])
             what = "+".join(s.train) + (f", LoRA rank {s.lora_rank}" if planned[name].lora else "")
             lines.append(f"  {name}: train {what} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
-                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}, "
-                         f"peak ~{peaks[name]:.1f} GiB")
+                         f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}"
+                         + (f", peak ~{peaks[name]:.1f} GiB" if calibrated else ""))
         else:
             lines.append(f"  {name}: skipped")
     if cfg.prior.enabled:
