@@ -9,8 +9,8 @@ import torch
 from PIL import ImageColor
 
 from attention_reg import REDUCTIONS
-from attndreambooth.config.schema import (CARD_PRESETS, COMPILE_MODES, MEMORY_PRESETS, PRECISIONS, TRACKERS, TRAINABLE_PARTS,
-                                          Config, ConfigError)
+from attndreambooth.config.schema import (CARD_PRESETS, COMPILE_MODES, MEMORY_PRESETS, PRECISIONS, QUANT_FORMATS,
+                                          TRACKERS, TRAINABLE_PARTS, Config, ConfigError)
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 
 MAX_CLASS_IMAGES = 10_000  # class_00000.png ... class_09999.png sort by name; ~1.3 GB of latents at 512 px
@@ -89,6 +89,19 @@ def validate(cfg: Config, card_pending=False):
     need(not cfg.runtime.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
          "runtime.optimizer_8bit", "8-bit AdamW needs bitsandbytes: pip install bitsandbytes, "
          "or set runtime.optimizer_8bit=false (the low preset then only checkpoints gradients)")
+    q = cfg.runtime.quantize_base
+    if q is not None:
+        need(q in QUANT_FORMATS, "runtime.quantize_base", f"{q!r} is not null or one of {QUANT_FORMATS}")
+        need(importlib.util.find_spec("torchao") is not None, "runtime.quantize_base",
+             f"{q} weights need torchao: pip install torchao, or remove the key")
+        full = [s.name for s in Plan(cfg.stages) if UNET_PARTS & set(s.config.train) and not s.lora]
+        need(not full and Plan(cfg.stages).lora, "runtime.quantize_base",
+             f"stores the frozen base weights in {q}, so the denoiser must be trained through LoRA stages"
+             + (f" ({', '.join(full)} train its own weights: give them stages.<name>.lora_rank > 0)" if full else
+                " (no stage trains it: the saved pipeline would hold rounded weights)"))
+        need(not cfg.runtime.save_merged_pipeline, "runtime.quantize_base",
+             "a merged pipeline would hold the rounded base weights; set runtime.save_merged_pipeline=false and "
+             "load the LoRA file over the original base")
     need(cfg.runtime.pipeline_dtype in DTYPES, "runtime.pipeline_dtype",
          f"{cfg.runtime.pipeline_dtype!r} is not one of {tuple(DTYPES)}")
     v = cfg.validation

@@ -17,6 +17,7 @@ MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=F
                   "low": dict(gradient_checkpointing=True, optimizer_8bit=True, half_frozen_weights=False)}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 COMPILE_MODES = ("off", "regional", "full")  # runtime.compile (trainer/compiling.py)
+QUANT_FORMATS = ("int8", "fp8")  # runtime.quantize_base: torchao's weight-only formats
 CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
 
 
@@ -120,6 +121,7 @@ class RuntimeConfig:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
     memory: str = "default"  # preset: "default", "low" (gradient checkpointing + 8-bit AdamW), or a card: "12gb", "16gb", "24gb"
+    quantize_base: Optional[str] = None  # "int8" or "fp8": frozen base weights stored in 8 bits (torchao); needs LoRA stages
     gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
     optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset
     half_frozen_weights: Optional[bool] = None  # frozen weights in the autocast dtype (LoRA runs: the U-Net too); null = preset

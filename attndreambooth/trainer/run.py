@@ -73,6 +73,11 @@ def prepare(cfg, plan, accelerator, paths):
     log.info("training prompt %r: [V] at token %d, category at token %d (of the tokens the maps are read at)",
              prompt, v_pos, cat_pos)
 
+    if cfg.runtime.quantize_base:  # after [V]'s row is its own parameter, before LoRA wraps the layers
+        from attndreambooth.trainer.quantise import quantise_frozen
+        layers = quantise_frozen([unet, *text_encoders], cfg.runtime.quantize_base)
+        log.info("runtime.quantize_base=%s: %d frozen linear layers stored in %s", cfg.runtime.quantize_base, layers,
+                 cfg.runtime.quantize_base)
     adapters = add_adapters(unet, plan, family)
     if adapters:
         log.info("LoRA adapters %s on the U-Net", ", ".join(adapters))
