@@ -220,7 +220,7 @@ def test_the_flux_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path
 @pytest.mark.slow
 def test_a_killed_flux_run_resumes_to_the_same_weights(tmp_path):
     from test_resume import straight_and_killed
-    want, got = straight_and_killed(tmp_path, ["stage1:3", "stage3:2"], **{"model.pretrained": "tiny-flux"})
+    want, got = straight_and_killed(tmp_path, ["stage2:2"], **{"model.pretrained": "tiny-flux"})
     assert {"clip_l", "t5"} <= {k.split("/")[-1] for k in want}
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
