@@ -316,3 +316,16 @@ def test_a_card_preset_is_refused_on_a_transformer(tmp_path):
         "error: config key 'runtime.memory': 24gb picks a way to train from memory estimates calibrated on SD's "
         "U-Net, which a FLUX.1 model does not have yet; use default or low (gradient checkpointing + 8-bit AdamW), "
         "and LoRA stages")
+
+
+@pytest.mark.parametrize("config, lora", [("flux.yaml", "stage3: train unet, LoRA rank 16 (65,372,160 parameters)"),
+                                          ("sd35.yaml", "stage3: train unet, LoRA rank 16 (52,764,672 parameters)")])
+def test_the_transformer_configs_plan_without_a_download(tmp_path, capsys, monkeypatch, config, lora):
+    import diffusers
+
+    from conftest import SAMPLE
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", lambda *a, **k: pytest.fail("fetched"))
+    T.main(["--config", str(ROOT / "configs" / config), f"data.instance_dir={SAMPLE}", "data.category=toy",
+            f"output_dir={tmp_path}/run", "--dry_run"])
+    out = capsys.readouterr().out
+    assert lora in out and "quantize_base: int8" in out and not (tmp_path / "run").exists()
