@@ -1,6 +1,7 @@
 """Helper for test_compile.py, run as its own process: the tiny U-Net with the capture, eager and then
-compiled as `runtime.compile` says (argv: mode, backend, cache folder), the loss and gradients of a stage-2
-and a stage-3 step in both, and what dynamo and inductor did; prints one JSON line."""
+compiled as `runtime.compile` says (argv: mode, backend, cache folder[, warm]), the loss and gradients of a
+step of each stage in both, and what dynamo and inductor did; prints one JSON line (warm: the compiled steps
+alone, and the counts)."""
 import contextlib
 import json
 import sys
@@ -12,6 +13,7 @@ from attndreambooth.families.source import tiny_model_dir
 from attndreambooth.trainer.compiling import compile_counts, compile_unet, use_cache
 
 mode, backend, cache = sys.argv[1:4]
+warm = sys.argv[4:] == ["warm"]  # a second process: only the compiled steps, for what the cache did
 use_cache(cache, torch.device("cpu"))
 from diffusers import UNet2DConditionModel  # noqa: E402
 
@@ -40,6 +42,13 @@ def step(cap, trains, profile=False):
     return loss.item(), grads, len(cap.maps), ops
 
 
+if warm:
+    with CrossAttentionCapture(unet, [5, 6]) as cap:
+        compile_unet(unet, mode, backend=backend)
+        for f in STAGES.values():
+            step(cap, f)
+    print(json.dumps(compile_counts()))
+    sys.exit(0)
 with CrossAttentionCapture(unet, [5, 6]) as cap:
     eager = {s: step(cap, f, profile=True) for s, f in STAGES.items()}
     compile_unet(unet, mode, backend=backend)

@@ -14,10 +14,10 @@ import torch
 from conftest import ROOT
 
 
-def probe(mode, backend, cache):
+def probe(mode, backend, cache, *warm):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_probe.py"), mode, backend, str(cache)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, str(ROOT / "tests" / "compile_probe.py"), mode, backend, str(cache), *warm]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -33,7 +33,7 @@ def test_regional_compile_equals_eager_and_a_second_process_reuses_its_cache(tmp
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-4, r
         assert r["ops"][1] < 0.8 * r["ops"][0], r  # the compiled blocks ran (past a recompile limit: eager again)
     assert any((tmp_path / "cache").glob(f"torch-{torch.__version__}/cpu/*"))  # under the folder the user keeps
-    warm = probe("regional", "inductor", tmp_path / "cache")
+    warm = probe("regional", "inductor", tmp_path / "cache", "warm")
     assert warm["cache_hits"] == cold["cache_misses"] and warm["cache_misses"] == 0  # nothing compiled again
 
 

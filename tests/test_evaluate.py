@@ -303,7 +303,9 @@ def test_ctrl_c_on_a_parallel_sweep_ends_every_cell_with_one_line(tmp_path):
     out = tmp_path / "s"
     small = [f"--set={k}={v}" for k, v in [("model.pretrained", "tiny"), ("data.resolution", 64),
                                            ("data.views_per_image", 2), ("runtime.tensorboard", "false"),
-                                           ("stages.stage3.steps", 4000), ("runtime.checkpoint_every_steps", 5)]]
+                                           ("stages.stage1.steps", 2), ("stages.stage2.steps", 2),
+                                           ("stages.stage3.steps", 4000), ("runtime.checkpoint_every_steps", 5),
+                                           ("runtime.log_every_steps", 1)]]  # stage 3 at once, then interrupted
     command = [sys.executable, str(ROOT / "scripts/sweep.py"), "--concepts",
                f"toy_a={tmp_path / 'toy_a'}:toy,toy_b={tmp_path / 'toy_b'}:toy", "--jobs", "2", "--clip", "tiny",
                "--dino", "tiny", "--out", str(out), *small]

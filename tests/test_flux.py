@@ -56,6 +56,12 @@ def staged(tmp_path_factory):
     return run_with_stage_snapshots(flux_run, tmp_path_factory.mktemp("flux") / "run")
 
 
+def ids_of(pipe, prompt):
+    """Token ids as FluxPipeline pads them: CLIP-L's 77, T5's 512."""
+    return [t(prompt, padding="max_length", max_length=n, return_tensors="pt").input_ids
+            for t, n in ((pipe.tokenizer, 77), (pipe.tokenizer_2, 512))]
+
+
 def changed(a, b):
     return {k for k in a if not torch.equal(a[k], b[k])}
 
@@ -96,9 +102,7 @@ def test_the_flow_matching_term_equals_an_independent_computation(base):
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([250.0, 900.0])
-    ids = [pipe.tokenizer(PROMPT.replace("<v> ", ""), padding="max_length", max_length=77, return_tensors="pt").input_ids,
-           pipe.tokenizer_2(PROMPT.replace("<v> ", ""), padding="max_length", max_length=512,
-                            return_tensors="pt").input_ids]
+    ids = ids_of(pipe, PROMPT.replace("<v> ", ""))
     loss = AttnDreamBoothLoss(family, pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2],
                               family.training_scheduler(pipe.scheduler.config), None, "per_layer")
     with torch.no_grad():
@@ -129,9 +133,7 @@ def test_eq2_on_the_joint_maps_equals_an_independent_computation(base, joint_map
     capture = family.capture(pipe.transformer, [4, 5], layers, reg, text_len=512)
     g = torch.Generator().manual_seed(1)
     x, e, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300.0, 700.0])
-    ids = [pipe.tokenizer(PROMPT.replace("<v>", "red"), padding="max_length", max_length=77, return_tensors="pt").input_ids,
-           pipe.tokenizer_2(PROMPT.replace("<v>", "red"), padding="max_length", max_length=512,
-                            return_tensors="pt").input_ids]
+    ids = ids_of(pipe, PROMPT.replace("<v>", "red"))
     loss = AttnDreamBoothLoss(family, pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2],
                               family.training_scheduler(pipe.scheduler.config), capture, "per_layer")
     with torch.no_grad(), capture:
@@ -170,7 +172,8 @@ def test_the_run_loads_in_stock_flux_pipeline_and_the_embedding_with_the_documen
     assert image.size == (64, 64)
     stock = FluxPipeline.from_pretrained(tiny_model_dir("tiny-flux"))
     state = load_file(out / "learned_embeds.safetensors")  # the calls docs/inference.md gives
-    stock.load_textual_inversion(state["clip_l"], token="<v>", text_encoder=stock.text_encoder, tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(state["clip_l"], token="<v>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
     stock.load_textual_inversion(state["t5"], token="<v>", text_encoder=stock.text_encoder_2,
                                  tokenizer=stock.tokenizer_2)
     with torch.no_grad():
@@ -200,7 +203,8 @@ def test_the_flux_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path
     from attndreambooth.families.source import tiny_model_dir
     out = flux_run(tmp_path / "lora", **{"stages.stage2.lora_rank": 4, "stages.stage3.lora_rank": 4,
                                          "runtime.save_merged_pipeline": "true"})
-    merged, stock = FluxPipeline.from_pretrained(out / "pipeline"), FluxPipeline.from_pretrained(tiny_model_dir("tiny-flux"))
+    merged = FluxPipeline.from_pretrained(out / "pipeline")
+    stock = FluxPipeline.from_pretrained(tiny_model_dir("tiny-flux"))
     stock.load_lora_weights(str(out))
     keys = load_file(out / "pytorch_lora_weights.safetensors")
     modules = {k.split(".lora_")[0] for k in keys}

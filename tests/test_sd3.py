@@ -64,8 +64,8 @@ def test_the_flow_matching_term_equals_an_independent_computation(base):
         got = loss(x, e, t, input_ids=ids_of(pipe, prompt))["mse"]
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False)
         s = (t / 1000).view(-1, 1, 1, 1)
-        pred = pipe.transformer(hidden_states=(1 - s) * x + s * e, timestep=t, encoder_hidden_states=embeds.expand(2, -1, -1),
-                                pooled_projections=pooled.expand(2, -1)).sample
+        pred = pipe.transformer(hidden_states=(1 - s) * x + s * e, timestep=t,
+                                encoder_hidden_states=embeds.expand(2, -1, -1), pooled_projections=pooled.expand(2, -1)).sample
         want = ((pred - (e - x)) ** 2).mean()
     assert embeds.shape[1] == 77 + 256
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -151,7 +151,8 @@ def test_the_sd3_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path)
     stock.load_lora_weights(str(out))
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([400.0]),
-                  encoder_hidden_states=torch.randn(1, 333, 32, generator=g), pooled_projections=torch.randn(1, 32, generator=g))
+                  encoder_hidden_states=torch.randn(1, 333, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g))
     with torch.no_grad():
         torch.testing.assert_close(merged.transformer(**inputs).sample, stock.transformer(**inputs).sample,
                                    atol=1e-5, rtol=1e-5)

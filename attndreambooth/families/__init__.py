@@ -1,5 +1,5 @@
-"""Model families behind one interface (families.base.Family): SD 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5. Found once from a model's
-source (`detect`) or a loaded pipeline (`of_pipeline`), then carried and asked."""
+"""Model families behind one interface (families.base.Family): SD 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5. Found once
+from a model's source (`detect`) or a loaded pipeline (`of_pipeline`), then carried and asked."""
 from attndreambooth.families.base import Conditioning, Family
 from attndreambooth.families.flux import Flux
 from attndreambooth.families.sd import SD

@@ -101,8 +101,9 @@ class SD3(RectifiedFlow):
     def capture(self, transformer, columns, layers, reg_cfg, expected_layers=None, text_len=None):
         from attention_reg import CrossAttentionCapture
         from attndreambooth.families.sd3_capture import SD3CaptureProcessor
-        make = lambda record, cols: SD3CaptureProcessor(record, cols, renormalise_text=reg_cfg.joint_map == "text")  # noqa: E731
-        return CrossAttentionCapture(transformer, columns, None, layers, processor=make)
+        text = reg_cfg.joint_map == "text"
+        return CrossAttentionCapture(transformer, columns, None, layers,
+                                     processor=lambda record, cols: SD3CaptureProcessor(record, cols, renormalise_text=text))
 
     def load_embedding(self, pipe, path, token):
         """Each row into its tokenizer and encoder by hand: StableDiffusion3Pipeline has no
@@ -149,7 +150,8 @@ class SD3(RectifiedFlow):
         torch.manual_seed(seed)
         clips = [CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1, hidden_act=act, **TINY_CLIP)) for tok, act in zip(tokenizers, ("quick_gelu", "gelu"))]
+            eos_token_id=vocab_size - 1, hidden_act=act, **TINY_CLIP))
+            for tok, act in zip(tokenizers, ("quick_gelu", "gelu"))]
         t5 = T5EncoderModel(T5Config(**dict(TINY_T5, vocab_size=t5_vocab), pad_token_id=0, eos_token_id=1))
         pipe = StableDiffusion3Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKL(**TINY_VAE),
