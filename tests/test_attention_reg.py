@@ -208,6 +208,9 @@ def test_compiled_unet_is_one_graph_with_the_capture_inside(model, layers):
     for value in extra.get("added_cond_kwargs", {}).values():
         value.normal_(generator=torch.Generator().manual_seed(1))
     params = [p for n, p in unet.named_parameters() if ".attn2." in n]
+    unet.requires_grad_(False)  # stage 2's pattern: the cross-attention layers alone train
+    for p in params:
+        p.requires_grad_(True)
 
     def step(cap):
         cap.clear()

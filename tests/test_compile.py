@@ -26,8 +26,8 @@ def probe(mode, backend, cache, *warm):
 def test_regional_compile_equals_eager_and_a_second_process_reuses_its_cache(tmp_path):
     cold = probe("regional", "inductor", tmp_path / "cache")
     assert cold["breaks"] == 0 and cold["cache_misses"] > 0 and cold["cache_hits"] == 0
-    assert cold["graphs"] <= 12 < 3 * cold["layers"]  # per block shape and stage, not per layer (16 layers)
-    for stage in ("stage1", "stage2", "stage3"):
+    assert cold["graphs"] <= 8 < 2 * cold["layers"]  # per block shape and stage, not per layer (16 layers)
+    for stage in ("stage1", "stage3"):
         r = cold[stage]
         assert r["grads"] and r["maps"] == [16, 16] and r["again_same"]
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-4, r
