@@ -43,7 +43,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
-    for name, problem in (("seed", seed_problem(args.seed)), ("guidance_scale", guidance_problem(args.guidance_scale))):
+    scale = 7.5 if args.guidance_scale is None else args.guidance_scale  # (every family's default is valid)
+    for name, problem in (("seed", seed_problem(args.seed)), ("guidance_scale", guidance_problem(scale))):
         if problem:
             raise ValueError(f"--{name} {problem}")
     if isinstance(args.stage, int) and args.stage < 1:
@@ -101,7 +102,8 @@ def parse_args(argv=None):
                    "model on a CPU runs faster per image in larger batches)")
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance_scale", type=float, help="guidance scale; default: 7.5 (classifier-free), or the "
+                   "pipeline's own on FLUX.1 (3.5, its guidance input) and SD3 (7.0)")
     p.add_argument("--negative_prompt", help="negative prompt for every image; default: none")
     p.add_argument("--height", type=int, help="image height in px, a multiple of 8; default: the model's size")
     p.add_argument("--width", type=int, help="image width in px, a multiple of 8; default: the model's size")
@@ -144,6 +146,7 @@ def main(argv=None):
     except OSError as e:  # e.g. a hub id that cannot be fetched: the library's first line says which file
         sys.exit(f"error: the model cannot be loaded: {str(e).splitlines()[0]}")
     scheduler = args.scheduler or of_pipeline(pipe).samplers[0]
+    guidance = of_pipeline(pipe).guidance_scale if args.guidance_scale is None else args.guidance_scale
     resolved = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
     source = dict(run=resolved(run_dir), stage=args.stage if run_dir else None, base=resolved(args.base) if args.base
                   and Path(args.base).expanduser().exists() else args.base, embeds=resolved(args.embeds),
@@ -152,7 +155,7 @@ def main(argv=None):
     log.info("%d prompt%s x %d images = %d images of %d %s steps each, into %s", len(args.prompt),
              "s" * (len(args.prompt) != 1), args.num_images, total, args.steps, scheduler, out)
     return generate(pipe, concept, args.prompt, out, args.num_images, args.seed, args.attention_maps, model,
-                    source, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
+                    source, batch_size=args.batch_size, steps=args.steps, guidance_scale=guidance,
                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)
 
 

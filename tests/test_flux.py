@@ -333,3 +333,17 @@ def test_the_transformer_configs_plan_without_a_download(tmp_path, capsys, monke
             f"output_dir={tmp_path}/run", "--dry_run"])
     out = capsys.readouterr().out
     assert lora in out and "quantize_base: int8" in out and not (tmp_path / "run").exists()
+
+
+def test_infer_samples_with_the_pipelines_own_defaults_on_flux(staged, tmp_path):
+    """Without --scheduler and --guidance_scale, infer.py samples FLUX.1 as FluxPipeline does by default (its
+    flow-matching Euler sampler, guidance 3.5 into the guidance input), not with SD's DPM-Solver++ and 7.5; the
+    record says what was used."""
+    import json
+
+    import infer
+    out, _ = staged
+    infer.main([str(out), "--prompt", "a {}", "--num_images", "1", "--steps", "1", "--height", "64", "--width", "64",
+                "--out", str(tmp_path)])
+    record = json.loads(next(tmp_path.glob("*/prompt.json")).read_text())
+    assert (record["scheduler"], record["guidance_scale"]) == ("flow_euler", 3.5)

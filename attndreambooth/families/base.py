@@ -49,6 +49,7 @@ class Family(ABC):
     patch = 1  # latent pixels per denoiser token along a side (a transformer's patch)
     memory_calibrated = True  # whether trainer/memory.py's estimate (fitted on SD 2.1's U-Net) applies
     samplers = ("dpm++", "ddim", "euler", "euler_a", "pndm", "ddpm")  # infer.py's names it can use; first: default
+    guidance_scale = 7.5  # infer.py's default guidance
 
     # -- recognising it -----------------------------------------------------------------------------------
     def matches_index(self, model_index):

@@ -66,7 +66,8 @@ class Flux(RectifiedFlow):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     tiny_layouts = ("tiny-flux",)
     density = "none"  # diffusers' Flux scripts' default timestep density (uniform)
-    guidance = 1.0
+    guidance = 1.0  # the guidance input while training
+    guidance_scale = 3.5  # FluxPipeline's default for sampling (FLUX.1-dev's guidance input)
     text_tokens = T5_TOKENS
     embedding_keys = ("clip_l", "t5")  # the names diffusers' advanced FLUX.1 script saves its embeddings under
     embedding_kind, model_kind = "a FLUX.1 embedding (clip_l, t5)", "a FLUX.1 model"

@@ -48,6 +48,7 @@ class SD3(RectifiedFlow):
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     tiny_layouts = ("tiny-sd3",)
     density = "logit_normal"
+    guidance_scale = 7.0  # StableDiffusion3Pipeline's default
     text_tokens = CLIP_TOKENS + T5_TOKENS
     embedding_keys = ("clip_l", "clip_g", "t5")
     embedding_kind, model_kind = "an SD3 embedding (clip_l, clip_g, t5)", "an SD3 model"
