@@ -94,8 +94,9 @@ def validate(cfg: Config, card_pending=False):
         need(q in QUANT_FORMATS, "runtime.quantize_base", f"{q!r} is not null or one of {QUANT_FORMATS}")
         need(importlib.util.find_spec("torchao") is not None, "runtime.quantize_base",
              f"{q} weights need torchao: pip install torchao, or remove the key")
-        full = [s.name for s in Plan(cfg.stages) if UNET_PARTS & set(s.config.train) and not s.lora]
-        need(not full and Plan(cfg.stages).lora, "runtime.quantize_base",
+        plan = Plan(cfg.stages)
+        full = [s.name for s in plan if UNET_PARTS & set(s.config.train) and not s.lora]
+        need(not full and plan.lora, "runtime.quantize_base",
              f"stores the frozen base weights in {q}, so the denoiser must be trained through LoRA stages"
              + (f" ({', '.join(full)} train its own weights: give them stages.<name>.lora_rank > 0)" if full else
                 " (no stage trains it: the saved pipeline would hold rounded weights)"))

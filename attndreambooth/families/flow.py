@@ -6,6 +6,7 @@ uniform, FLUX.1's default there; "logit_normal" SD3's), timestep = the schedule'
 1000, SD3's shift already in its schedule), noisy = (1 - sigma) x + sigma e, target e - x, unweighted MSE
 (both scripts' default loss weighting is 1 for these densities)."""
 import re
+from abc import abstractmethod
 
 import torch
 
@@ -76,9 +77,9 @@ class RectifiedFlow(Family):
     def kohya_lora(self, state):
         return None  # ComfyUI reads the diffusers file itself for these models (docs/lora.md)
 
+    @abstractmethod
     def shape_inputs(self, transformer, side):
-        """Zero conditioning for a shape-only call (a Conditioning of one sample)."""
-        raise NotImplementedError
+        """Zero conditioning for a shape-only call (a Conditioning of one sample): each family's own widths."""
 
     def shape_call(self, transformer, side):
         channels = transformer.config.in_channels // (4 if transformer.config.patch_size == 1 else 1)

@@ -85,10 +85,11 @@ def stage_parameters(sizes, planned):
 def plan_text(cfg, plan, layout=None):
     """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry_run."""
     from attndreambooth.trainer.memory import current_savers, stage_peaks
+    layout = layout or meta_models(cfg)
     source, sizes = memory_sizes(cfg, layout, plan)
     planned = {s.name: s for s in plan}
     peaks = stage_peaks(sizes, plan, current_savers(cfg, plan), cfg.runtime.mixed_precision)
-    calibrated = (layout or meta_models(cfg)).family.memory_calibrated
+    calibrated = layout.family.memory_calibrated
     lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "
              "counts, see attndreambooth/trainer/memory.py):" if calibrated else
              f"plan (parameter counts from {source}; no memory estimate: it is calibrated on SD's U-Net only):"]
