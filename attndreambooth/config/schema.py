@@ -18,7 +18,7 @@ MEMORY_PRESETS = {"default": dict(gradient_checkpointing=False, optimizer_8bit=F
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 COMPILE_MODES = ("off", "regional", "full")  # runtime.compile (trainer/compiling.py)
 QUANT_FORMATS = ("int8", "fp8")  # runtime.quantize_base: torchao's weight-only formats
-CARD_PRESETS = ("12gb", "16gb", "24gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
+CARD_PRESETS = ("12gb", "16gb", "24gb", "48gb", "80gb")  # chosen per model from estimated peaks (attndreambooth.trainer.memory)
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,7 @@ class RuntimeConfig:
     seed: int = 0  # seeds data order, augmentation, noise and timesteps
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" autocast; weights stay fp32
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    memory: str = "default"  # preset: "default", "low" (gradient checkpointing + 8-bit AdamW), or a card: "12gb", "16gb", "24gb"
+    memory: str = "default"  # preset: "default", "low" (gradient checkpointing + 8-bit AdamW), or a card: "12gb", "16gb", "24gb", "48gb", "80gb"
     quantize_base: Optional[str] = None  # "int8" or "fp8": frozen base weights stored in 8 bits (torchao); needs LoRA stages
     gradient_checkpointing: Optional[bool] = None  # recompute U-Net blocks in backward; null = from the preset
     optimizer_8bit: Optional[bool] = None  # 8-bit AdamW from bitsandbytes (optional extra); null = from the preset

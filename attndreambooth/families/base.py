@@ -47,7 +47,7 @@ class Family(ABC):
     model_kind = "not an SDXL model"
     sd_only_options = ()  # config keys (with the value that is off) this family cannot honour
     patch = 1  # latent pixels per denoiser token along a side (a transformer's patch)
-    memory_calibrated = True  # whether trainer/memory.py's estimate (fitted on SD 2.1's U-Net) applies
+    memory_by_accounting = False  # trainer/memory.py: activations by saved-tensor accounting, not the U-Net fit
     samplers = ("dpm++", "ddim", "euler", "euler_a", "pndm", "ddpm")  # infer.py's names it can use; first: default
     guidance_scale = 7.5  # infer.py's default guidance
 

@@ -15,11 +15,12 @@ from attndreambooth.families.base import Family
 
 class RectifiedFlow(Family):
     patch = 2  # the transformer's tokens are 2x2 latent pixels
-    memory_calibrated = False  # no transformer step has been measured on a GPU yet
+    memory_by_accounting = True  # no transformer step has been measured on a GPU to fit a factor to
     samplers = ("flow_euler",)
     density = "none"
     stage2 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.(to_q|add_k_proj|add_v_proj|to_out\.0)\.")
     joint_blocks = re.compile(r"transformer_blocks\.\d+\.attn\.processor")
+    block = re.compile(r"(single_)?transformer_blocks\.\d+")
     # options of the U-Net families that mean nothing here, with the value that leaves them off
     sd_only_options = (("model.cross_attention_layers", None), ("reg.map_sizes", None),
                        ("runtime.channels_last", False), ("runtime.cuda_graph", False), ("prior.enabled", False))
@@ -81,7 +82,15 @@ class RectifiedFlow(Family):
     def shape_inputs(self, transformer, side):
         """Zero conditioning for a shape-only call (a Conditioning of one sample): each family's own widths."""
 
+    def latent_channels(self, transformer):
+        """The VAE latent's channels (FLUX.1's transformer takes them already packed 2x2, four times as many)."""
+        return transformer.config.in_channels // (4 if transformer.config.patch_size == 1 else 1)
+
+    def checkpointed_blocks(self, transformer):
+        """The blocks gradient checkpointing recomputes (diffusers checkpoints each one whole)."""
+        return [m for n, m in transformer.named_modules() if self.block.fullmatch(n)]
+
     def shape_call(self, transformer, side):
-        channels = transformer.config.in_channels // (4 if transformer.config.patch_size == 1 else 1)
+        channels = self.latent_channels(transformer)
         return self.predict(transformer, torch.zeros(1, channels, side, side), torch.zeros(1),
                             self.shape_inputs(transformer, side))

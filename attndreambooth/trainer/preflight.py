@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from attndreambooth.config.checks import looks_like_hub_id
 from attndreambooth.config.plan import DTYPES, UNET_PARTS, Plan
 from attndreambooth.config.schema import ConfigError
@@ -28,40 +30,49 @@ def parameter_sizes(cfg, layout=None, plan=None):
     LoRA stage's adapter."""
     m = layout or meta_models(cfg)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    linear = lambda module: sum(m.weight.numel() for m in module.modules()  # noqa: E731
+                                if isinstance(m, torch.nn.Linear))  # what runtime.quantize_base stores in 8 bits
     per_rank = {part: lora_parameter_count(m.unet, part, m.family) for part in UNET_PARTS}
     lora = {s.name: per_rank[adapter_part(s.config)] * s.config.lora_rank for s in plan or Plan(cfg.stages) if s.lora}
     text = sum(count(t) for t in m.text_encoders)
     cross = sum(p.numel() for n, p in m.unet.named_parameters() if m.family.is_cross_attention(n))
     return m.source, dict(embedding=sum(t.config.hidden_size for t in m.text_encoders), unet=count(m.unet),
-                          text=text, cross_attention=cross, pipeline=count(m.unet) + text + count(m.vae), lora=lora,
+                          text=text, unet_linear=linear(m.unet), text_linear=sum(linear(t) for t in m.text_encoders), cross_attention=cross, pipeline=count(m.unet) + text + count(m.vae), lora=lora,
                           lora_per_rank=per_rank)
 
 
 def memory_sizes(cfg, layout=None, plan=None):
-    """parameter_sizes plus the U-Net's activations per sample at data.resolution (the memory estimate)."""
+    """parameter_sizes plus the activations of one sample at data.resolution (the memory estimate): the U-Net's
+    leaf outputs counted, or for a transformer the bytes autograd keeps, per part a stage trains."""
     from attndreambooth.trainer.memory import activation_elements
     layout = layout or meta_models(cfg)
     source, sizes = parameter_sizes(cfg, layout, plan)
-    sizes["activations"] = activation_elements(layout.unet, latent_side(layout.vae.config, cfg.data.resolution),
-                                               layout.family)
+    side, family = latent_side(layout.vae.config, cfg.data.resolution), layout.family
+    if not family.memory_by_accounting:
+        sizes["activations"] = activation_elements(layout.unet, side, family)
+        return source, sizes
+    from attndreambooth.trainer.saved_tensors import denoiser_step, text_step
+    dtype = DTYPES[cfg.runtime.mixed_precision] if cfg.runtime.mixed_precision != "no" else DTYPES["fp32"]
+    trains = {None: lambda n: False, "cross_attention": family.is_cross_attention, "unet": lambda n: True}
+    sizes["saved"] = {part: denoiser_step(family, layout.unet, side, dtype, t) for part, t in trains.items()}
+    sizes["text_saved"] = text_step(family, layout.text_encoders, dtype)["total"]
     return source, sizes
 
 
-def fit_memory(cfg):
-    """Resolve a card preset (runtime.memory=12gb|16gb|24gb) for this model, then check the config again."""
+def installed_extras():
+    """Whether the optional packages memory savers need are installed (8-bit AdamW, 8-bit weights)."""
     import importlib.util
+    return {p: importlib.util.find_spec(p) is not None for p in ("bitsandbytes", "torchao")}
 
+
+def fit_memory(cfg):
+    """Resolve a card preset (runtime.memory=12gb...80gb) for this model, then check the config again."""
     from attndreambooth.config.checks import validate
     from attndreambooth.config.schema import CARD_PRESETS
     from attndreambooth.trainer.memory import current_savers, describe, fit_card, stage_peaks
     if cfg.runtime.memory in CARD_PRESETS:
-        layout = meta_models(cfg)
-        if not layout.family.memory_calibrated:
-            raise ConfigError(f"config key 'runtime.memory': {cfg.runtime.memory} picks a way to train from memory "
-                              f"estimates calibrated on SD's U-Net, which {layout.family.model_kind} does not have "
-                              "yet; use default or low (gradient checkpointing + 8-bit AdamW), and LoRA stages")
-        _, sizes = memory_sizes(cfg, layout)
-        fit_card(cfg, sizes, importlib.util.find_spec("bitsandbytes") is not None)
+        _, sizes = memory_sizes(cfg)
+        fit_card(cfg, sizes, installed_extras())
         validate(cfg)
         plan = Plan(cfg.stages)  # what will run, read back from the resolved config, explicit settings included
         savers, ranks = current_savers(cfg, plan), sorted({s.config.lora_rank for s in plan if s.lora})
@@ -84,15 +95,13 @@ def stage_parameters(sizes, planned):
 
 def plan_text(cfg, plan, layout=None):
     """The stages with their trainable parameter counts and estimated peak GPU memory, for --dry_run."""
-    from attndreambooth.trainer.memory import current_savers, stage_peaks
+    from attndreambooth.trainer.memory import card_summary, current_savers, stage_peaks
     layout = layout or meta_models(cfg)
     source, sizes = memory_sizes(cfg, layout, plan)
     planned = {s.name: s for s in plan}
     peaks = stage_peaks(sizes, plan, current_savers(cfg, plan), cfg.runtime.mixed_precision)
-    calibrated = layout.family.memory_calibrated
     lines = [f"plan (parameter counts from {source}; peak GPU memory estimated from parameter and activation "
-             "counts, see attndreambooth/trainer/memory.py):" if calibrated else
-             f"plan (parameter counts from {source}; no memory estimate: it is calibrated on SD's U-Net only):"]
+             "counts, see attndreambooth/trainer/memory.py):"]
     for name in cfg.stages:
         if name in planned:
             s = planned[name].config
@@ -100,9 +109,10 @@ def plan_text(cfg, plan, layout=None):
             what = "+".join(s.train) + (f", LoRA rank {s.lora_rank}" if planned[name].lora else "")
             lines.append(f"  {name}: train {what} ({n:,} parameters), {s.steps} steps, lr {s.lr:g}, "
                          f"batch {s.batch_size}, reg mean/var weight {s.reg_mean_weight:g}/{s.reg_var_weight:g}"
-                         + (f", peak ~{peaks[name]:.1f} GiB" if calibrated else ""))
+                         + f", peak ~{peaks[name]:.1f} GiB")
         else:
             lines.append(f"  {name}: skipped")
+    lines.append(card_summary(cfg, sizes, installed_extras()))
     if cfg.prior.enabled:
         from attndreambooth.trainer.prior import class_image_estimate
         lines.append(class_image_estimate(cfg))
