@@ -139,6 +139,18 @@ def test_the_run_loads_in_stock_sd3_pipeline_and_the_embedding_with_the_document
         torch.testing.assert_close(w, g, atol=1e-6, rtol=1e-6)
 
 
+def comfyui_sd3_lora_modules(blocks):
+    """The LoRA module names ComfyUI applies to an SD3 model from a diffusers-format file: "transformer." + each
+    diffusers module its MMDiT key table maps onto Stability's weights (comfy/utils.py `mmdit_to_diffusers`:
+    the q/k/v slices of each fused qkv, SD3.5-Medium's attn2 included, and `MMDIT_MAP_BLOCK`; read by
+    comfy/lora.py `model_lora_keys_unet`, "regular diffusers sd3 lora format"), linear layers only."""
+    per_block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "norm1_context.linear", "attn.to_add_out",
+                 "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "attn.to_out.0", "attn2.to_out.0",
+                 "ff.net.0.proj", "ff.net.2"]
+    return {f"transformer.transformer_blocks.{i}.{m}" for i in range(blocks) for m in per_block}
+
+
 @pytest.mark.slow
 def test_the_sd3_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path):
     from diffusers import StableDiffusion3Pipeline
@@ -149,6 +161,9 @@ def test_the_sd3_lora_file_rebuilds_the_transformer_in_stock_diffusers(tmp_path)
     merged = StableDiffusion3Pipeline.from_pretrained(out / "pipeline")
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir("tiny-sd3"))
     stock.load_lora_weights(str(out))
+    modules = {k.split(".lora_")[0] for k in load_file(out / "pytorch_lora_weights.safetensors")}
+    assert modules <= comfyui_sd3_lora_modules(blocks=2)  # every module ComfyUI maps, none it drops
+    assert any(".attn2." in m for m in modules) and any(".ff_context." in m for m in modules)
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([400.0]),
                   encoder_hidden_states=torch.randn(1, 333, 32, generator=g),
