@@ -342,3 +342,26 @@ def test_infer_samples_with_the_pipelines_own_defaults_on_flux(staged, tmp_path)
                 "--out", str(tmp_path)])
     record = json.loads(next(tmp_path.glob("*/prompt.json")).read_text())
     assert (record["scheduler"], record["guidance_scale"]) == ("flow_euler", 3.5)
+
+
+def test_validation_grids_sample_with_the_models_own_guidance(base, monkeypatch):
+    """validation.guidance_scale unset: FLUX.1's own 3.5 into its guidance input, not SD's 7.5; a value given
+    is used as given."""
+    import contextlib
+
+    from PIL import Image
+
+    from attndreambooth.config.schema import ValidationConfig
+    from attndreambooth.families import by_name
+    from attndreambooth.inference import sampling
+    seen = []
+
+    def sample(pipe, prompt, n, seed, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return [Image.new("RGB", (8, 8))] * n, None
+    monkeypatch.setattr(sampling, "sample", sample)
+    family = by_name("flux")
+    for given, used in ((None, 3.5), (5.0, 5.0)):
+        vcfg = ValidationConfig(prompts=["a photo of {}"], num_images=1, guidance_scale=given)
+        sampling.validation_grid(family, family.components(base), "<v> toy", vcfg, "cpu", contextlib.nullcontext())
+        assert seen.pop() == used

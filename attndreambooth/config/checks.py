@@ -110,7 +110,8 @@ def validate(cfg: Config, card_pending=False):
          "every_steps must be >= 0, num_images and steps >= 1")
     for key, value in (("runtime.seed", cfg.runtime.seed), ("validation.seed", v.seed)):
         need(seed_problem(value) is None, key, seed_problem(value))
-    need(guidance_problem(v.guidance_scale) is None, "validation.guidance_scale", guidance_problem(v.guidance_scale))
+    if v.guidance_scale is not None:
+        need(guidance_problem(v.guidance_scale) is None, "validation.guidance_scale", guidance_problem(v.guidance_scale))
     need(cfg.runtime.checkpoint_every_steps >= 0, "runtime.checkpoint_every_steps", "must be >= 0")
     need(cfg.runtime.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be >= 1")
     need(d.min_image_size >= 1, "data.min_image_size", "must be >= 1")

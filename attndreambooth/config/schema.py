@@ -110,8 +110,8 @@ class ValidationConfig:
     every_steps: int = 0  # sample a grid every N steps of each stage (and at its end); 0 = off
     prompts: List[str] = field(default_factory=lambda: ["a photo of {}", "a {} on the beach, oil painting"])  # {} = "[V] category"
     num_images: int = 2  # images per prompt
-    steps: int = 25  # sampler steps (DPM-Solver++)
-    guidance_scale: float = 7.5  # classifier-free guidance
+    steps: int = 25  # sampler steps (the model's own sampler: DPM-Solver++ on SD and SDXL, flow Euler on FLUX.1 and SD3)
+    guidance_scale: Optional[float] = None  # null = the model's own: 7.5 (SD, SDXL), 3.5 (FLUX.1's guidance input), 7.0 (SD3)
     seed: int = 0  # image i of each prompt uses seed + i
 
 

@@ -88,11 +88,11 @@ def validation_grid(family, components, concept, vcfg, device, autocast, side=No
     for m in kept_off:  # the VAE, and the text encoders once the training keeps only their output
         m.to(device)
     unet.eval()
-    rows = []
+    rows, scale = [], family.guidance_scale if vcfg.guidance_scale is None else vcfg.guidance_scale
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), autocast:
         for template in vcfg.prompts:
             images, _ = sample(pipe, template.replace("{}", concept), vcfg.num_images, vcfg.seed,
-                               batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=vcfg.guidance_scale,
+                               batch_size=vcfg.num_images, steps=vcfg.steps, guidance_scale=scale,
                                height=side, width=side)
             rows += images
     for m, d in zip(kept_off, devices):
