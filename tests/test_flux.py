@@ -344,6 +344,17 @@ def test_infer_samples_with_the_pipelines_own_defaults_on_flux(staged, tmp_path)
     assert (record["scheduler"], record["guidance_scale"]) == ("flow_euler", 3.5)
 
 
+def test_infer_refuses_a_sampler_of_another_family_before_weights_load(staged, tmp_path, monkeypatch):
+    import infer
+    from attndreambooth.families import source
+    monkeypatch.setattr(source, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    out, _ = staged
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(out), "--prompt", "a {}", "--scheduler", "dpm++", "--out", str(tmp_path)])
+    assert str(e.value.code) == ("error: --scheduler dpm++ is not a sampler of this model (family flux); use one "
+                                 "of flow_euler")
+
+
 def test_validation_grids_sample_with_the_models_own_guidance(base, monkeypatch):
     """validation.guidance_scale unset: FLUX.1's own 3.5 into its guidance input, not SD's 7.5; a value given
     is used as given."""

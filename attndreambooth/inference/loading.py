@@ -11,7 +11,7 @@ from attndreambooth.config.loading import load_config
 from attndreambooth.config.plan import DTYPES, LORA_FILE, Plan
 from attndreambooth.config.schema import ModelConfig
 from attndreambooth.families import of_pipeline
-from attndreambooth.inference.sampling import set_scheduler
+from attndreambooth.inference.sampling import check_sampler, set_scheduler
 
 
 def stage_sources(run_dir, cfg, stage):
@@ -130,7 +130,7 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
               dtype="fp32", device="cpu", scheduler=None):
     """A pipeline with the learned concept; returns (pipe, text that `{}` stands for, base model name). With
     `base` and no `embeds`, the base model alone, `{}` standing for `category` (None: prompts without `{}`)."""
-    from attndreambooth.families.source import load_pipeline, tiny_layouts
+    from attndreambooth.families.source import family_of, load_pipeline, tiny_layouts
     unet_weights = [Path(p) for p in unet_weights]
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -149,10 +149,14 @@ def load_pipe(run_dir=None, stage=None, base=None, embeds=None, unet_weights=(),
                          "(the base model; {} then stands for --category)")
     else:
         label = str(base)
-    if base is None:  # the run's pipeline/ (SD or SDXL, as its model_index.json says)
-        pipe, family = load_pipeline(ModelConfig(pretrained=str(folder)), DTYPES[dtype])
+    model = ModelConfig(pretrained=str(folder)) if base is None else (  # the run's pipeline/, or the base
+        base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base)))
+    if scheduler is not None:  # before any weights load
+        check_sampler(family_of(model), scheduler)
+    if base is None:
+        pipe, family = load_pipeline(model, DTYPES[dtype])
     else:
-        base = base if isinstance(base, ModelConfig) else ModelConfig(pretrained=str(base))
+        base = model
         if embeds is not None and run_dir is None:  # a run's embedding is its own base's
             check_embedding_kind(base, embeds)
         pipe, family = load_pipeline(base, DTYPES[dtype])

@@ -15,13 +15,18 @@ def set_scheduler(pipe, name=None):
     from attndreambooth.families import of_pipeline
     family = of_pipeline(pipe)
     name = name or family.samplers[0]
+    check_sampler(family, name)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def check_sampler(family, name):
+    """ValueError, naming the samplers that fit, when `name` is not one of the model family's."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
     if name not in family.samplers:
         raise ValueError(f"--scheduler {name} is not a sampler of this model (family {family.name}); use one of "
                          f"{', '.join(family.samplers)}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-    return pipe
 
 
 def image_grid(images, cols=None):
