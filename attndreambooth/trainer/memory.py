@@ -94,10 +94,11 @@ def stage_peaks(sizes, plan, savers, mixed_precision):
         else:
             trained = sum(sizes[p] for p in train)
         states = trained * (4 + (2 if savers.optimizer_8bit else 8))
-        if "saved" in sizes:  # counted; the text encoders are on the device only in an embedding stage, and
+        if "saved" in sizes:  # counted (transformers); the text encoders are on the device only in a stage that
+            # trains [V]'s rows, and for validation, which keeps no activations
             part = "unet" if "unet" in train else "cross_attention" if "cross_attention" in train else None
             kept = sizes["saved"][part]["checkpointed" if savers.gradient_checkpointing else "total"]
-            on = "embedding" in train  # ... for validation, which needs no activations for a backward
+            on = "embedding" in train
             training = unet + states + SLACK * (s.config.batch_size * kept + on * sizes["text_saved"]) + on * text
             peaks[s.name] = max(training, unet + states + text) / GIB
         else:

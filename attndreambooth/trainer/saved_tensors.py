@@ -54,9 +54,9 @@ def _tensors(value):
 @torch.enable_grad()
 def saved_bytes(model, call, blocks=()):
     """Bytes autograd keeps from `call()`, a forward through `model` on the meta device, each storage counted once
-    and `model`'s parameters not at all. Returns a dict: `total` (the whole forward's), `checkpointed` (the same
-    with each of `blocks` under gradient checkpointing: its inputs kept instead of its insides, plus the most one
-    block keeps, which the backward re-makes one block at a time) and `largest` (the largest single tensor)."""
+    and `model`'s parameters not at all. Returns a dict: `total` (the whole forward's) and `checkpointed` (the
+    same with each of `blocks` under gradient checkpointing: its inputs kept instead of its insides, plus the
+    most one block keeps, which the backward re-makes one block at a time)."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     counted, inside, current, inputs = {}, {}, [None], {}
 
@@ -89,8 +89,7 @@ def saved_bytes(model, call, blocks=()):
     total = sum(counted.values())
     per_block = [inside.get(i, 0) for i in range(len(blocks))]
     outside = inside.get(None, 0)
-    return dict(total=total, checkpointed=outside + sum(inputs.values()) + max(per_block, default=0),
-                largest=max(counted.values(), default=0))
+    return dict(total=total, checkpointed=outside + sum(inputs.values()) + max(per_block, default=0))
 
 
 @contextmanager
