@@ -104,7 +104,13 @@ def test_a_card_preset_refuses_a_flux_plan_over_its_card_and_names_what_fits(tmp
     assert said.startswith("error: config key 'runtime.memory': 24gb leaves 21.6 GiB for training") and "\n" not in said
     at_one = float(re.search(r"at batch size 1 it would be (\d+\.\d) GiB", said).group(1))
     assert "use a larger card (48gb)" in said and not (tmp_path / "run").exists()
-    dry_run(tmp_path, *[f"stages.stage{i}.batch_size=1" for i in (1, 2, 3)])
+    one = [f"stages.stage{i}.batch_size=1" for i in (1, 2, 3)]
+    with pytest.raises(SystemExit) as e:  # what would fit needs a setting changed: named
+        dry_run(tmp_path, *one, "runtime.save_merged_pipeline=true")
+    assert str(e.value.code).endswith("8-bit frozen weights would fit but the config rules it out: set "
+                                      "runtime.save_merged_pipeline=false (a merged pipeline would hold the rounded "
+                                      "weights)")
+    dry_run(tmp_path, *one)
     out = capsys.readouterr().out
     peaks = [float(p) for p in re.findall(r"peak ~(\d+\.\d) GiB", out)]
     assert "quantize_base: int8" in out and max(peaks) == pytest.approx(at_one, abs=0.15) and max(peaks) <= 21.6

@@ -17,7 +17,9 @@ from attndreambooth.config.checks import looks_like_hub_id
 TINY_VERSION = 1
 # Library messages a user cannot act on, silenced where they are made (logger, words); everything else stays.
 NOISE = (("diffusers.models.modeling_utils", "should be kept in float32: []"),  # casting a model with none such
-         ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"))  # PIL serves
+         ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),  # PIL serves
+         ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),  # importing torchao
+         ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"))  # ditto
 
 
 class _Drop(logging.Filter):

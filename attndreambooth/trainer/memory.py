@@ -182,9 +182,9 @@ def card_summary(cfg, sizes, installed):
 
 def unfit(cfg, sizes, savers, peak, usable, possible, fixed):
     """Why no way fits the card, and what would: the explicit settings in the way, a package to install, a
-    smaller batch, a larger card."""
+    setting that rules a saver out, a smaller batch, a larger card."""
     from attndreambooth.config.plan import Plan
-    card, budget = cfg.runtime.memory, CARDS[cfg.runtime.memory] * HEADROOM
+    card, budget, precision = cfg.runtime.memory, CARDS[cfg.runtime.memory] * HEADROOM, cfg.runtime.mixed_precision
     says = f"{card} leaves {budget:.1f} GiB for training, and the plan is estimated at {peak[savers]:.1f} GiB"
     free = next((s for s in usable if peak[s] <= budget), None)
     if free:
@@ -196,13 +196,21 @@ def unfit(cfg, sizes, savers, peak, usable, possible, fixed):
     if fits:
         need = "pip install bitsandbytes" if fits[0].optimizer_8bit else "pip install torchao"
         return f"{says}; {describe(fits[0])} would fit ({peak[fits[0]]:.1f} GiB) but needs a package: {need}"
-    one = {n: replace(s, batch_size=1) for n, s in cfg.stages.items()}
-    at_one = max(stage_peaks(sizes, Plan(one), savers, cfg.runtime.mixed_precision).values())
+    ruled_out = [s for s in LADDER if s not in possible
+                 and max(stage_peaks(sizes, Plan(cfg.stages), s, "bf16").values()) <= budget]
+    if ruled_out:
+        key = ("runtime.save_merged_pipeline=false (a merged pipeline would hold the rounded weights)"
+               if ruled_out[0].quantized_base and cfg.runtime.save_merged_pipeline else "runtime.mixed_precision=bf16")
+        return f"{says}; {describe(ruled_out[0])} would fit but the config rules it out: set {key}"
     larger = next((c for c, gib in CARDS.items() if gib * HEADROOM >= peak[savers]), None)
-    return (f"{says} with every memory saver ({describe(savers)}); at batch size 1 it would be {at_one:.1f} GiB: "
-            "set stages.<name>.batch_size=1, or lower data.resolution"
-            + (f", or use a larger card ({larger})" if larger else "")
-            + (", or set runtime.mixed_precision=bf16" if cfg.runtime.mixed_precision == "no" else ""))
+    other = (", or lower data.resolution" + (f", or use a larger card ({larger})" if larger else "")
+             + (", or set runtime.mixed_precision=bf16" if precision == "no" else ""))
+    if max(s.batch_size for s in cfg.stages.values()) > 1:
+        one = {n: replace(s, batch_size=1) for n, s in cfg.stages.items()}
+        at_one = max(stage_peaks(sizes, Plan(one), savers, precision).values())
+        return (f"{says} with every memory saver ({describe(savers)}); at batch size 1 it would be {at_one:.1f} "
+                f"GiB: set stages.<name>.batch_size=1{other}")
+    return f"{says} with every memory saver ({describe(savers)}) at batch size 1: {other[5:]}"
 
 
 def describe(savers, ranks=()):
