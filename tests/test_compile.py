@@ -26,7 +26,7 @@ def probe(mode, backend, cache, *warm):
 def test_regional_compile_equals_eager_and_a_second_process_reuses_its_cache(tmp_path):
     cold = probe("regional", "inductor", tmp_path / "cache")
     assert cold["breaks"] == 0 and cold["cache_misses"] > 0 and cold["cache_hits"] == 0
-    assert cold["graphs"] <= 8 < 2 * cold["layers"]  # per block shape and stage, not per layer (16 layers)
+    assert cold["graphs"] <= 4 < cold["layers"]  # per block shape, not per layer (16 layers)
     r = cold["stage3"]
     assert r["grads"] and r["maps"] == [16, 16] and r["again_same"]
     assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-4, r
