@@ -104,7 +104,8 @@ def as_trained(model, dtype, trains):
         yield model
     finally:
         for n, p in model.named_parameters():
-            p.data, _ = p.data.to(before[n][0]), p.requires_grad_(before[n][1])
+            p.data = p.data.to(before[n][0])
+            p.requires_grad_(before[n][1])
 
 
 def denoiser_step(family, denoiser, side, dtype, trains):
@@ -125,7 +126,7 @@ def denoiser_step(family, denoiser, side, dtype, trains):
 def text_step(family, text_encoders, dtype):
     """saved_bytes of the one prompt's forward through the text encoders with [V]'s rows trained (stage 1: the
     prompt is encoded once a step, whatever the batch)."""
-    def call():
+    def call():  # (a transformer family's lengths are its pipeline's, whatever the tokenizers)
         family.encode(text_encoders, [torch.zeros(1, n, dtype=torch.long, device="meta")
                                       for n in family.token_lengths(())])
     with ExitStack() as stack:
