@@ -30,14 +30,15 @@ def parameter_sizes(cfg, layout=None, plan=None):
     LoRA stage's adapter."""
     m = layout or meta_models(cfg)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    linear = lambda module: sum(m.weight.numel() for m in module.modules()  # noqa: E731
-                                if isinstance(m, torch.nn.Linear))  # what runtime.quantize_base stores in 8 bits
+    linear = lambda module: sum(layer.weight.numel() for layer in module.modules()  # noqa: E731
+                                if isinstance(layer, torch.nn.Linear))  # what runtime.quantize_base stores in 8 bits
     per_rank = {part: lora_parameter_count(m.unet, part, m.family) for part in UNET_PARTS}
     lora = {s.name: per_rank[adapter_part(s.config)] * s.config.lora_rank for s in plan or Plan(cfg.stages) if s.lora}
     text = sum(count(t) for t in m.text_encoders)
     cross = sum(p.numel() for n, p in m.unet.named_parameters() if m.family.is_cross_attention(n))
     return m.source, dict(embedding=sum(t.config.hidden_size for t in m.text_encoders), unet=count(m.unet),
-                          text=text, unet_linear=linear(m.unet), text_linear=sum(linear(t) for t in m.text_encoders), cross_attention=cross, pipeline=count(m.unet) + text + count(m.vae), lora=lora,
+                          text=text, unet_linear=linear(m.unet), text_linear=sum(linear(t) for t in m.text_encoders),
+                          cross_attention=cross, pipeline=count(m.unet) + text + count(m.vae), lora=lora,
                           lora_per_rank=per_rank)
 
 
