@@ -26,6 +26,7 @@ from attndreambooth.cli import Parser
 from attndreambooth.sweep.scatter import scatter
 from attndreambooth.families.source import cached_build, quiet_known_noise
 from attndreambooth.trainer.data import IMAGE_SUFFIXES, image_problem, load_rgb
+from worlds import WORLDS
 
 CLIP_DEFAULT, DINO_DEFAULT = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 
@@ -177,14 +178,14 @@ def check_args(args, out):
     for folder in sorted(f.parent for f in samples.glob("*/prompt.json")):
         image_paths(folder, "--samples")
     if args.world:
-        from worlds.shapes.scene import CONCEPTS
-        from worlds.shapes.score import parse_caption
-        if args.concept is not None and args.concept not in CONCEPTS:
-            raise ValueError(f"--concept {args.concept!r} is not one of {sorted(CONCEPTS)}")
+        from worlds import load
+        world = load(args.world)
+        if args.concept is not None and args.concept not in world.CONCEPTS:
+            raise ValueError(f"--concept {args.concept!r} is not one of {sorted(world.CONCEPTS)}")
         for record_file in sorted(samples.glob("*/prompt.json")):
             record = json.loads(record_file.read_text())
             try:
-                parse_caption(record.get("prompt", ""), record.get("placeholder", args.placeholder), args.concept)
+                world.parse_caption(record.get("prompt", ""), record.get("placeholder", args.placeholder), args.concept)
             except ValueError as e:
                 raise ValueError(f"--samples: {record_file}: {e} (sizes, colours, patterns, shapes, positions and "
                                  "backgrounds of docs/reports/shapes_world.md); score other prompts without --world") from None
@@ -207,8 +208,9 @@ def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--samples", required=True, help="infer.py's output folder (one folder per prompt)")
     p.add_argument("--real", help="the concept's real photos (not with --world)")
-    p.add_argument("--world", choices=["shapes"], help="score with the world's exact metrics instead of CLIP/DINO")
-    p.add_argument("--concept", help="with --world shapes: the concept [V] stands for (e.g. checker_star)")
+    p.add_argument("--world", choices=WORLDS, help="score with a world's exact metrics instead of CLIP/DINO (shapes: "
+                   "the first shapes world; shapes3: the third)")
+    p.add_argument("--concept", help="with --world: the concept [V] stands for (e.g. checker_star)")
     p.add_argument("--clip", default=CLIP_DEFAULT, help="CLIP model id or folder (ViT-B/32: the TI protocol)")
     p.add_argument("--dino", default=DINO_DEFAULT, help="DINO model id or folder")
     p.add_argument("--placeholder", default="<v>", help="used when prompt.json does not name it")
@@ -222,8 +224,9 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.world:
-        from worlds.shapes.score import score_samples
-        result = score_samples(args.samples, args.concept, args.placeholder)
+        from worlds import load
+        from worlds.scoring import score_samples
+        result = score_samples(load(args.world), args.samples, args.concept, args.placeholder)
         point, labels = (result["overall"]["text"], result["overall"].get("identity", 0.0)), ("text alignment", "identity")
     else:
         result = evaluate(args.samples, args.real, Encoders(args.clip, args.dino, args.device), args.placeholder)

@@ -9,6 +9,7 @@
 
     python scripts/sweep.py --world shapes --out sweeps/shapes            # the paper's comparison, measured
     python scripts/sweep.py --world shapes --out sweeps/shapes_quick --quick
+    python scripts/sweep.py --world shapes3 --base_model runs/shapes3 --out sweeps/shapes3   # the third world
     python scripts/sweep.py --dreambench ../dreambooth --subjects dog,cat --out sweeps/db \
         --launcher slurm --partition gpu --time 2:00:00 --array_parallelism 16   # a Slurm job array
 
@@ -20,7 +21,7 @@ in parallel, one per visible GPU (CUDA_VISIBLE_DEVICES, a subprocess each); on a
 process, or --jobs N at once (N worker processes, the cores shared out: small models use two cores badly,
 so two 1-thread trainings did 1.7x the work of one 2-thread training). Cells go seed by seed, so an
 interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter
-(one point per method) land in OUT; with --world shapes: comparison.md/.json (mean and 95 % CI over
+(one point per method) land in OUT; with --world: comparison.md/.json (mean and 95 % CI over
 concepts x seeds, AttnDreamBooth's paired differences to each method, per-concept means), scatter.png
 with the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
 With --launcher slurm each unfinished cell is a task of one job array (submitit); OUT/jobs.json records
@@ -45,23 +46,24 @@ from attndreambooth.sweep import cluster, jobs
 from attndreambooth.sweep.cells import ROOT, cell_dir, cell_name, cell_path, finished, method_config, metrics_file
 from attndreambooth.sweep.local import run_local, slots
 from attndreambooth.sweep.checks import check_cells, check_protocol, hold_out, parse_concepts
+from worlds import WORLDS, load as load_world
 
 
 PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json", "floor_captions.json",
              "vae_ceiling.json", "sampler_agreement.md", "sampler_agreement.json")  # the last two once tools/sampler_agreement.py ran
 
 
-def gather_world(results, out, cells, base_model):
-    """The world's report (worlds.shapes.bench.write_report) from the cells' metrics, with the
+def gather_world(world, results, out, cells, base_model):
+    """The world's report (worlds.comparison.write_report) from the cells' metrics, with the
     base model's VAE ceiling per concept and, for the grid, the samples of the first seed."""
-    from worlds.shapes.bench import BASELINES, write_report, write_vae_ceiling
+    from worlds.comparison import BASELINES, write_report, write_vae_ceiling
     name = lambda m: BASELINES.get(m, m.split("/")[-1])  # noqa: E731
     first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
     samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
                for c, _, _, m, seed in cells if seed in (first_seed, None)}
     timings = {(c, name(m), seed): json.loads(path.read_text()) for c, _, _, m, seed in cells
                if (path := cell_dir(out, c, m, seed) / "timings.json").is_file()}
-    ceiling = write_vae_ceiling(out, {c: photos for c, photos, *_ in cells}, base_model,
+    ceiling = write_vae_ceiling(world, out, {c: photos for c, photos, *_ in cells}, base_model,
                                 "cuda" if torch.cuda.is_available() else "cpu")
     return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples,
                         timings, ceiling)
@@ -80,8 +82,9 @@ def parser():
                    "names of the world's concepts (default: all)")
     p.add_argument("--dreambench", help="the DreamBooth data set folder (with prompts_and_classes.txt)")
     p.add_argument("--subjects", default="", help="DreamBench subjects, e.g. dog,backpack")
-    p.add_argument("--world", choices=["shapes"], help="the shapes world: its concepts, held-out prompts, exact "
-                   "metrics, every method of configs/shapes/ and the base model's reference")
+    p.add_argument("--world", choices=WORLDS, help="a world (shapes: the first shapes world; shapes3: the third): its "
+                   "concepts, held-out prompts, exact metrics, every method of configs/shapes/ and the base model's "
+                   "reference")
     p.add_argument("--methods", help="config names, comma-separated (default: attndreambooth; with --world: all)")
     p.add_argument("--seeds", default="", help="training seeds, comma-separated (with --world default 0,1,2)")
     p.add_argument("--out", required=True)
@@ -91,7 +94,8 @@ def parser():
                    "metrics of 25 within run-to-run noise, docs/reports/shapes_comparison.md)")
     p.add_argument("--sampler_batch", type=int, default=16, help="with --world: images per denoiser call, across "
                    "a cell's prompts (16: 1.3x faster per image than 4 on a CPU; more on a GPU)")
-    p.add_argument("--base_model", default=str(ROOT / "models" / "shapes"), help="with --world: the reference's model")
+    p.add_argument("--base_model", help="with --world: the model every cell trains from and the reference samples "
+                   "(default: the world's own, e.g. models/shapes)")
     p.add_argument("--step_scale", type=float, default=1.0, help="multiply every stage's steps (a quick look)")
     p.add_argument("--quick", action="store_true", help="with --world: one concept, one seed, the four main "
                    "methods, 6 prompts x 2 images, a quarter of the steps (a few minutes on a CPU)")
@@ -122,12 +126,19 @@ def main(argv=None):
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
     if args.publish and not args.world:
-        p.error("--publish copies the shapes world's report; give it with --world shapes")
+        p.error("--publish copies a world's report; give it with --world (e.g. --world shapes)")
     if args.publish and (problem := folder_problem(args.publish)):
         raise SystemExit(f"error: --publish: {problem}")
     out = Path(args.out)
-    if args.world:
-        from worlds.shapes.bench import METHODS, QUICK_METHODS, world_cells
+    world = load_world(args.world) if args.world else None
+    # a sweep without a world records the first world's model in its protocol, as it always has (a rerun of it
+    # is compared with what it recorded)
+    args.base_model = args.base_model or str(world.MODEL if world else ROOT / "models" / "shapes")
+    if world and not (Path(args.base_model) / "model_index.json").is_file():
+        raise SystemExit(f"error: --base_model {args.base_model}: no model folder (no model_index.json); give the "
+                         f"{args.world} world's base model (a folder `python -m worlds.{args.world} --out DIR` finished)")
+    if world:
+        from worlds.comparison import METHODS, QUICK_METHODS, world_cells
         if args.quick:
             args.concepts = args.concepts or "checker_star"
             args.seeds, args.num_prompts, args.num_images = args.seeds or "0", 6, 2
@@ -136,11 +147,11 @@ def main(argv=None):
         args.seeds = parse_seeds(p, args.seeds or "0,1,2")
         for m in args.methods.split(","):
             method_config(m)
-        from worlds.shapes.scene import CONCEPTS
-        concepts = list(filter(None, args.concepts.split(","))) or list(CONCEPTS)
-        if unknown := [c for c in concepts if c not in CONCEPTS]:
-            raise SystemExit(f"error: --concepts {unknown}: not concepts of the shapes world ({', '.join(CONCEPTS)})")
-        cells = world_cells(concepts, args.methods.split(","), args.seeds)
+        concepts = list(filter(None, args.concepts.split(","))) or list(world.CONCEPTS)
+        if unknown := [c for c in concepts if c not in world.CONCEPTS]:
+            raise SystemExit(f"error: --concepts {unknown}: not concepts of the {args.world} world "
+                             f"({', '.join(world.CONCEPTS)})")
+        cells = world_cells(world, concepts, args.methods.split(","), args.seeds)
     else:
         concepts = parse_concepts(args.concepts)
         if args.dreambench:
@@ -160,7 +171,7 @@ def main(argv=None):
     lock = None if args.report_only else hold_out(out)  # a report reads; it may run beside a sweep
     previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: the cells' trainings keep their checkpoints
     try:
-        return sweep(args, out, concepts, cells, protocol, options)
+        return sweep(args, world, out, concepts, cells, protocol, options)
     except KeyboardInterrupt:
         raise SystemExit("error: interrupted; the cells that were training keep their last checkpoints (each "
                          "cell's sweep.log says where it stopped); run the same command to resume") from None
@@ -204,7 +215,7 @@ def dry_run(args, out, cells, options):
     return None
 
 
-def sweep(args, out, concepts, cells, protocol, options):
+def sweep(args, world, out, concepts, cells, protocol, options):
     """Run the cells (here, or as cluster jobs), or with --report_only read back those finished; then write
     the report of every finished cell."""
     if args.report_only:
@@ -212,37 +223,37 @@ def sweep(args, out, concepts, cells, protocol, options):
         if not done:
             raise SystemExit(f"error: --report_only: no finished cell in {out} for these concepts, methods and seeds")
         print(f"{len(done)} of {len(cells)} cells finished; the report covers those", flush=True)
-        return report(args, out, done)
+        return report(args, world, out, done)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")  # OUT is this process's (its lock)
-    if args.world:
-        from worlds.shapes.bench import write_floor_captions, write_prompts
-        write_prompts(out, concepts, args.num_prompts)
+    if world:
+        from worlds.comparison import write_floor_captions, write_prompts
+        write_prompts(world, out, concepts, args.num_prompts)
         floors = [c[0] for c in set(cells) - set(finished(out, cells)) if c[3] == "floor"]
         if floors:  # the base model's best description of each concept, chosen once, before any cell runs
-            write_floor_captions(out, floors, args.base_model, args.sampler_steps,
+            write_floor_captions(world, out, floors, args.base_model, args.sampler_steps,
                                  "cuda" if torch.cuda.is_available() else "cpu")
     if args.launcher != "slurm":  # cells a Slurm job may still be running stay its own
         jobs.check_no_slurm_jobs(out, cells)
     if args.launcher == "local":
         run_local(args, cells)
-        return report(args, out, cells)
+        return report(args, world, out, cells)
     ended = jobs.run_jobs(args, out, cells, options)
     if ended is None:  # --detach
         return None
     done, failed = ended
-    results = report(args, out, done) if done else {}
+    results = report(args, world, out, done) if done else {}
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(cells)} cells failed (named above); rerun the same command "
                          "to resubmit them (their trainings resume from their checkpoints)")
     return results
 
 
-def report(args, out, cells):
+def report(args, world, out, cells):
     """The report of these (finished) cells from their metrics: sweep.md/.json and the scatter, or the world's
     comparison; returns {(concept, method, seed): metrics}."""
     results = {(c[0], c[3], c[4]): json.loads(metrics_file(out, c).read_text()) for c in cells}
-    if args.world:
-        text = gather_world(results, out, cells, args.base_model)
+    if world:
+        text = gather_world(world, results, out, cells, args.base_model)
         if args.publish:  # the report alone, for a repository: the cells' images and weights stay in OUT
             Path(args.publish).mkdir(parents=True, exist_ok=True)
             for name in PUBLISHED:

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from worlds.shapes import read as R
-from worlds.shapes.bench import bench_prompts, paired_differences, per_concept, summarise, table
-from worlds.shapes.stats import T975, holm, mean_ci, sign_flip_p
+from worlds.comparison import bench_prompts, paired_differences, per_concept, summarise, table
+from worlds.stats import T975, holm, mean_ci, sign_flip_p
 from worlds.shapes.scene import CONCEPTS, OMITTABLE, Scene, Thing, random_scene
-from worlds.shapes.score import parse_caption
-from conftest import script
+from worlds.shapes import bench as FIRST
+from worlds.shapes.bench import parse_caption
+from conftest import ROOT, script
 
 
 def test_short_captions_parse_back_with_the_left_out_attributes_unset():
@@ -43,8 +44,8 @@ def test_alignment_asks_only_for_what_the_caption_says():
 
 def test_bench_prompts_are_held_out_single_then_combined_attributes():
     for concept, (category, _) in CONCEPTS.items():
-        prompts = bench_prompts(concept)
-        assert prompts == bench_prompts(concept) and len(set(prompts)) == 20
+        prompts = bench_prompts(FIRST, concept)
+        assert prompts == bench_prompts(FIRST, concept) and len(set(prompts)) == 20
         scenes = [parse_caption(p.replace("{}", f"<v> {category}"), "<v>", concept) for p in prompts]
         assert all(s.main.concept == concept for s in scenes)
         named = [sum(x is not None for x in (s.size, s.position, s.background, s.second)) for s in scenes]
@@ -70,7 +71,7 @@ def test_sign_flip_p_and_holm_by_hand():
 def test_cost_by_hand_leaves_out_resumed_cells():
     """Median seconds per part and per cell over a method's cells (a paused cell does not move it); a resumed
     cell (it timed only what it redid) is left out, and a method with nothing else has no row."""
-    from worlds.shapes.bench import cost
+    from worlds.comparison import cost
     t = lambda train, infer, ev, resumed=False: dict(train_attndreambooth=train, infer=infer, evaluate=ev,  # noqa
                                                      processes="this one", resumed=resumed)
     costs = cost({("a", "m", 0): t(100, 20, 10), ("b", "m", 0): t(200, 30, 20), ("a", "m", 1): t(4, 25, 9, True),
@@ -139,7 +140,6 @@ def test_every_view_of_a_world_photo_is_the_photo_itself():
     from worlds.shapes.bench import DATA
     from attndreambooth.config.loading import load_config
     from attndreambooth.trainer.data import augmented_view, list_images, load_rgb
-    from conftest import ROOT
     for concept in CONCEPTS:
         cfg = load_config(ROOT / "configs/shapes/attndreambooth.yaml", [f"data.instance_dir={DATA / concept}",
                                                                          "output_dir=unused"], check=False).data
@@ -152,22 +152,28 @@ def test_every_view_of_a_world_photo_is_the_photo_itself():
 
 def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
     """DreamBooth with prior preservation takes OUT/class_images/<category>/ (made once for all its cells);
-    a method without it is given no such key."""
+    a method without it is given no such key. Every cell trains from the world's base model: a config naming
+    another is pointed at it, one naming it is left as written."""
     from types import SimpleNamespace
 
     from attndreambooth.sweep.cells import cell_commands
     args = SimpleNamespace(world="shapes", out=str(tmp_path), num_images=2, sampler_steps=3, sampler_batch=4,
-                           infer_args="", set=[], step_scale=1)
+                           infer_args="", set=[], step_scale=1, base_model=str(ROOT / "models" / "shapes"))
     for method, want in (("shapes/dreambooth_prior", [f"prior.class_dir={tmp_path / 'class_images' / 'star'}"]),
                          ("shapes/dreambooth", [])):
         (train, argv), *_ = cell_commands("checker_star", "photos", "star", method, 0, args, tmp_path / "cell")
         assert train == "train_attndreambooth.py" and [a for a in argv if str(a).startswith("prior.")] == want
+        assert not [a for a in argv if str(a).startswith("model.")]  # configs/shapes/ name models/shapes
+    args.world, args.base_model = "shapes3", str(tmp_path / "third")
+    steps = cell_commands("checker_star", "photos", "star", "shapes/attndreambooth", 0, args, tmp_path / "cell")
+    assert [a for a in steps[0][1] if str(a).startswith("model.")] == [f"model.pretrained={tmp_path / 'third'}"]
+    assert steps[2][1][steps[2][1].index("--world") + 1] == "shapes3"  # scored by that world's readers
 
 
 def test_a_per_concept_file_keeps_its_entries_and_measures_damaged_ones_again(tmp_path):
     """The floor captions' and VAE ceiling's file: what is there is kept, only what is missing, refused or in
     a damaged file is measured, and the file is replaced whole (no part file left)."""
-    from worlds.shapes.bench import per_concept_file
+    from worlds.comparison import per_concept_file
     path, asked = tmp_path / "f.json", []
 
     def measure(todo):
@@ -187,9 +193,9 @@ def test_a_per_concept_file_keeps_its_entries_and_measures_damaged_ones_again(tm
 def test_the_vae_ceiling_of_a_concept_is_what_the_rerun_published(tmp_path):
     import json
 
-    from worlds.shapes.bench import DATA, write_vae_ceiling
-    from conftest import ROOT
-    got = write_vae_ceiling(tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
+    from worlds.comparison import write_vae_ceiling
+    from worlds.shapes.bench import DATA
+    got = write_vae_ceiling(FIRST, tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
     published = json.loads((ROOT / "docs" / "reports" / "shapes_results_r2" / "vae_ceiling.json").read_text())
     assert got["split_circle"] == pytest.approx(published["split_circle"], abs=1e-3)  # another CPU may differ
     #   in a convolution's last bits
@@ -261,7 +267,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     from worlds.shapes.read import alignment, identity
-    from worlds.shapes.score import parse_caption
+    from worlds.shapes.bench import parse_caption
     first = sorted(p for p in (cell / "samples").iterdir() if p.is_dir())[0]
     image, prompt = Image.open(first / "000.png"), json.loads((first / "prompt.json").read_text())["prompt"]
     scene = parse_caption(prompt, "<v>", "split_circle")
@@ -380,9 +386,8 @@ def test_the_published_multiple_comparison_figures_are_the_committed_cells():
     from docs/reports/shapes_results/comparison.json's cells."""
     import json
 
-    from worlds.shapes.bench import METRICS, pairs_of
-    from worlds.shapes.stats import paired_tests
-    from conftest import ROOT
+    from worlds.comparison import METRICS, pairs_of
+    from worlds.stats import paired_tests
     report = json.loads((ROOT / "docs" / "reports" / "shapes_results" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
     tests = paired_tests(pairs_of(cells), METRICS)
@@ -401,9 +406,8 @@ def test_the_reruns_multiple_comparison_paragraph_is_what_its_cells_give():
     import json
     import re
 
-    from worlds.shapes.bench import METRICS, pairs_of
-    from worlds.shapes.stats import multiplicity_note, paired_tests
-    from conftest import ROOT
+    from worlds.comparison import METRICS, pairs_of
+    from worlds.stats import multiplicity_note, paired_tests
     report = json.loads((ROOT / "docs" / "reports" / "shapes_results_r2" / "comparison.json").read_text())
     cells = {(c["concept"], c["method"], c["seed"]): c for c in report["cells"]}
     tests = paired_tests(pairs_of(cells), METRICS)

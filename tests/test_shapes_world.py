@@ -142,7 +142,7 @@ def test_identity_asks_for_the_colours_too():
 
 
 def test_captions_parse_back_to_their_scenes():
-    from worlds.shapes.score import parse_caption
+    from worlds.shapes.bench import parse_caption
     rng = random.Random(3)
     for _ in range(100):
         scene = random_scene(rng)
@@ -160,7 +160,7 @@ def test_captions_parse_back_to_their_scenes():
 
 
 def test_attention_share_and_iou_by_hand():
-    from worlds.shapes.score import attention_iou, attention_share
+    from worlds.scoring import attention_iou, attention_share
     maps = np.zeros((1, 77, 4, 4), np.float32)
     maps[0, 1] = 0.25  # "a"
     maps[0, 2] = 0.75  # "<v>": three quarters of the words' mass
@@ -338,7 +338,7 @@ def test_shape_words_attention_iou_on_constructed_maps():
     import torch
 
     from worlds.shapes.model import build
-    from worlds.shapes.score import attention_iou
+    from worlds.scoring import attention_iou
     from worlds.shapes.world_report import _word_position, pooled
     tokenizer = build()[0]
     scene = Scene(Thing("star", "red", pattern="striped", colour2="white"), "big", "left", "blue",

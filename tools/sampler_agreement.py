@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # worlds/ and bench/ live beside the package
 
-from worlds.shapes.bench import DATA, METRICS
-from worlds.shapes.scene import CONCEPTS
+from worlds import load as load_world
+from worlds.comparison import METRICS
 from attndreambooth.sweep.cells import ROOT, call_in_process, cell_commands, cell_dir
 
 
@@ -48,18 +48,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     if not (out / "protocol.json").is_file():
-        sys.exit(f"error: --out {out}: no protocol.json; give a folder scripts/sweep.py --world shapes wrote")
+        sys.exit(f"error: --out {out}: no protocol.json; give a folder scripts/sweep.py --world wrote")
     protocol = json.loads((out / "protocol.json").read_text())
     if args.steps == protocol["sampler_steps"]:
         sys.exit(f"error: --steps {args.steps} is the sweep's own; give another, e.g. 25")
     again = SimpleNamespace(**{**protocol, "out": str(out), "sampler_batch": 16, "sampler_steps": args.steps,
                                "base_model": protocol["base_model"].replace("<repository>", str(ROOT))})
-    rows = []
+    world, rows = load_world(protocol["world"]), []
     for concept, method_dir, seed in chosen_cells(out, args.cells):
         method = method_dir.replace("shapes_", "shapes/", 1) if method_dir.startswith("shapes_") else method_dir
         cell = cell_dir(out, concept, method, seed)
         names = (f"samples_{args.steps}", f"eval_{args.steps}")
-        steps = cell_commands(concept, DATA / concept, CONCEPTS[concept][0], method, seed, again, cell, *names)
+        steps = cell_commands(concept, world.DATA / concept, world.CONCEPTS[concept][0], method, seed, again, cell,
+                              *names)
         if not (cell / names[1] / "metrics.json").is_file():
             for script, script_argv in steps[-2:]:  # generate and score; the training is the cell's own
                 call_in_process(script, script_argv, io.StringIO())

@@ -70,16 +70,24 @@ def shared_class_images(method, out, category):
     return [f"prior.class_dir={Path(out) / 'class_images' / category}"] if prior.enabled and not prior.class_dir else []
 
 
+def world_model(method, base_model):
+    """A world's methods train from its base model: `model.pretrained=...` where the method's config names
+    another (a config that already names it is left as written, so the runs it made resume as before)."""
+    named = Path(method_settings(method).model.pretrained)
+    same = (ROOT / named if not named.is_absolute() else named).resolve() == Path(base_model).resolve()
+    return [] if same else [f"model.pretrained={base_model}"]
+
+
 def cell_commands(concept, folder, category, method, seed, args, cell, samples="samples", evaluation="eval"):
     """The cell's (script, argv) steps: train (not for the base model's cells), generate into cell/`samples`,
     evaluate into cell/`evaluation`."""
-    world = args.world == "shapes"
+    world = args.world is not None
     prompts = (Path(args.out) / "prompts" / f"{concept}.txt" if world
                else args.prompt_file or dreambench.prompt_file(category))
     world_infer = ["--attention_maps", "--steps", args.sampler_steps, "--batch_size", args.sampler_batch]
     infer = ["--prompt_file", prompts, "--num_images", args.num_images, "--out", cell / samples,
              *(world_infer if world else []), *args.infer_args.split()]
-    evaluate = (["--world", "shapes", "--concept", concept] if world
+    evaluate = (["--world", args.world, "--concept", concept] if world
                 else ["--real", folder, "--clip", args.clip, "--dino", args.dino])
     score = ("scripts/evaluate.py", ["--samples", cell / samples, *evaluate, "--name", method,
                                      "--out", cell / evaluation])
@@ -89,7 +97,8 @@ def cell_commands(concept, folder, category, method, seed, args, cell, samples="
         caption = json.loads((Path(args.out) / "floor_captions.json").read_text())[concept]["caption"]
         return [("infer.py", ["--base", args.base_model, "--category", caption, *infer]), score]
     train = ["--config", method_config(method), f"data.instance_dir={folder}", f"data.category={category}",
-             f"output_dir={cell / 'run'}", *shared_class_images(method, args.out, category), *args.set]
+             f"output_dir={cell / 'run'}", *shared_class_images(method, args.out, category),
+             *(world_model(method, args.base_model) if world else []), *args.set]
     if seed is not None:
         train.append(f"runtime.seed={seed}")
     if args.step_scale != 1:

@@ -1,6 +1,6 @@
 """DreamBench (the DreamBooth data set: 30 subjects, 25 prompts each) as a sweep's concepts: the subjects and
 their classes, the prompt list each class gets, and the table of CLIP-I / CLIP-T / DINO per cell and method.
-scripts/sweep.py --dreambench runs it; the shapes world's counterpart is worlds/shapes/bench.py."""
+scripts/sweep.py --dreambench runs it; the worlds' counterpart is worlds/comparison.py."""
 import json
 import statistics
 from pathlib import Path

@@ -12,7 +12,7 @@ import torch
 
 from worlds.shapes.read import alignment, describe, identity, match_objects
 from worlds.shapes.scene import (COLOURS, CONCEPTS, DESCRIBED, OBJECT_COLOURS, concept_photos, random_scene)
-from worlds.shapes.score import attention_iou
+from worlds.scoring import attention_iou
 
 STEPS, CFG = 25, 7.5  # the report's sampler: DPM++ 25 steps, classifier-free guidance 7.5
 

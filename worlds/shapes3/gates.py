@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-from worlds.shapes.score import attention_iou
+from worlds.scoring import attention_iou
 from worlds.shapes3.read import alignment, describe, identity, match_objects, wanted
 from worlds.shapes3.scene import CONCEPTS, Scene, Thing, concept_photos, random_scene
 

@@ -5,55 +5,24 @@
 - held-out captions (200, one image each, DPM++ 25 steps, CFG 7.5) read back attribute by attribute, with the
   shape word's attention IoU (and the second object's word's), entropy and shape-background correlation;
 - the VAE's round trip (300 scenes, each concept's 8 photos);
-- each concept's best-caption floor: the identity of "a big {words} {category}" for the captions a user could
-  write (the category alone, its appearance word, its pattern word with the palette colours nearest its own),
-  8 images each, the best kept; stripe_square is the control that no single word reaches.
+- each concept's best-caption floor (worlds.shapes3.bench.caption_floor): the identity of "a big {words}
+  {category}" for the captions a user could write (the category alone, each appearance word, its pattern word
+  with the palette colours nearest its own), 8 images each, the best kept; stripe_square is the control that no
+  single word reaches.
 """
 import argparse
 import json
 import sys
-from itertools import product
 from pathlib import Path
 
-import numpy as np
-
-from worlds.shapes.scene import COLOURS, OBJECT_COLOURS
+from worlds.shapes3.bench import caption_floor
 from worlds.shapes3.gates import held_out_scenes, read_back, vae_round_trip
-from worlds.shapes3.read import identity
-from worlds.shapes3.scene import APPEARANCES, CONCEPTS, concept_photos
+from worlds.shapes3.scene import CONCEPTS
 
 STEPS, CFG = 25, 7.5
 TARGETS = {"shape": 0.90, "colour": 0.90, "background": 0.90, "pattern": 0.90, "second": 0.80, "position": 0.70,
            "shape iou": 0.5, "second iou": 0.4}
 FIRST_WORLD = {"background": 0.635, "shape": 0.23, "colour": 0.855, "size": 0.92, "position": 0.26, "second": 0.67}
-
-
-def floor_captions(concept):
-    """What a user could write for a concept: its category alone, each appearance word, and each pattern word in
-    the palette colours nearest the concept's two (the concept's own pattern first)."""
-    category, _, word, colours = CONCEPTS[concept]
-    out = [category] + [f"{w} {category}" for w in APPEARANCES]
-    near = lambda rgb: sorted(OBJECT_COLOURS, key=lambda n: np.linalg.norm(np.subtract(rgb, COLOURS[n])))[:2]  # noqa: E731
-    pattern = APPEARANCES[word][0] if word else "bordered"
-    a, b = colours or ((140, 50, 180), (250, 250, 250))  # the control: purple inside, a white-ish border
-    out += [f"{x} and {y} {pattern} {category}" for x, y in product(near(a), near(b)) if x != y]
-    return out
-
-
-def caption_floor(pipe, concept, n=8, seed=0):
-    """{"best caption", "best": identity, "tried": {caption: identity}}: n images of "a big {caption}" on the
-    backgrounds and positions of the concept's photos."""
-    from attndreambooth.inference.sampling import sample_prompts
-    scenes = [sc for sc, _ in concept_photos(concept, n, seed=seed + 7)]
-    tried = {}
-    for words in floor_captions(concept):
-        prompts = [f"a big {words} " + sc.caption("<v>", omit=("size",)).split(f"<v> {sc.main.shape} ")[1]
-                   for sc in scenes]
-        values = [identity(im, concept) for _, ims, _ in sample_prompts(pipe, prompts, 1, seed, 8, steps=STEPS,
-                                                                          guidance_scale=CFG) for im in ims]
-        tried[words] = float(np.mean(values))
-    best = max(tried, key=tried.get)
-    return {"best caption": best, "best": tried[best], "category word": tried[CONCEPTS[concept][0]], "tried": tried}
 
 
 def measure(folder, captions=200, log=print):
@@ -65,8 +34,8 @@ def measure(folder, captions=200, log=print):
     log(f"vae round trip: {json.dumps(report['vae round trip'])}")
     report["held out"] = dict(captions=captions, **read_back(pipe, held_out_scenes(captions, seed=1), steps=STEPS))
     log(f"held-out captions: {json.dumps(report['held out'])}")
-    report["floor"] = {c: caption_floor(pipe, c) for c in CONCEPTS}
-    log(f"best-caption floors: {json.dumps({c: (f['best caption'], f['best']) for c, f in report['floor'].items()})}")
+    report["floor"] = caption_floor(pipe, CONCEPTS, steps=STEPS, cfg=CFG)
+    log(f"best-caption floors: {json.dumps({c: (f['caption'], f['best caption']) for c, f in report['floor'].items()})}")
     report["targets"] = {k: dict(target=v, measured=report["held out"].get(k),
                                  met=(report["held out"].get(k) or 0) >= v) for k, v in TARGETS.items()}
     report["beats the first world"] = all(report["held out"].get(k, 0) > v for k, v in FIRST_WORLD.items())

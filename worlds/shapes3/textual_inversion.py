@@ -4,7 +4,7 @@ word's range, as the world is built for? The issue's test of the world: identity
 
     python -m worlds.shapes3.textual_inversion runs/shapes3 --out runs/shapes3_ti
 
-For each concept: its 5 photos (OUT/photos/<concept>/), a training with the project's Textual Inversion baseline
+For each concept: its 5 photos (data/shapes3/<concept>/), a training with the project's Textual Inversion baseline
 (configs/shapes/textual_inversion.yaml: stage 1 alone, 400 steps at 2.5e-2, batch 8) on the model, then 20
 held-out prompts of the concept's scenes x 2 images (DPM++ 25 steps, CFG 7.5) read back: identity (R^2 of the
 concept's render) and text alignment. The floors come from the model's report.json (worlds.shapes3.report).
@@ -33,11 +33,8 @@ def held_out_prompts(concept, n=20, seed=0):
 
 
 def train(model, concept, out, steps=None):
-    from worlds.shapes3.scene import CONCEPTS, concept_photos
-    photos = out / "photos" / concept
-    photos.mkdir(parents=True, exist_ok=True)
-    for i, (_, image) in enumerate(concept_photos(concept, 5)):
-        image.save(photos / f"{concept}_{i}.png")
+    from worlds.shapes3.bench import CONCEPTS, DATA
+    photos = DATA / concept
     run = out / concept / "run"
     overrides = [f"output_dir={run}", f"model.pretrained={model}", f"data.instance_dir={photos}",
                  f"data.category={CONCEPTS[concept][0]}", *([f"stages.stage1.steps={steps}"] if steps else [])]
@@ -83,7 +80,7 @@ def main(argv=None):
     for concept in concepts:
         run = train(model, concept, out, args.steps)
         rows[concept] = evaluate(run, concept, steps=args.sampler_steps)
-        floor = floors.get(concept, {}).get("best")
+        floor = floors.get(concept, {}).get("best caption")
         rows[concept].update(floor=floor, target=None if floor is None else max(0.6, floor + 0.15),
                              reachable=CONCEPTS[concept][2] is not None)
         rows[concept]["met"] = rows[concept]["target"] is not None and rows[concept]["identity"] >= rows[concept]["target"]

@@ -1,0 +1,108 @@
+"""The third shapes world as a world of the comparison (worlds.load("shapes3")): its captions parsed back, its
+benchmark prompts, its photos, and scoring and the VAE ceiling by its own readers, not the first world's."""
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import script
+from worlds import load
+from worlds.shapes3.gates import held_out_scenes
+from worlds.shapes3.scene import CONCEPTS, Scene, Thing, concept_photos
+
+THIRD, FIRST = load("shapes3"), load("shapes")
+
+
+def test_captions_parse_back_to_their_scenes_with_what_they_leave_out_unset():
+    rng = random.Random(3)
+    for scene in held_out_scenes(300, seed=4):  # plain, patterned and appearance-word objects
+        omit = tuple(k for k in ("size", "position", "background") if rng.random() < 0.3)
+        want = Scene(scene.main, *(None if k in omit else getattr(scene, k) for k in ("size", "position",
+                                                                                     "background")), scene.second)
+        assert THIRD.parse_caption(scene.caption(omit=omit)) == want, scene.caption(omit=omit)
+    assert THIRD.parse_caption("a striped star").main == Thing("star", pattern="striped")  # colours unsaid
+    assert THIRD.parse_caption("a big <v> heart in the centre on a gray background", "<v>", "dot_heart") == \
+        Scene(Thing("heart", concept="dot_heart"), "big", "centre", "gray")
+    assert THIRD.parse_caption("a big star on the left", concept="checker_star").main.concept == "checker_star"
+    assert THIRD.parse_caption("a big jester circle", concept="split_circle").main == Thing("circle", appearance="jester")
+    for bad in ("a red striped star", "a red and white star", "a harlequin red star", "a dog on the beach"):
+        with pytest.raises(ValueError, match="third shapes world"):
+            THIRD.parse_caption(bad)
+
+
+def test_benchmark_prompts_are_the_concepts_scenes_held_out_and_repeatable():
+    from worlds.comparison import bench_prompts
+    for concept, (category, *_) in CONCEPTS.items():
+        prompts = bench_prompts(THIRD, concept)
+        assert prompts == bench_prompts(THIRD, concept) and len(set(prompts)) == 20
+        scenes = [THIRD.parse_caption(p.replace("{}", f"<v> {category}"), "<v>", concept) for p in prompts]
+        assert all(s.main == Thing(category, concept=concept) for s in scenes)
+        assert [s.size for s in scenes[:6]] == [None, None, None, None, scenes[4].size, None]  # one attribute each
+        assert all(s.size and s.position and s.background for s in scenes[6:])  # then full captions
+    assert bench_prompts(THIRD, "checker_star") != bench_prompts(FIRST, "checker_star")  # the third world's scenes
+
+
+def test_the_shipped_photos_are_the_concepts_renders():
+    for concept in CONCEPTS:
+        files = sorted((THIRD.DATA / concept).glob("*.png"))
+        assert len(files) == 5
+        for f, (_, image) in zip(files, concept_photos(concept, 5)):
+            assert np.array_equal(np.asarray(Image.open(f).convert("RGB")), np.asarray(image))
+
+
+def test_samples_are_scored_by_the_third_worlds_readers(tmp_path):
+    """A samples folder as infer.py writes it, its images the concept's own renders: identity and text
+    alignment are the third world's readers' (recomputed here), not the first world's."""
+    from worlds.scoring import score_samples
+    from worlds.shapes3.read import alignment, identity
+    rng = random.Random(0)
+    for k, concept in enumerate(("checker_star", "dot_heart")):
+        category = CONCEPTS[concept][0]
+        folder = tmp_path / "samples" / f"{k:03d}"
+        folder.mkdir(parents=True)
+        scene = Scene(Thing(category, concept=concept), "big", rng.choice(["left", "centre"]), "gray")
+        template = scene.caption("{}").replace("{} " + category, "{}")
+        (folder / "prompt.json").write_text(json.dumps(dict(prompt=template.format(f"<v> {category}"),
+                                                            template=template, placeholder="<v>")))
+        images = [scene.render(seed) for seed in range(2)]
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:03d}.png")
+        got = score_samples(THIRD, folder.parent, concept)
+        assert got["world"] == "shapes3"
+        assert got["overall"]["identity"] == pytest.approx(np.mean([identity(im, concept) for im in images]), abs=1e-6)
+        assert got["overall"]["identity"] > 0.95
+        assert got["overall"]["text"] == np.mean([alignment(im, scene)[0] for im in images]) == 1.0
+        first = score_samples(FIRST, folder.parent, concept)["overall"]["identity"]
+        assert first < 0.6  # the first world's concept of that name is another pattern
+        for f in folder.parent.iterdir():
+            for g in f.iterdir():
+                g.unlink()
+            f.rmdir()
+
+
+def test_the_vae_ceiling_reads_the_worlds_own_photos_with_its_own_reader(tmp_path, monkeypatch):
+    """With a VAE that gives the photos back unchanged, the ceiling is the mean identity of the world's own
+    photos: near 1 by the third world's reader, far lower by the first world's for the same names."""
+    from worlds import comparison
+    from worlds.shapes import world_report
+    monkeypatch.setattr(comparison, "_base_pipe", lambda *a: type("Pipe", (), {"vae": None}))
+    monkeypatch.setattr(world_report, "round_trip", lambda vae, images: images)
+    photos = {"dot_heart": THIRD.DATA / "dot_heart"}
+    got = comparison.write_vae_ceiling(THIRD, tmp_path, photos, "unused")
+    for c, value in got.items():
+        want = np.mean([THIRD.identity(Image.open(f).convert("RGB"), c) for f in sorted(photos[c].glob("*.png"))])
+        assert value == pytest.approx(want) and value > 0.99
+    assert json.loads((tmp_path / "vae_ceiling.json").read_text()) == got
+    (tmp_path / "first").mkdir()
+    other = comparison.write_vae_ceiling(FIRST, tmp_path / "first", photos, "unused")
+    assert other["dot_heart"] < 0.3
+
+
+def test_a_sweep_of_the_third_world_without_its_model_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script("sweep").main(["--world", "shapes3", "--out", str(tmp_path / "s"), "--dry_run"])
+    assert str(stop.value).count("\n") == 0 and str(stop.value).startswith("error: --base_model ")
+    assert "models/shapes3" in str(stop.value) and "python -m worlds.shapes3 --out DIR" in str(stop.value)
+    assert not (tmp_path / "s").exists()
