@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from worlds.shapes.scene import COLOURS
+from PIL import Image
+
+from worlds.shapes.scene import COLOURS, OBJECT_COLOURS
 from worlds.shapes3 import read as R
 from worlds.shapes3.scene import (APPEARANCES, CONCEPTS, PATTERNS, SPREAD, Scene, Thing, concept_photos,
                                   object_masks, random_scene)
@@ -107,6 +109,28 @@ def test_appearance_words_are_told_apart_by_colour():
             for other in APPEARANCES:
                 pattern, rgb = Thing("circle", appearance=other, offset=offset).look()
                 assert R.colours_match(obj, pattern, rgb) == (other == word), (word, other, offset)
+
+
+def test_a_shaded_plain_object_is_plain_and_a_pattern_in_one_palette_name_is_a_pattern():
+    """A sampler's plain object is seldom flat: half of a pink circle at 0.8 of its brightness (67 apart, both
+    nearest pink) reads as one pink, as the first world reads it; but a ladybug whose two colours are both
+    nearest purple (121 apart, more than SEPARATION) is still read as the ladybug's dotted pattern."""
+    from worlds.shapes3.scene import SEPARATION
+    scene = Scene(Thing("circle", "pink"), "big", "centre", "black")
+    a = np.asarray(scene.render(0)).copy()
+    dark = (a == COLOURS["pink"]).all(-1)
+    dark[:, :32] = False
+    a[dark] = (np.asarray(COLOURS["pink"]) * 0.8).astype(np.uint8)
+    assert 50 < np.linalg.norm(np.asarray(COLOURS["pink"]) * 0.2) < SEPARATION
+    image = Image.fromarray(a)
+    obj = R.match_objects(R.describe(image), R.wanted(scene))[0]
+    assert obj["pattern"] == "plain" and R.nearest(obj["rgb"][0], OBJECT_COLOURS) == "pink"
+    assert R.alignment(image, scene)[1]["colour"]
+    ladybug = Thing("heart", appearance="ladybug", offset=(-24, -65, 18, -78, -55, 20))
+    _, (c1, c2) = ladybug.look()
+    assert R.nearest(c1, OBJECT_COLOURS) == R.nearest(c2, OBJECT_COLOURS) == "purple"
+    obj = _read_one(Scene(ladybug, "big", "centre", "black"))
+    assert obj["pattern"] == "dotted" and R.colours_match(obj, "dotted", (c1, c2))
 
 
 def test_random_scenes_are_read_back():

@@ -7,7 +7,7 @@ import numpy as np
 from worlds.shapes import read as first
 from worlds.shapes.read import blobs, nearest, position_of, shape_of
 from worlds.shapes.scene import OBJECT_COLOURS
-from worlds.shapes3.scene import CONCEPTS, PATTERNS, RADII, SYMMETRIC, Thing, draw_thing, pattern_mask
+from worlds.shapes3.scene import CONCEPTS, PATTERNS, RADII, SEPARATION, SYMMETRIC, Thing, draw_thing, pattern_mask
 
 COLOUR_TOLERANCE = 60.0  # RGB distance within which a read colour meets an appearance word's
 
@@ -22,7 +22,9 @@ def size_of(blob):
 def fill_of(image, blob, shape):
     """("plain", (rgb, rgb)) or (pattern, (rgb outside its mask, rgb on it)): the eroded interior split in two
     colours; a pattern when they differ and each covers enough of it, the one whose mask (this world's, at the
-    object's fitted centre and radius over sub-pixel shifts) agrees best with the split."""
+    object's fitted centre and radius over sub-pixel shifts) agrees best with the split. Two colours closer than
+    SEPARATION with one palette name are one colour shaded (no pattern of the world has such a pair: palette
+    patterns name two colours, an appearance's are further apart), as the first world reads them."""
     a = np.asarray(image.convert("RGB"), np.float32)
     inner = first._erode(blob.mask)
     if inner.sum() < first.MIN_INTERIOR:
@@ -30,7 +32,9 @@ def fill_of(image, blob, shape):
     pixels = a[inner]
     labels, c0, c1 = first._two_means(pixels)
     share = labels.mean()
-    if np.linalg.norm(c0 - c1) < first.MIN_CONTRAST or min(share, 1 - share) < first.MIN_SHARE:
+    contrast = np.linalg.norm(c0 - c1)
+    shaded = contrast < SEPARATION and nearest(c0, OBJECT_COLOURS) == nearest(c1, OBJECT_COLOURS)
+    if contrast < first.MIN_CONTRAST or min(share, 1 - share) < first.MIN_SHARE or shaded:
         rgb = tuple(np.median(pixels, axis=0).tolist())
         return "plain", (rgb, rgb)
     pattern, sign = first.best_pattern(blob, shape, inner, labels, PATTERNS, pattern_mask)

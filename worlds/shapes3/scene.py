@@ -25,6 +25,7 @@ CORNER = (11, 11)  # where the second object goes when the first is in the centr
 PATTERNS = ("striped", "checkered", "dotted", "halved", "bordered")
 SYMMETRIC = ("striped", "checkered")  # their two colours play the same part: compared as a set
 SPREAD = 80  # an appearance word's colours vary by up to this much per channel in pretraining
+SEPARATION = 90  # an appearance's two colours differ by more (RGB), and each from the background
 # word -> (pattern, its colour outside the pattern's mask, its colour on it); each base colour is about 95 (RGB)
 # from the concept it leads to, so the word alone draws that concept's pattern in the wrong colours
 APPEARANCES = {"harlequin": ("checkered", (190, 85, 75), (95, 135, 115)),
@@ -159,13 +160,13 @@ def _near(rgb, others, distance):
 
 
 def random_appearance(rng, shape, background):
-    """An appearance word and an offset whose colours stand out from the background (> 90) and from each other
-    (> 90), outside every concept's held-out neighbourhood."""
+    """An appearance word and an offset whose colours stand out from the background and from each other (by more
+    than SEPARATION), outside every concept's held-out neighbourhood."""
     word = rng.choice(tuple(APPEARANCES))
     while True:
         thing = Thing(shape, appearance=word, offset=tuple(rng.randint(-SPREAD, SPREAD) for _ in range(6)))
         _, (a, b) = thing.look()
-        if _near(a, [COLOURS[background]], 90) or _near(b, [COLOURS[background], a], 90):
+        if _near(a, [COLOURS[background]], SEPARATION) or _near(b, [COLOURS[background], a], SEPARATION):
             continue
         held = [c for c in CONCEPTS.values() if c[0] == shape and c[2] == word]
         if any(np.linalg.norm(np.subtract(a, ca)) < HELD_OUT and np.linalg.norm(np.subtract(b, cb)) < HELD_OUT
