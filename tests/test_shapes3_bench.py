@@ -106,3 +106,52 @@ def test_a_sweep_of_the_third_world_without_its_model_is_refused_in_one_line(tmp
     assert str(stop.value).count("\n") == 0 and str(stop.value).startswith("error: --base_model ")
     assert "models/shapes3" in str(stop.value) and "python -m worlds.shapes3 --out DIR" in str(stop.value)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_third_model(tmp_path_factory):
+    """A third-world pipeline folder with fresh weights, saved as `python -m worlds.shapes3` saves one."""
+    import torch
+
+    from attndreambooth.families.source import save_pipeline
+    from worlds.shapes.model import assemble_pipeline
+    from worlds.shapes3.model import build
+    folder = tmp_path_factory.mktemp("shapes3_model")
+    tokenizer, text_encoder, vae, unet, scheduler = build(0)
+    save_pipeline(assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler), folder, torch.float16)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_third_world_sweep_trains_from_its_model_and_scores_by_its_readers(untrained_third_model, tmp_path,
+                                                                             monkeypatch):
+    """One concept, Textual Inversion for a few steps on an untrained third-world model, in this process: the
+    floor caption is one of the third world's (one image a caption here, not 8), the training starts from
+    --base_model, the cells are scored by the third world's readers (recomputed here from an image), and the
+    report is written."""
+    import functools
+
+    from worlds.shapes3.bench import caption_floor, floor_captions
+    monkeypatch.setattr(THIRD, "caption_floor", functools.partial(caption_floor, n=1))
+    out = tmp_path / "s"
+    results = script("sweep").main([
+        "--world", "shapes3", "--base_model", str(untrained_third_model), "--concepts", "dot_heart", "--seeds", "0",
+        "--methods", "shapes/textual_inversion", "--num_prompts", "2", "--num_images", "1", "--sampler_steps", "2",
+        "--step_scale", "0.01", "--out", str(out)])
+    assert set(results) == {("dot_heart", m, s) for m, s in (("reference", None), ("floor", None),
+                                                              ("shapes/textual_inversion", 0))}
+    floor = json.loads((out / "floor_captions.json").read_text())["dot_heart"]
+    assert floor["caption"] in floor_captions("dot_heart") and set(floor["captions tried"]) == set(floor_captions("dot_heart"))
+    cell = out / "dot_heart" / "shapes_textual_inversion" / "seed_0"
+    config = (cell / "run" / "config.yaml").read_text()
+    assert f"pretrained: {untrained_third_model}" in config
+    metrics = json.loads((cell / "eval" / "metrics.json").read_text())
+    assert metrics["world"] == "shapes3"
+    first = sorted(p for p in (cell / "samples").iterdir() if p.is_dir())[0]
+    image = Image.open(first / "000.png").convert("RGB")
+    scene = THIRD.parse_caption(json.loads((first / "prompt.json").read_text())["template"].replace("{}", "<v> heart"),
+                                "<v>", "dot_heart")
+    assert metrics["prompts"][0]["text"] == THIRD.alignment(image, scene)[0]
+    assert metrics["prompts"][0]["identity"] == pytest.approx(THIRD.identity(image, "dot_heart"))
+    table = (out / "comparison.md").read_text().split("\n\n")[0]
+    assert table.count("| textual_inversion | 1 |") == 1 and table.count("| base model, best caption | 1 |") == 1
