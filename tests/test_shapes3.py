@@ -338,15 +338,6 @@ def test_caption_use_on_a_constructed_denoiser():
     assert all(v == pytest.approx(want, rel=1e-4) for v in caption_use(run, scenes=n).values())
 
 
-def test_textual_inversion_prompts_are_the_concepts_scenes():
-    from worlds.shapes3.textual_inversion import held_out_prompts
-    prompts = held_out_prompts("dot_heart")
-    assert len(prompts) == 20 and len({p for p, _ in prompts}) > 15
-    for prompt, scene in prompts:
-        assert scene.main.concept == "dot_heart" and prompt.format("<v> heart") == scene.caption("<v>")
-    assert 5 <= sum(s.second is not None for _, s in prompts) <= 15
-
-
 def test_from_stable_branches_once_and_the_same_command_continues(tmp_path):
     from worlds.shapes3.__main__ import branch_from_stable
     (tmp_path / "stable_vae.pt").write_text("stable")
