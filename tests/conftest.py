@@ -53,3 +53,11 @@ def tiny_overrides(out, **kw):
                                         "stages.stage3.steps": 3, "data.views_per_image": 2})
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture()
+def deterministic():
+    """Deterministic kernels, as `python -m worlds.shapes3` runs: with two threads some CPU backward passes are not bitwise repeatable."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)

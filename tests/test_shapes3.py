@@ -182,15 +182,8 @@ def _args(**kw):
     base = dict(seed=0, text_steps=2, text_batch=16, text_lr=1e-3, vae_steps=2, vae_batch=4, vae_lr=1e-3,
                 vae_chunk=6, unet_steps=4, batch=4, lr=1e-4, warmup=1, decay_steps=2, min_snr=5.0, ema=0.9,
                 offset_noise=0.1, chunk=4, passes=2, probe_every=100, device="cpu")
-    return SimpleNamespace(**{**base, **kw})
-
-
-@pytest.fixture()
-def deterministic():
-    """As `python -m worlds.shapes3` runs: with two threads some CPU backward passes are not bitwise repeatable."""
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
+    from worlds.shapes3.pretrain import GROUNDING
+    return SimpleNamespace(**{**base, **GROUNDING, **kw})
 
 
 def _run(tmp_path, name="state.pt", **kw):
@@ -280,7 +273,7 @@ def test_constancy_by_hand():
 
 def test_attention_numbers_on_constructed_maps():
     """A map that is the object's mask: IoU as computed by hand; a uniform map: entropy 1; the shape word's
-    map equal to the background word's: correlation 1."""
+    map equal to the background word's: correlation 1; the colour word's map on the object: its IoU likewise."""
     from worlds.shapes3.gates import attention_numbers
     scene = Scene(Thing("square", "red"), "big", "left", "black")
     image = scene.render(0)
@@ -292,13 +285,14 @@ def test_attention_numbers_on_constructed_maps():
     noun, bg = 1 + roles.index("noun"), 1 + roles.index("background")
     maps[noun] = pooled
     maps[bg] = pooled * 2
-    iou, entropy, corr, second = attention_numbers(scene, maps, seen)
+    maps[1 + roles.index("colour")] = 1.0 - pooled  # everywhere but the object
+    iou, entropy, corr, second, colour = attention_numbers(scene, maps, seen)
     up = torch.nn.functional.interpolate(pooled[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
     hot = (up > (up.min() + up.max()) / 2).numpy()
     assert iou == pytest.approx((hot & mask).sum() / (hot | mask).sum()) and iou > 0.8
-    assert corr == pytest.approx(1.0) and second is None
+    assert corr == pytest.approx(1.0) and second is None and colour < 0.05
     maps[noun] = 1.0
-    _, entropy, corr, _ = attention_numbers(scene, maps, seen)
+    _, entropy, corr, _, _ = attention_numbers(scene, maps, seen)
     assert entropy == pytest.approx(1.0) and corr is None  # a flat map has no correlation
 
 

@@ -2,6 +2,8 @@
 
     python -m worlds.shapes3 --out runs/shapes3                    # the whole run; rerun the same to continue
     python -m worlds.shapes3 --out runs/shapes3 --time_limit 150   # a piece of it (minutes)
+    python -m worlds.shapes3 --out runs/shapes3 --grounding 0.05 --grounding_from 7200 --grounding_until 11000
+        # from step 7,200 on, each object word's attention pulled onto its object, annealed away by 11,000
     python -m worlds.shapes3 --out /tmp/s3 --text_steps 20 --vae_steps 20 --unet_steps 20 --chunk 64 \\
         --vae_chunk 96 --batch 8 --decay_steps 5 --probe_every 10 --probe_captions 4   # a smoke run
 
@@ -40,6 +42,12 @@ def parse_args(argv):
     p.add_argument("--min_snr", type=float, default=5.0)
     p.add_argument("--ema", type=float, default=0.9995)
     p.add_argument("--offset_noise", type=float, default=0.1)
+    p.add_argument("--grounding", type=float, default=0.0, help="weight of a term pulling each object word's "
+                   "cross-attention onto its object (TokenCompose's token loss; worlds/shapes3/grounding.py); 0: none")
+    p.add_argument("--grounding_from", type=int, default=0, help="the U-Net step the grounding term begins")
+    p.add_argument("--grounding_until", type=int, default=0, help="the step by which it has fallen to 0 (at the "
+                   "latest where the learning rate's decay begins)")
+    p.add_argument("--grounding_anneal", type=int, default=1000, help="the steps over which it falls linearly to 0")
     p.add_argument("--chunk", type=int, default=4096, help="fresh scenes per U-Net chunk")
     p.add_argument("--passes", type=int, default=4, help="times each fresh scene is used")
     p.add_argument("--probe_every", type=int, default=400, help="U-Net steps between measurements (and gates)")
@@ -60,6 +68,12 @@ def parse_args(argv):
             p.error(f"--{key} must be at least 1 (got {getattr(args, key)})")
     if not 0 <= args.decay_steps < args.unet_steps or args.warmup > args.unet_steps - args.decay_steps:
         p.error("--warmup <= --unet_steps - --decay_steps, and --decay_steps < --unet_steps")
+    if args.grounding < 0 or (args.grounding and not (
+            0 <= args.grounding_from <= args.grounding_until - args.grounding_anneal
+            and args.grounding_anneal >= 1 and args.grounding_until <= args.unet_steps - args.decay_steps)):
+        p.error("--grounding needs 0 <= --grounding_from <= --grounding_until - --grounding_anneal, "
+                "--grounding_anneal >= 1, and --grounding_until <= --unet_steps - --decay_steps (annealed away "
+                "before the decay)")
     if args.chunk * args.passes < args.batch or args.vae_chunk * 2 < args.vae_batch:
         p.error("--chunk * --passes must hold a --batch, and 2 * --vae_chunk a --vae_batch")
     out = Path(args.out)

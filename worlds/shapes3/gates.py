@@ -41,7 +41,8 @@ def held_out_scenes(n, seed=0):
 
 def attention_numbers(scene, maps, seen):
     """(shape-word IoU, its map's spatial entropy / log(pixels), correlation of its map with the background
-    word's or None, second word's IoU or None) for one image's (77, h, w) maps."""
+    word's or None, second word's IoU or None, the main object's first colour or appearance word's IoU or None)
+    for one image's (77, h, w) maps. The colour word is one a grounding term never supervises."""
     roles = [r for _, r in scene.tokens()]
     m = maps.numpy()
     shape_map = m[1 + roles.index("noun")]
@@ -55,7 +56,9 @@ def attention_numbers(scene, maps, seen):
     second_iou = None
     if scene.second:
         second_iou = attention_iou(m[1 + roles.index("second_noun")], second["blob"].mask) if second else 0.0
-    return iou, entropy, corr, second_iou
+    said = [i for i, r in enumerate(roles) if r in ("colour", "appearance")]
+    colour_iou = None if not said else attention_iou(m[1 + said[0]], main["blob"].mask) if main else 0.0
+    return iou, entropy, corr, second_iou, colour_iou
 
 
 def read_back(pipe, scenes, steps=PROBE_STEPS, seed=0, batch_size=10):
@@ -72,9 +75,9 @@ def read_back(pipe, scenes, steps=PROBE_STEPS, seed=0, batch_size=10):
                 totals[key] = (hit + ok, n + 1)
             numbers.append(attention_numbers(scenes[k], m, seen))
     mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None  # noqa: E731
-    iou, entropy, corr, second = zip(*numbers)
+    iou, entropy, corr, second, colour = zip(*numbers)
     return {**{k: h / n for k, (h, n) in totals.items()}, "shape iou": mean(iou), "shape entropy": mean(entropy),
-            "shape-background correlation": mean(corr), "second iou": mean(second)}
+            "shape-background correlation": mean(corr), "second iou": mean(second), "colour word iou": mean(colour)}
 
 
 @torch.no_grad()

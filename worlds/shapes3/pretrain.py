@@ -13,6 +13,8 @@ Every random draw comes from the seed and the step (or the data chunk), never fr
 so a resumed run draws what an uninterrupted one would: the same command continues to the same bytes (same
 machine, torch and thread count).
 """
+import contextlib
+import math
 import os
 import random
 import time
@@ -22,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attention_reg import CrossAttentionCapture
 from worlds.shapes.pretrain import edge_loss, encode_latents, to_tensor
 from worlds.shapes.textures import random_textured_image
+from worlds.shapes3.grounding import grounding_loss, grounding_weight, object_masks_of
 from worlds.shapes3.model import fold_latent_norm
 from worlds.shapes3.scene import random_scene
 from worlds.shapes3.text import CaptionBatch, TextConditioner, TextObjective, caption_mix, fresh_batch
@@ -36,6 +40,14 @@ BINDING = {"text": ("seed", "text_steps", "text_batch", "text_lr"),
 # a phase's length may change while it runs, until its decay begins (under the old length or the new): the
 # steps before the decay do not depend on it, so a run can be given a longer stable phase
 LENGTH = {"vae": "vae_steps", "unet": "unet_steps"}
+# the grounding term's options matter from the step it begins: a run may be given it (or have it changed) while it
+# has not begun under the old options or the new; a state made before they existed had none
+GROUNDING = {"grounding": 0.0, "grounding_from": 0, "grounding_until": 0, "grounding_anneal": 1000}
+
+
+def grounding_start(options):
+    """The U-Net step from which the grounding options change anything (infinite when there is no term)."""
+    return options["grounding_from"] if options["grounding"] else math.inf
 
 
 def decay_start(phase, steps, args):
@@ -59,10 +71,12 @@ def wsd_lr(base, step, total, warmup, decay):
 
 
 def scene_chunk(seed, phase, k, n):
-    """Chunk k of a phase: n (scene, uint8 image) pairs from their own seed."""
+    """Chunk k of a phase: n scenes, their uint8 renders and the seeds they were rendered with, from the chunk's
+    own seed."""
     rng = random.Random(f"{seed}-{phase}-{k}")
     scenes = [random_scene(rng) for _ in range(n)]
-    return scenes, [np.asarray(s.render(rng.randrange(2**31))) for s in scenes]
+    seeds = [rng.randrange(2**31) for _ in scenes]
+    return scenes, [np.asarray(s.render(x)) for s, x in zip(scenes, seeds)], seeds
 
 
 class Pretraining:
@@ -86,7 +100,7 @@ class Pretraining:
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self):
-        bound = [k for p in PHASES[:3] for k in BINDING[p]] + list(LENGTH.values())
+        bound = [k for p in PHASES[:3] for k in BINDING[p]] + list(LENGTH.values()) + list(GROUNDING)
         return dict(phase=self.phase, step=self.step, seconds=self.seconds, gates=self.gates,
                     latent_stats=self.latent_stats, args={k: getattr(self.args, k) for k in bound},
                     text_encoder=self.text_encoder.state_dict(), objective=self.objective.state_dict(),
@@ -110,12 +124,17 @@ class Pretraining:
             old, new = (decay_start(phase, n, self.args) for n in (s["args"][key], getattr(self.args, key)))
             if s["phase"] != phase or s["step"] > min(old, new):  # its decay has begun, or it is over
                 changed.append(key)
+        old = {k: s["args"].get(k, v) for k, v in GROUNDING.items()}
+        new = {k: getattr(self.args, k) for k in GROUNDING}
+        begun = s["phase"] == "done" or s["step"] > min(grounding_start(old), grounding_start(new))
+        if "unet" in reached and old != new and begun:
+            changed += [k for k in GROUNDING if old[k] != new[k]]
         return changed
 
     def load(self, path=None):
         s = torch.load(path or self.path, map_location=self.device, weights_only=False)
         if changed := self.changed_options(s):
-            made = ", ".join(f"--{k} {s['args'][k]}" for k in changed)
+            made = ", ".join(f"--{k} {s['args'].get(k, GROUNDING.get(k))}" for k in changed)
             raise ValueError(f"{path or self.path} was made with other options ({made}); rerun with those to "
                              "continue it, or pass --restart to start over")
         self.phase, self.step, self.seconds = s["phase"], s["step"], s["seconds"]
@@ -199,7 +218,7 @@ class Pretraining:
         k, i = divmod(self.step, per_chunk)
 
         def make():
-            _, images = scene_chunk(a.seed, "vae", k, a.vae_chunk - a.vae_chunk // 3)
+            _, images, _ = scene_chunk(a.seed, "vae", k, a.vae_chunk - a.vae_chunk // 3)
             rng = random.Random(f"{a.seed}-textures-{k}")
             images = to_tensor(images + [random_textured_image(rng) for _ in range(a.vae_chunk // 3)])
             g = generator(a.seed, "vae-order", k)
@@ -236,7 +255,7 @@ class Pretraining:
 
     def normalise_latents(self):
         """Per-channel mean and std of the posterior means of 2,048 scenes of their own seed, folded into the VAE."""
-        _, images = scene_chunk(self.args.seed, "latent-stats", 0, 2048)
+        _, images, _ = scene_chunk(self.args.seed, "latent-stats", 0, 2048)
         mean = self.encode(to_tensor(images))[0]
         m, s = mean.mean((0, 2, 3)), mean.std((0, 2, 3))
         fold_latent_norm(self.vae, m, s)
@@ -252,14 +271,14 @@ class Pretraining:
         tic = time.perf_counter()
 
         def make():
-            scenes, images = scene_chunk(a.seed, "unet", k, a.chunk)
+            scenes, images, seeds = scene_chunk(a.seed, "unet", k, a.chunk)
             mean, std = self.encode(to_tensor(images))
             g = generator(a.seed, "unet-order", k)
             order = torch.cat([torch.randperm(len(scenes), generator=g) for _ in range(a.passes)])
-            return scenes, mean, std, order
+            return scenes, mean, std, order, seeds
 
         fresh = self._chunk[0] != ("unet", k)
-        scenes, mean, std, order = self._data(("unet", k), make)
+        scenes, mean, std, order, seeds = self._data(("unet", k), make)
         data_s = time.perf_counter() - tic if fresh else 0.0
         index = order[i * a.batch:(i + 1) * a.batch]
         g, rng = generator(a.seed, "unet", self.step), random.Random(f"{a.seed}-captions-{self.step}")
@@ -279,8 +298,15 @@ class Pretraining:
         for group in self.opt.param_groups:
             group["lr"] = wsd_lr(a.lr, self.step, a.unet_steps, a.warmup, a.decay_steps)
         self.unet.train()
-        pred = self.unet(self.scheduler.add_noise(latents, noise, t), t, cond).sample
+        w = grounding_weight(self.step, a.grounding, a.grounding_from, a.grounding_until, a.grounding_anneal)
+        with CrossAttentionCapture(self.unet, expected_layers=None) if w else contextlib.nullcontext() as cap:
+            pred = self.unet(self.scheduler.add_noise(latents, noise, t), t, cond).sample
         loss = (F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * snr.clamp(max=a.min_snr) / snr).mean()
+        ground = None
+        if w:
+            masks = object_masks_of([scenes[j] for j in index.tolist()], [seeds[j] for j in index.tolist()])
+            ground = grounding_loss(cap.maps, batch.labels["which"].to(self.device), masks.to(self.device))
+            loss = loss + w * ground
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
@@ -293,7 +319,8 @@ class Pretraining:
             self.log(f"unet chunk {k}: {a.chunk} fresh scenes rendered and encoded in {data_s:.1f} s")
         if self.step % 100 == 0:
             self.log(f"unet step {self.step}/{a.unet_steps} loss {loss.item():.4f} "
-                     f"({time.perf_counter() - tic:.2f} s this step)")
+                     + (f"grounding {ground.item():.4f} x {w:.4g} " if ground is not None else "")
+                     + f"({time.perf_counter() - tic:.2f} s this step)")
         self.keep_stable("unet", a.unet_steps)
         verdict = self.probe.unet(self) if self.probe and (self.step % a.probe_every == 0
                                                            or self.step == a.unet_steps) else None
