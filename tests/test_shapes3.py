@@ -342,3 +342,30 @@ def test_from_stable_branches_once_and_the_same_command_continues(tmp_path):
     (tmp_path / "pretrain_state.pt").write_text("branch, further on")
     assert branch_from_stable(tmp_path, "vae") is False  # the same command again: the branch continues
     assert (tmp_path / "pretrain_state.pt").read_text() == "branch, further on"
+
+
+def test_sigterm_stops_the_pretraining_after_a_checkpoint_at_that_step(tmp_path, monkeypatch):
+    """SIGTERM in a step (as `timeout`, Slurm or a machine's shutdown sends it): the step finishes, the state is
+    written there, run() says "stopped"; a new process continues from that very step."""
+    import os
+    import signal
+
+    from worlds.shapes3 import pretrain
+    monkeypatch.setattr(pretrain.Pretraining, "normalise_latents", lambda self: None)
+    run = _run(tmp_path)
+    text_step = run.text_step
+
+    def step_and_term():
+        out = text_step()
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(run, "text_step", step_and_term)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run.run(checkpoint_s=1e9) == "stopped"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
+    again = _run(tmp_path)
+    again.load()
+    assert (again.phase, again.step) == ("text", 1)
+    assert all(torch.equal(a, b) for a, b in zip(again.text_encoder.parameters(), run.text_encoder.parameters()))
+    assert run.run(checkpoint_s=1e9) == "done"

@@ -7,7 +7,8 @@
     python -m worlds.shapes3 --out /tmp/s3 --text_steps 20 --vae_steps 20 --unet_steps 20 --chunk 64 \\
         --vae_chunk 96 --batch 8 --decay_steps 5 --probe_every 10 --probe_captions 4   # a smoke run
 
-The state (OUT/pretrain_state.pt) is written every few minutes and at --time_limit; the same command continues
+The state (OUT/pretrain_state.pt) is written every few minutes, at --time_limit and at the end of the step a
+SIGTERM arrives in (Ctrl-C keeps the last one written); the same command continues
 it to the same bytes as an uninterrupted run (same machine, torch and thread count). A missed gate stops the
 run (OUT/pretrain.log says which and why); --override_gates continues past it. Where the VAE's and the U-Net's
 learning-rate decay begins the state is also kept (OUT/stable_vae.pt, OUT/stable_unet.pt): --from_stable PHASE with
@@ -141,10 +142,15 @@ def main(argv=None):
     else:
         log(f"starting {out} with {json.dumps(vars(args))} ({torch.get_num_threads()} threads, torch "
             f"{torch.__version__})")
-    verdict = run.run(None if args.time_limit is None else args.time_limit * 60, args.checkpoint_minutes * 60)
+    try:
+        verdict = run.run(None if args.time_limit is None else args.time_limit * 60, args.checkpoint_minutes * 60)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM while a checkpoint was written: the last whole one stays
+        log("interrupted; the last checkpoint stays: run the same command to continue")
+        raise SystemExit(130) from None
     (out / "gates.json").write_text(json.dumps(run.gates, indent=1))
-    if verdict == "time":
-        log(f"time limit reached; run the same command to continue ({run.phase} step {run.step})")
+    if verdict in ("time", "stopped"):
+        log(f"{'time limit reached' if verdict == 'time' else 'stopped by SIGTERM after a checkpoint'}; run the "
+            f"same command to continue ({run.phase} step {run.step})")
     if verdict != "done":
         return verdict
     run.ema_into_unet()

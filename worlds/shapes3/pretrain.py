@@ -154,25 +154,32 @@ class Pretraining:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self, time_limit_s=None, checkpoint_s=300):
-        """Train until done, past `time_limit_s` (this process's seconds) or stopped by a gate: "done",
-        "time" or "gate"."""
+        """Train until done, past `time_limit_s` (this process's seconds), stopped by a gate, or asked to stop by
+        SIGTERM (at the end of the step it is in, after a checkpoint there): "done", "time", "gate" or
+        "stopped"."""
+        from attndreambooth.trainer.signals import SIGTERM_STOP
         start = last_save = time.perf_counter()
         if self.probe and self.probe.blocked(self):
             return "gate"
-        while self.phase != "done":
-            t0, phase = time.perf_counter(), self.phase
-            verdict = getattr(self, f"{self.phase}_step")()
-            self.seconds += time.perf_counter() - t0
-            now = time.perf_counter()
-            out_of_time = time_limit_s is not None and now - start >= time_limit_s
-            if verdict or self.phase != phase or out_of_time or now - last_save >= checkpoint_s:
-                self.save()
-                last_save = now
-                self.log(f"checkpoint: {self.phase} step {self.step}, {self.seconds:.0f} s of training")
-            if verdict == "gate":
-                return "gate"
-            if out_of_time and self.phase != "done":
-                return "time"
+        with SIGTERM_STOP as stop:
+            while self.phase != "done":
+                t0, phase = time.perf_counter(), self.phase
+                stop.in_steps = True
+                verdict = getattr(self, f"{self.phase}_step")()
+                stop.in_steps = False  # a SIGTERM from here on (a checkpoint being written) is Ctrl-C
+                self.seconds += time.perf_counter() - t0
+                now = time.perf_counter()
+                out_of_time = time_limit_s is not None and now - start >= time_limit_s
+                if verdict or self.phase != phase or out_of_time or stop.requested or now - last_save >= checkpoint_s:
+                    self.save()
+                    last_save = now
+                    self.log(f"checkpoint: {self.phase} step {self.step}, {self.seconds:.0f} s of training")
+                if verdict == "gate":
+                    return "gate"
+                if stop.requested:
+                    return "stopped"
+                if out_of_time and self.phase != "done":
+                    return "time"
         return "done"
 
     def keep_stable(self, phase, steps):
