@@ -69,6 +69,17 @@ def gather_world(world, results, out, cells, base_model):
                         timings, ceiling)
 
 
+def unknown_words(world, model):
+    """The words a model of the world has a token for (world.MODEL_WORDS) that this model's tokenizer
+    (tokenizer/tokenizer.json, as the worlds save it) has not; none when it keeps its vocabulary otherwise."""
+    path = Path(model) / "tokenizer" / "tokenizer.json"
+    try:
+        vocab = json.loads(path.read_text())["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [w for w in world.MODEL_WORDS if f"{w}</w>" not in vocab]
+
+
 def parse_seeds(p, text):
     try:
         return [int(x) for x in text.split(",")]
@@ -137,6 +148,10 @@ def main(argv=None):
     if world and not (Path(args.base_model) / "model_index.json").is_file():
         raise SystemExit(f"error: --base_model {args.base_model}: no model folder (no model_index.json); give the "
                          f"{args.world} world's base model (a folder `python -m worlds.{args.world} --out DIR` finished)")
+    if world and (missing := unknown_words(world, args.base_model)):
+        raise SystemExit(f"error: --base_model {args.base_model}: its tokenizer has no token for the {args.world} "
+                         f"world's words {', '.join(missing)}: it is another world's model; give the {args.world} "
+                         "world's own")
     if world:
         from worlds.comparison import METHODS, QUICK_METHODS, world_cells
         if args.quick:

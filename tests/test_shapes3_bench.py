@@ -106,7 +106,11 @@ def test_a_sweep_of_the_third_world_without_its_model_is_refused_in_one_line(tmp
         script("sweep").main(["--world", "shapes3", "--out", str(tmp_path / "s"), "--dry_run"])
     assert str(stop.value).count("\n") == 0 and str(stop.value).startswith("error: --base_model ")
     assert "models/shapes3" in str(stop.value) and "python -m worlds.shapes3 --out DIR" in str(stop.value)
+    first = str(FIRST.MODEL)  # the first world's model has no token for the third world's appearance words
+    with pytest.raises(SystemExit, match=r"^error: --base_model .*no token for the shapes3 world's words harlequin"):
+        script("sweep").main(["--world", "shapes3", "--base_model", first, "--out", str(tmp_path / "s"), "--dry_run"])
     assert not (tmp_path / "s").exists()
+    assert script("sweep").unknown_words(FIRST, first) == []
 
 
 @pytest.fixture(scope="module")
