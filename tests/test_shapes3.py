@@ -208,14 +208,16 @@ def test_frozen_text_encoder_gets_no_gradient_in_the_unet_phase(tmp_path, monkey
 
 @pytest.mark.slow
 def test_pretraining_resumes_bitwise_across_pieces(tmp_path, monkeypatch, deterministic):
-    """Three phases in one go against one step a process (a fresh object loading the state each time)."""
+    """Three phases in one go against one step a process (a fresh object loading the state each time); the
+    grounding term on for the U-Net's second and third steps."""
     from worlds.shapes3 import pretrain
     monkeypatch.setattr(pretrain, "scene_chunk", _small_stats(pretrain.scene_chunk))
-    whole = _run(tmp_path, "whole.pt")
+    grounding = dict(grounding=0.05, grounding_from=1, grounding_until=3, grounding_anneal=1)
+    whole = _run(tmp_path, "whole.pt", **grounding)
     assert whole.run() == "done"
     pieces = 0
     while True:
-        run = _run(tmp_path, "pieces.pt")
+        run = _run(tmp_path, "pieces.pt", **grounding)
         if (tmp_path / "pieces.pt").is_file():
             run.load()
         pieces += 1
