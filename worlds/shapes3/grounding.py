@@ -45,9 +45,10 @@ def grounding_loss(maps, which, masks):
 
 
 def object_masks_of(scenes, seeds):
-    """(n, 2, 64, 64) float: each scene's main and second object's coverage as rendered with its seed."""
+    """(n, 2, 64, 64) float16: each scene's main and second object's coverage as rendered with its seed (zeros for
+    no second object). Coverage is a count of 4x4 sub-pixels over 16, so float16 holds it exactly."""
     from worlds.shapes3.scene import object_masks
-    out = torch.zeros(len(scenes), 2, 64, 64)
+    out = torch.zeros(len(scenes), 2, 64, 64, dtype=torch.float16)
     for i, (scene, seed) in enumerate(zip(scenes, seeds)):
         for j, mask in enumerate(object_masks(scene, seed)):
             if mask is not None:

@@ -97,6 +97,7 @@ class Pretraining:
         self.ema = [p.detach().clone() for p in self.unet.parameters()]
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=args.lr, weight_decay=1e-2)
         self._chunk = (None, None)  # (key, data) of the chunk in memory
+        self._masks = (None, None)  # (chunk, its objects' masks), made at the chunk's first grounded step
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self):
@@ -311,8 +312,10 @@ class Pretraining:
         loss = (F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * snr.clamp(max=a.min_snr) / snr).mean()
         ground = None
         if w:
-            masks = object_masks_of([scenes[j] for j in index.tolist()], [seeds[j] for j in index.tolist()])
-            ground = grounding_loss(cap.maps, batch.labels["which"].to(self.device), masks.to(self.device))
+            if self._masks[0] != k:  # once a chunk: each scene comes back `passes` times
+                self._masks = (k, object_masks_of(scenes, seeds))
+            masks = self._masks[1][index].to(self.device)
+            ground = grounding_loss(cap.maps, batch.labels["which"].to(self.device), masks)
             loss = loss + w * ground
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
