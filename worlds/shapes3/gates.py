@@ -56,8 +56,9 @@ def attention_numbers(scene, maps, seen):
     second_iou = None
     if scene.second:
         second_iou = attention_iou(m[1 + roles.index("second_noun")], second["blob"].mask) if second else 0.0
-    said = [i for i, r in enumerate(roles) if r in ("colour", "appearance")]
-    colour_iou = None if not said else attention_iou(m[1 + said[0]], main["blob"].mask) if main else 0.0
+    said, colour_iou = [i for i, r in enumerate(roles) if r in ("colour", "appearance")], None
+    if said:
+        colour_iou = attention_iou(m[1 + said[0]], main["blob"].mask) if main else 0.0
     return iou, entropy, corr, second_iou, colour_iou
 
 
