@@ -159,15 +159,23 @@ def _near(rgb, others, distance):
     return any(np.linalg.norm(np.subtract(rgb, o)) < distance for o in others)
 
 
+def stands_out(thing, background):
+    """Whether an appearance's two colours differ from the background and from each other by more than
+    SEPARATION, as every appearance the world draws does (nearer the background, the readers' segmentation loses
+    the colour)."""
+    _, (a, b) = thing.look()
+    return not (_near(a, [COLOURS[background]], SEPARATION) or _near(b, [COLOURS[background], a], SEPARATION))
+
+
 def random_appearance(rng, shape, background):
     """An appearance word and an offset whose colours stand out from the background and from each other (by more
     than SEPARATION), outside every concept's held-out neighbourhood."""
     word = rng.choice(tuple(APPEARANCES))
     while True:
         thing = Thing(shape, appearance=word, offset=tuple(rng.randint(-SPREAD, SPREAD) for _ in range(6)))
-        _, (a, b) = thing.look()
-        if _near(a, [COLOURS[background]], SEPARATION) or _near(b, [COLOURS[background], a], SEPARATION):
+        if not stands_out(thing, background):
             continue
+        _, (a, b) = thing.look()
         held = [c for c in CONCEPTS.values() if c[0] == shape and c[2] == word]
         if any(np.linalg.norm(np.subtract(a, ca)) < HELD_OUT and np.linalg.norm(np.subtract(b, cb)) < HELD_OUT
                for *_, (ca, cb) in held):
