@@ -374,17 +374,21 @@ def test_sigterm_stops_the_pretraining_after_a_checkpoint_at_that_step(tmp_path,
 
 
 def test_read_back_splits_colour_by_how_the_caption_says_it(monkeypatch):
-    """A perfect denoiser (each caption's own render) but one appearance object drawn 80 off in every channel:
-    colour (appearance) loses exactly that one, the palette kinds stay whole, and the overall colour is their
-    weighted sum."""
+    """A perfect denoiser (each caption's own render) but one appearance object drawn 80 off in every channel and
+    one halved object drawn striped: colour (appearance) and colour (two colours) each lose exactly one, plain
+    stays whole, and of the patterns only pattern (halved) loses one."""
+    from dataclasses import replace
+
     import attndreambooth.inference.sampling as sampling
     from worlds.shapes3.gates import held_out_scenes, read_back
     scenes = held_out_scenes(40, seed=4)
     kinds = ["appearance" if s.main.appearance else "two colours" if s.main.pattern else "plain" for s in scenes]
     assert {"appearance", "two colours", "plain"} <= set(kinds)
-    wrong = kinds.index("appearance")
-    drawn = [s if k != wrong else Scene(Thing(s.main.shape, appearance=s.main.appearance, offset=(80,) * 6), s.size,
-                                        s.position, s.background, s.second) for k, s in enumerate(scenes)]
+    drawn = list(scenes)
+    k = kinds.index("appearance")
+    drawn[k] = replace(scenes[k], main=replace(scenes[k].main, offset=(80,) * 6))
+    halved = [k for k, s in enumerate(scenes) if s.main.pattern == "halved"]
+    drawn[halved[0]] = replace(scenes[halved[0]], main=replace(scenes[halved[0]].main, pattern="striped"))
 
     def perfect(pipe, captions, n, seed, batch_size, **kw):
         for k in range(len(captions)):
@@ -393,8 +397,10 @@ def test_read_back_splits_colour_by_how_the_caption_says_it(monkeypatch):
     r = read_back(None, scenes)
     n = {k: kinds.count(k) for k in set(kinds)}
     assert r["colour (appearance)"] == pytest.approx((n["appearance"] - 1) / n["appearance"])
-    assert r["colour (two colours)"] == 1.0 and r["colour (plain)"] == 1.0
-    assert r["colour"] == pytest.approx((len(scenes) - 1) / len(scenes)) and r["pattern"] == 1.0
+    assert r["colour (two colours)"] == pytest.approx(1 - 1 / n["two colours"]) and r["colour (plain)"] == 1.0
+    assert r["colour"] == pytest.approx(1 - 2 / len(scenes)) and r["pattern"] == pytest.approx(1 - 1 / len(scenes))
+    assert r["pattern (halved)"] == pytest.approx(1 - 1 / len(halved))
+    assert all(r[f"pattern ({p})"] == 1.0 for p in {s.main.pattern for s in scenes if s.main.pattern} - {"halved"})
 
 
 def test_every_held_out_caption_reads_back_from_its_own_render():

@@ -78,12 +78,15 @@ def colour_said(scene):
 
 def accuracy(scenes, images, seen=None):
     """{attribute: share of images that meet it} for one image per scene, colour also by how the caption says it
-    (the three differ in kind: palette names are met by the nearest name, an appearance word's colours by RGB)."""
+    (the three differ in kind: palette names are met by the nearest name, an appearance word's colours by RGB),
+    and a two-colour pattern's accuracy pattern by pattern."""
     totals = {}
     for scene, image, found in zip(scenes, images, seen or [None] * len(scenes)):
         checks = alignment(image, scene, found)[1]
         if "colour" in checks:
             checks[f"colour ({colour_said(scene)})"] = checks["colour"]
+        if scene.main.pattern and "pattern" in checks:  # two palette colours: dotted and bordered are near twins
+            checks[f"pattern ({scene.main.pattern})"] = checks["pattern"]
         for key, ok in checks.items():
             hit, n = totals.get(key, (0, 0))
             totals[key] = (hit + ok, n + 1)
