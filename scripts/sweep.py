@@ -7,9 +7,9 @@
     python scripts/sweep.py --concepts toy=data/sample_toy:toy --methods attndreambooth,ablations/no_reg \
         --set model.pretrained=tiny --set data.resolution=64 --clip tiny --dino tiny --out sweeps/tiny
 
-    python scripts/sweep.py --world shapes --out sweeps/shapes            # the paper's comparison, measured
-    python scripts/sweep.py --world shapes --out sweeps/shapes_quick --quick
-    python scripts/sweep.py --world shapes3 --base_model runs/shapes3 --out sweeps/shapes3   # the third world
+    python scripts/sweep.py --world shapes3 --out sweeps/shapes3         # the paper's comparison, measured
+    python scripts/sweep.py --world shapes3 --out sweeps/shapes3_quick --quick
+    python scripts/sweep.py --world shapes --out sweeps/shapes   # the first world's (models/shapes_v1), as published
     python scripts/sweep.py --dreambench ../dreambooth --subjects dog,cat --out sweeps/db \
         --launcher slurm --partition gpu --time 2:00:00 --array_parallelism 16   # a Slurm job array
 
@@ -101,12 +101,12 @@ def parser():
     p.add_argument("--out", required=True)
     p.add_argument("--num_images", type=int, default=4, help="images per prompt (DreamBench: 4)")
     p.add_argument("--num_prompts", type=int, default=20, help="with --world: held-out prompts per concept")
-    p.add_argument("--sampler_steps", type=int, default=15, help="with --world: sampler steps per image (15: the "
-                   "metrics of 25 within run-to-run noise, docs/reports/shapes_comparison.md)")
+    p.add_argument("--sampler_steps", type=int, help="with --world: sampler steps per image (default: the "
+                   "world's, world.SAMPLER_STEPS: 15 for shapes, 25 for shapes3)")
     p.add_argument("--sampler_batch", type=int, default=16, help="with --world: images per denoiser call, across "
                    "a cell's prompts (16: 1.3x faster per image than 4 on a CPU; more on a GPU)")
     p.add_argument("--base_model", help="with --world: the model every cell trains from and the reference samples "
-                   "(default: the world's own, e.g. models/shapes)")
+                   "(default: the world's own: models/shapes for shapes3, models/shapes_v1 for shapes)")
     p.add_argument("--step_scale", type=float, default=1.0, help="multiply every stage's steps (a quick look)")
     p.add_argument("--quick", action="store_true", help="with --world: one concept, one seed, the four main "
                    "methods, 6 prompts x 2 images, a quarter of the steps (a few minutes on a CPU)")
@@ -145,6 +145,7 @@ def main(argv=None):
     # a sweep without a world records the first world's model in its protocol, as it always has (a rerun of it
     # is compared with what it recorded)
     args.base_model = args.base_model or str(world.MODEL if world else ROOT / "models" / "shapes")
+    args.sampler_steps = args.sampler_steps or (world.SAMPLER_STEPS if world else 15)
     if world and not (Path(args.base_model) / "model_index.json").is_file():
         raise SystemExit(f"error: --base_model {args.base_model}: no model folder (no model_index.json); give the "
                          f"{args.world} world's base model (a folder `python -m worlds.{args.world} --out DIR` finished)")

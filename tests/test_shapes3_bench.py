@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import script
+from conftest import ROOT, script
 from worlds import load
 from worlds.shapes3.gates import held_out_scenes
 from worlds.shapes3.scene import CONCEPTS, Scene, Thing, concept_photos
@@ -98,16 +98,28 @@ def test_the_vae_ceiling_reads_the_worlds_own_photos_with_its_own_reader(tmp_pat
 
 
 def test_a_sweep_of_the_third_world_without_its_model_is_refused_in_one_line(tmp_path, capsys):
+    none = tmp_path / "none"
     with pytest.raises(SystemExit) as stop:
-        script("sweep").main(["--world", "shapes3", "--out", str(tmp_path / "s"), "--dry_run"])
-    assert str(stop.value).count("\n") == 0 and str(stop.value).startswith("error: --base_model ")
-    assert "models/shapes3" in str(stop.value) and "python -m worlds.shapes3 --out DIR" in str(stop.value)
+        script("sweep").main(["--world", "shapes3", "--base_model", str(none), "--out", str(tmp_path / "s"),
+                              "--dry_run"])
+    assert str(stop.value).count("\n") == 0 and str(stop.value).startswith(f"error: --base_model {none}: ")
+    assert "python -m worlds.shapes3 --out DIR" in str(stop.value)
     first = str(FIRST.MODEL)  # the first world's model has no token for the third world's appearance words
     with pytest.raises(SystemExit, match=r"^error: --base_model .*no token for the shapes3 world's words harlequin"):
         script("sweep").main(["--world", "shapes3", "--base_model", first, "--out", str(tmp_path / "s"), "--dry_run"])
     assert not (tmp_path / "s").exists()
     assert script("sweep").unknown_words(FIRST, first) == []
 
+
+
+def test_a_worlds_sweep_samples_its_own_steps_unless_told(tmp_path, monkeypatch, capsys):
+    """--sampler_steps defaults to the world's (the third world's appearance colours need 25; the first world's
+    comparisons ran 15) and an explicit value wins; what the protocol records is what the cells sample."""
+    sweep, seen = script("sweep"), []
+    monkeypatch.setattr(sweep, "check_protocol", lambda args: seen.append(args.sampler_steps) or {})
+    for world, extra in (("shapes3", []), ("shapes", []), ("shapes3", ["--sampler_steps", "7"])):
+        sweep.main(["--world", world, "--out", str(tmp_path / world), "--dry_run", *extra])
+    assert seen == [THIRD.SAMPLER_STEPS, FIRST.SAMPLER_STEPS, 7] == [25, 15, 7]
 
 @pytest.fixture(scope="module")
 def untrained_third_model(tmp_path_factory):
@@ -156,3 +168,29 @@ def test_a_third_world_sweep_trains_from_its_model_and_scores_by_its_readers(unt
     assert metrics["prompts"][0]["identity"] == pytest.approx(THIRD.identity(image, "dot_heart"))
     table = (out / "comparison.md").read_text().split("\n\n")[0]
     assert table.count("| textual_inversion | 1 |") == 1 and table.count("| base model, best caption | 1 |") == 1
+
+
+@pytest.mark.slow
+def test_the_shipped_model_is_the_third_worlds_and_configs_shapes_trains_it_unchanged(tmp_path, monkeypatch):
+    """models/shapes is the third world's model (fp16, at most ~30 MB, stock loading, the SD 2.x layout with 16
+    attn2 layers, a token for every appearance word), and configs/shapes.yaml trains one of its concepts
+    through all three stages with only the step counts and the output folder changed."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    import train_attndreambooth as T
+    assert THIRD.MODEL == ROOT / "models" / "shapes"
+    files = [p for p in THIRD.MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 31e6
+    assert all(t.dtype == torch.float16 for p in files if p.suffix == ".safetensors" for t in load_file(p).values())
+    pipe = StableDiffusionPipeline.from_pretrained(THIRD.MODEL, safety_checker=None, requires_safety_checker=False)
+    assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16 and pipe.vae.config.latent_channels == 8
+    assert script("sweep").unknown_words(THIRD, THIRD.MODEL) == []
+    monkeypatch.chdir(ROOT)  # the config's paths are the repository's, as the README runs it
+    out = T.main(["--config", str(ROOT / "configs/shapes.yaml"), f"output_dir={tmp_path}/run", "stages.stage1.steps=2",
+                  "stages.stage2.steps=2", "stages.stage3.steps=2", "runtime.tensorboard=false", "data.views_per_image=2"])
+    config = (out / "config.yaml").read_text()
+    assert "pretrained: models/shapes\n" in config and "instance_dir: data/shapes3/checker_star\n" in config
+    trained = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None, requires_safety_checker=False)
+    assert "<v>" in trained.tokenizer.get_added_vocab()

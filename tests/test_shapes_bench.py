@@ -158,13 +158,17 @@ def test_a_method_with_the_prior_shares_its_class_images_per_category(tmp_path):
 
     from attndreambooth.sweep.cells import cell_commands
     args = SimpleNamespace(world="shapes", out=str(tmp_path), num_images=2, sampler_steps=3, sampler_batch=4,
-                           infer_args="", set=[], step_scale=1, base_model=str(ROOT / "models" / "shapes"))
+                           infer_args="", set=[], step_scale=1, base_model=str(ROOT / "models" / "shapes_v1"))
+    first = [f"model.pretrained={ROOT / 'models' / 'shapes_v1'}"]  # configs/shapes/ name models/shapes, the third's
     for method, want in (("shapes/dreambooth_prior", [f"prior.class_dir={tmp_path / 'class_images' / 'star'}"]),
                          ("shapes/dreambooth", [])):
         (train, argv), *_ = cell_commands("checker_star", "photos", "star", method, 0, args, tmp_path / "cell")
         assert train == "train_attndreambooth.py" and [a for a in argv if str(a).startswith("prior.")] == want
-        assert not [a for a in argv if str(a).startswith("model.")]  # configs/shapes/ name models/shapes
-    args.world, args.base_model = "shapes3", str(tmp_path / "third")
+        assert [a for a in argv if str(a).startswith("model.")] == first
+    args.world, args.base_model = "shapes3", str(ROOT / "models" / "shapes")
+    steps = cell_commands("checker_star", "photos", "star", "shapes/attndreambooth", 0, args, tmp_path / "cell")
+    assert not [a for a in steps[0][1] if str(a).startswith("model.")]  # the config's own model, left as written
+    args.base_model = str(tmp_path / "third")
     steps = cell_commands("checker_star", "photos", "star", "shapes/attndreambooth", 0, args, tmp_path / "cell")
     assert [a for a in steps[0][1] if str(a).startswith("model.")] == [f"model.pretrained={tmp_path / 'third'}"]
     assert steps[2][1][steps[2][1].index("--world") + 1] == "shapes3"  # scored by that world's readers
@@ -195,7 +199,7 @@ def test_the_vae_ceiling_of_a_concept_is_what_the_rerun_published(tmp_path):
 
     from worlds.comparison import write_vae_ceiling
     from worlds.shapes.bench import DATA
-    got = write_vae_ceiling(FIRST, tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes")
+    got = write_vae_ceiling(FIRST, tmp_path, {"split_circle": DATA / "split_circle"}, ROOT / "models" / "shapes_v1")
     published = json.loads((ROOT / "docs" / "reports" / "shapes_results_r2" / "vae_ceiling.json").read_text())
     assert got["split_circle"] == pytest.approx(published["split_circle"], abs=1e-3)  # another CPU may differ
     #   in a convolution's last bits
@@ -294,7 +298,7 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert concepts.splitlines()[2].startswith("| split_circle | ") and f"{ours:.3f} / " in concepts
     import torch
     from diffusers import AutoencoderKL  # the ceiling column: the photos through the base model's VAE, by hand
-    vae, photos = AutoencoderKL.from_pretrained(sweep.ROOT / "models" / "shapes", subfolder="vae"), []
+    vae, photos = AutoencoderKL.from_pretrained(sweep.ROOT / "models" / "shapes_v1", subfolder="vae"), []
     for path in sorted((sweep.ROOT / "data" / "shapes" / "split_circle").glob("*.png")):
         x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)
         with torch.no_grad():

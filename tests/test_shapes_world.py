@@ -198,22 +198,23 @@ def test_evaluate_world_scores_a_samples_folder(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_model_loads_in_stock_diffusers_and_trains(tmp_path):
-    """models/shapes (pretrained here, fp16): stock loading, the SD 2.x layout, and all three stages of the
-    trainer through configs/shapes.yaml unchanged."""
+    """The first world's model (models/shapes_v1, pretrained here, fp16; models/shapes is the third world's):
+    stock loading, the SD 2.x layout, and all three stages of the trainer through configs/shapes.yaml pointed
+    at it and at one of its concepts."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     import train_attndreambooth as T
     from conftest import ROOT
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models/shapes", safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models/shapes_v1", safety_checker=None,
                                                    requires_safety_checker=False)
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16
     from safetensors.torch import load_file
-    stored = load_file(ROOT / "models/shapes/unet/diffusion_pytorch_model.safetensors")
+    stored = load_file(ROOT / "models/shapes_v1/unet/diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 for t in stored.values()) and pipe.vae_scale_factor == 4  # shipped in fp16
     assert pipe.tokenizer.tokenize("a big red star") == ["a</w>", "big</w>", "red</w>", "star</w>"]
     out = T.main(["--config", str(ROOT / "configs/shapes.yaml"), f"output_dir={tmp_path}/run",
-                  f"data.instance_dir={ROOT}/data/shapes/checker_star", f"model.pretrained={ROOT}/models/shapes",
+                  f"data.instance_dir={ROOT}/data/shapes/checker_star", f"model.pretrained={ROOT}/models/shapes_v1",
                   "stages.stage1.steps=2", "stages.stage2.steps=2", "stages.stage3.steps=2", "runtime.tensorboard=false",
                   "data.views_per_image=2"])
     assert (out / "finished.json").exists()

@@ -2,7 +2,7 @@
 caption against another scene's caption and the empty one, on fresh scenes at three noise levels. A model
 that follows its prompts predicts the noise much better from the right caption (ratio well above 1).
 
-    python tools/caption_use.py models/shapes            # the first world's model: 1.36x / 1.80x / 1.76x
+    python tools/caption_use.py models/shapes_v1         # the first world's model: 1.36x / 1.80x / 1.76x
     python tools/caption_use.py runs/shapes_v2           # the second's: 1.13x / 1.25x / 1.29x
 """
 import argparse

@@ -8,13 +8,14 @@ from worlds.shapes.scene import (BACKGROUNDS, CONCEPTS, OBJECT_COLOURS, PATTERNS
                                  random_scene)
 from worlds.shapes.world_report import caption_floor
 
-__all__ = ["NAME", "CONCEPTS", "DATA", "MODEL", "MODEL_WORDS", "random_scene", "parse_caption", "alignment",
-           "identity", "blobs", "caption_floor"]  # what a world names (worlds/__init__.py)
+__all__ = ["NAME", "CONCEPTS", "DATA", "MODEL", "MODEL_WORDS", "SAMPLER_STEPS", "random_scene", "parse_caption",
+           "alignment", "identity", "blobs", "caption_floor"]  # what a world names (worlds/__init__.py)
 NAME = "shapes"
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "shapes"  # each concept's five photos
-MODEL = ROOT / "models" / "shapes"
+MODEL = ROOT / "models" / "shapes_v1"  # the first world's model (models/shapes is the third world's)
 MODEL_WORDS = ()  # its models share the grammar's words with every world's
+SAMPLER_STEPS = 15  # its metrics at 25 steps were within run-to-run noise (docs/reports/shapes_comparison.md)
 _PHRASE = {v: k for k, v in PHRASES.items()}
 
 

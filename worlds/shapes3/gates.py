@@ -22,7 +22,7 @@ from worlds.shapes3.scene import CONCEPTS, Scene, Thing, concept_photos, random_
 
 TEXT_GATE = {"accuracy": 0.995, "spread ratio": 0.05, "rgb error": 10.0}
 VAE_GATE = {"shape": 0.98, "colour": 0.98, "pattern": 0.98, "second": 0.98, "identity": 0.9}
-FIRST_WORLD_CAPTION_USE = {200: 1.36, 500: 1.80, 800: 1.76}  # tools/caption_use.py on models/shapes
+FIRST_WORLD_CAPTION_USE = {200: 1.36, 500: 1.80, 800: 1.76}  # tools/caption_use.py on models/shapes_v1
 GATES = {  # samples seen -> the least each number may be
     100_000: {"background": 0.65, "caption use": round(sum(FIRST_WORLD_CAPTION_USE.values()) / 3, 2)},
     230_000: {"background": 0.85, "shape": 0.50, "shape iou": 0.30},
