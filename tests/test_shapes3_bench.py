@@ -188,9 +188,11 @@ def test_the_shipped_model_is_the_third_worlds_and_configs_shapes_trains_it_unch
     assert sum(".attn2." in k for k in pipe.unet.attn_processors) == 16 and pipe.vae.config.latent_channels == 8
     assert script("sweep").unknown_words(THIRD, THIRD.MODEL) == []
     monkeypatch.chdir(ROOT)  # the config's paths are the repository's, as the README runs it
-    out = T.main(["--config", str(ROOT / "configs/shapes.yaml"), f"output_dir={tmp_path}/run", "stages.stage1.steps=2",
-                  "stages.stage2.steps=2", "stages.stage3.steps=2", "runtime.tensorboard=false", "data.views_per_image=2"])
+    out = T.main(["--config", str(ROOT / "configs/shapes.yaml"), f"output_dir={tmp_path}/run",
+                  "stages.stage1.steps=2", "stages.stage2.steps=2", "stages.stage3.steps=2",
+                  "runtime.tensorboard=false", "data.views_per_image=2"])
     config = (out / "config.yaml").read_text()
     assert "pretrained: models/shapes\n" in config and "instance_dir: data/shapes3/checker_star\n" in config
-    trained = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None, requires_safety_checker=False)
+    trained = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None,
+                                                      requires_safety_checker=False)
     assert "<v>" in trained.tokenizer.get_added_vocab()

@@ -423,3 +423,31 @@ def test_the_reruns_multiple_comparison_paragraph_is_what_its_cells_give():
     assert stars == sum(t["holm"] for t in tests.values())
     for page in ("docs/reports/shapes_results_r2/comparison.md", "docs/reports/shapes_overview.md", "docs/reports/shapes_comparison.md"):
         assert said in " ".join((ROOT / page).read_text().split()), page
+
+
+def test_an_older_first_world_sweep_resumes_from_the_moved_model_and_not_the_new_one(tmp_path, monkeypatch, capsys):
+    """A first-world sweep recorded base_model <repository>/models/shapes before the third world's model took
+    that folder: it resumes from models/shapes_v1 (the same weights, the new default), and the third world's
+    model under the old name is refused in one line."""
+    import json
+
+    from attndreambooth.sweep import checks
+    sweep, recorded = script("sweep"), []
+
+    def check(args):
+        recorded.append(checks.check_protocol(args))
+        return recorded[-1]
+    monkeypatch.setattr(sweep, "check_protocol", check)
+    out = tmp_path / "old"
+    argv = ["--world", "shapes", "--concepts", "split_circle", "--out", str(out), "--dry_run"]
+    sweep.main(argv)  # nothing recorded yet: this run's protocol, as the sweep would write it
+    assert recorded[-1]["base_model"] == "<repository>/models/shapes_v1"
+    out.mkdir()
+    (out / "protocol.json").write_text(json.dumps({**recorded[-1], "base_model": "<repository>/models/shapes"}))
+    metrics = out / "split_circle" / "reference" / "eval" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("{}")  # a finished cell: the protocol now binds
+    sweep.main(argv)
+    with pytest.raises(SystemExit, match=r"^error: .*--base_model '<repository>/models/shapes_v1' before, "
+                                         r"'<repository>/models/shapes' now"):
+        sweep.main(argv + ["--base_model", str(ROOT / "models" / "shapes")])

@@ -59,6 +59,9 @@ def check_cells(args, cells):
 
 PROTOCOL = ("world", "num_images", "num_prompts", "sampler_steps", "base_model", "step_scale", "set", "infer_args",
             "prompt_file", "clip", "dino")  # what a cell's numbers depend on besides its concept, method and seed
+# where a recorded model now lives: the first world's left models/shapes when the third world's took that folder,
+# so an older first-world sweep resumes from the same weights and is refused the other model under the old name
+MOVED = {("shapes", "<repository>/models/shapes"): "<repository>/models/shapes_v1"}
 
 
 def check_protocol(args):
@@ -68,6 +71,8 @@ def check_protocol(args):
     path, now = Path(args.out) / "protocol.json", {k: getattr(args, k) for k in PROTOCOL}
     now["base_model"] = now["base_model"].replace(str(ROOT), "<repository>")  # a moved clone is the same model
     before = json.loads(path.read_text()) if path.is_file() else None
+    if before is not None and (before.get("world"), before.get("base_model")) in MOVED:
+        before["base_model"] = MOVED[before["world"], before["base_model"]]
     finished = before is not None and any(Path(args.out).glob("**/eval/metrics.json"))
     if before is not None and before != now and finished:
         keys = ", ".join(f"--{k} {before.get(k)!r} before, {now[k]!r} now" for k in PROTOCOL if before.get(k) != now[k])
