@@ -134,8 +134,11 @@ def main(argv=None):
         jobs.require_submitit(args.launcher)
         if args.launcher == "slurm":
             jobs.require_slurm()
-    if args.jobs is not None and args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: give 1 or more")
+    for name in ("jobs", "num_images", "num_prompts", "sampler_steps", "sampler_batch"):  # counts, before any cell
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: give 1 or more")
+    if not 0 < args.step_scale < float("inf"):
+        p.error(f"--step_scale {args.step_scale}: give a finite number above 0 (0.25: a quarter of every stage's steps)")
     if args.publish and not args.world:
         p.error("--publish copies a world's report; give it with --world (e.g. --world shapes)")
     if args.publish and (problem := folder_problem(args.publish)):
@@ -145,7 +148,8 @@ def main(argv=None):
     # a sweep without a world records the first world's model in its protocol, as it always has (a rerun of it
     # is compared with what it recorded)
     args.base_model = args.base_model or str(world.MODEL if world else ROOT / "models" / "shapes")
-    args.sampler_steps = args.sampler_steps or (world.SAMPLER_STEPS if world else 15)
+    if args.sampler_steps is None:
+        args.sampler_steps = world.SAMPLER_STEPS if world else 15
     if world and not (Path(args.base_model) / "model_index.json").is_file():
         raise SystemExit(f"error: --base_model {args.base_model}: no model folder (no model_index.json); give the "
                          f"{args.world} world's base model (a folder `python -m worlds.{args.world} --out DIR` finished)")

@@ -156,7 +156,7 @@ def refused(argv, capsys):
     return code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_bad_cluster_input_is_one_line_before_anything_is_submitted(tmp_path, slurm, capsys):
+def test_bad_sweep_input_is_one_line_before_anything_is_submitted(tmp_path, slurm, capsys):
     out = tmp_path / "s"
     base = [*grid(out), "--launcher", "slurm"]
     (tmp_path / "cluster.yaml").write_text("partition: gpu\ngpus: 2\n")
@@ -191,7 +191,13 @@ def test_bad_cluster_input_is_one_line_before_anything_is_submitted(tmp_path, sl
             ([*grid(out), "--launcher", "submitit-local", "--cluster_config", str(tmp_path / "part.yaml")],
              f"error: --cluster_config {tmp_path / 'part.yaml'}: partition: a Slurm option; --launcher submitit-local"),
             ([*base, "--jobs", "2"], "error: --jobs is an option of --launcher local"),
-            ([*grid(out), "--launcher", "submitit-local", "--detach"], "error: --detach: a Slurm option")):
+            ([*grid(out), "--launcher", "submitit-local", "--detach"], "error: --detach: a Slurm option"),
+            ([*grid(out), "--num_images", "0"], "error: --num_images 0: give 1 or more"),
+            ([*grid(out), "--num_prompts", "-1"], "error: --num_prompts -1: give 1 or more"),
+            ([*grid(out), "--sampler_steps", "0"], "error: --sampler_steps 0: give 1 or more"),
+            ([*grid(out), "--sampler_batch", "0"], "error: --sampler_batch 0: give 1 or more"),
+            ([*grid(out), "--step_scale", "0"], "error: --step_scale 0.0: give a finite number above 0"),
+            ([*grid(out), "--step_scale", "inf"], "error: --step_scale inf: give a finite number above 0")):
         said = refused(argv, capsys)
         assert message in said and "\n" not in said, (message, said)
     assert fake_slurm.calls(slurm, "sbatch") == [] and not out.exists()
