@@ -145,8 +145,8 @@ def main(argv=None):
         raise SystemExit(f"error: --publish: {problem}")
     out = Path(args.out)
     world = load_world(args.world) if args.world else None
-    # a sweep without a world records the first world's model in its protocol, as it always has (a rerun of it
-    # is compared with what it recorded)
+    # a sweep without a world records <repository>/models/shapes in its protocol, as it always has: a name only
+    # (its cells train from their configs' models), kept so a rerun compares equal with what it recorded
     args.base_model = args.base_model or str(world.MODEL if world else ROOT / "models" / "shapes")
     if args.sampler_steps is None:
         args.sampler_steps = world.SAMPLER_STEPS if world else 15
