@@ -74,23 +74,42 @@ def run_local(args, cells):
             raise
 
 
-def run_in_workers(args, cells, threads):
+def run_in_workers(args, cells, threads, work=run_cell):
     """--jobs N on a CPU: N long-lived processes of `threads` threads each run the cells' scripts in-process; a
     subprocess per script paid ~6 s of imports three times a cell (~12 % of a shapes cell's CPU time)."""
     spawn = multiprocessing.get_context("spawn")  # a fork of a process holding OpenMP threads can hang
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=set_threads,
-                                                initargs=(threads,)) as pool:
+    stop = spawn.Event()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=start_worker,
+                                                initargs=(threads, stop)) as pool:
         try:
-            list(pool.map(run_cell, *zip(*cells), [args] * len(cells), [None] * len(cells)))
+            list(pool.map(in_worker, [work] * len(cells), cells, [args] * len(cells)))
         except KeyboardInterrupt:  # a SIGINT to this process alone left the workers training on
-            workers = list((pool._processes or {}).values())  # no public list of them; shutdown drops this one
-            pool.shutdown(wait=False, cancel_futures=True)
-            for worker in workers:
+            stop.set()  # the executor has already handed a worker the next cells: they must not start
+            for worker in list((pool._processes or {}).values()):  # no public list of them
                 if worker.is_alive():
                     os.kill(worker.pid, signal.SIGINT)  # each training stops at its step and logs "interrupted"
+            pool.shutdown(wait=True, cancel_futures=True)  # the cells end in seconds; then the workers exit
             raise
 
 
-def set_threads(threads):
+STOP = None  # in a worker: the sweep's "start no further cell"
+
+
+def start_worker(threads, stop):
+    global STOP
+    STOP = stop
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # the worker's own children too
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle, waiting for a cell: a Ctrl-C would kill it mid-protocol
+
+
+def in_worker(work, cell, args):
+    """One cell in a worker: skipped once the sweep is stopping; a Ctrl-C interrupts it (its training then
+    ends at a step with its checkpoints), and the worker stays to take the executor's last word."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if STOP.is_set():  # after the handler: a stop set before its SIGINT came, while ignored, is seen here
+            return None
+        return work(*cell, args, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
