@@ -53,19 +53,28 @@ PUBLISHED = ("comparison.md", "comparison.json", "scatter.png", "grid.png", "pro
              "vae_ceiling.json", "sampler_agreement.md", "sampler_agreement.json")  # the last two once tools/sampler_agreement.py ran
 
 
+def report_name(method):
+    from worlds.comparison import BASELINES
+    return BASELINES.get(method, method.split("/")[-1])
+
+
+def grid_samples(out, cells):
+    """{(concept, method as the report names it): samples folder} of the first seed's cells, for grid.png."""
+    first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
+    return {(c, report_name(m)): cell_dir(out, c, m, seed) / "samples"
+            for c, _, _, m, seed in cells if seed in (first_seed, None)}
+
+
 def gather_world(world, results, out, cells, base_model):
     """The world's report (worlds.comparison.write_report) from the cells' metrics, with the
     base model's VAE ceiling per concept and, for the grid, the samples of the first seed."""
-    from worlds.comparison import BASELINES, write_report, write_vae_ceiling
-    name = lambda m: BASELINES.get(m, m.split("/")[-1])  # noqa: E731
-    first_seed = min((seed for *_, seed in cells if seed is not None), default=None)
-    samples = {(c, name(m)): cell_dir(out, c, m, seed) / "samples"
-               for c, _, _, m, seed in cells if seed in (first_seed, None)}
-    timings = {(c, name(m), seed): json.loads(path.read_text()) for c, _, _, m, seed in cells
+    from worlds.comparison import write_report, write_vae_ceiling
+    samples = grid_samples(out, cells)
+    timings = {(c, report_name(m), seed): json.loads(path.read_text()) for c, _, _, m, seed in cells
                if (path := cell_dir(out, c, m, seed) / "timings.json").is_file()}
     ceiling = write_vae_ceiling(world, out, {c: photos for c, photos, *_ in cells}, base_model,
                                 "cuda" if torch.cuda.is_available() else "cpu")
-    return write_report({(c, name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples,
+    return write_report({(c, report_name(m), seed): r["overall"] for (c, m, seed), r in results.items()}, out, samples,
                         timings, ceiling)
 
 
@@ -119,7 +128,9 @@ def parser():
     p.add_argument("--jobs", type=int, help="without a GPU: cells at once, the cores shared out (default 1)")
     p.add_argument("--publish", help="with --world: also copy the report (comparison.md/.json, scatter.png, "
                    "grid.png, protocol.json, floor_captions.json, and sampler_agreement.md/.json once "
-                   "tools/sampler_agreement.py has run) into this folder, e.g. docs/reports/shapes_results_r2")
+                   "tools/sampler_agreement.py has run) into this folder, e.g. docs/reports/shapes_results_r2, "
+                   "and into its sweep/ what the report is computed from, laid out as --out (worlds/record.py: "
+                   "--report_only --out FOLDER/sweep recomputes it; an --out holding a copy resumes the sweep)")
     p.add_argument("--report_only", action="store_true", help="train nothing: gather the cells finished so far "
                    "(of a sweep stopped or still running) and say how many are missing")
     cluster.add_arguments(p)
@@ -279,6 +290,8 @@ def report(args, world, out, cells):
             for name in PUBLISHED:
                 if (out / name).is_file():
                     shutil.copyfile(out / name, Path(args.publish) / name)
+            from worlds.record import write_record  # and what it is computed from, as OUT lays it out
+            write_record(out, [cell_path(out, c) for c in cells], grid_samples(out, cells), Path(args.publish) / "sweep")
     else:
         text = dreambench.write_table({(c, m if seed is None else f"{m} seed {seed}"): r
                                        for (c, m, seed), r in results.items()}, out)

@@ -1,6 +1,7 @@
 """The comparison's parts in the shapes world: short captions, the held-out prompts, the statistics, the
 base model's reference through infer.py, and the patterned scenes the VAE learns from."""
 import random
+import shutil
 import statistics
 
 import numpy as np
@@ -287,8 +288,17 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert row[5] == f"{sum(timing[k] for k in ('train_attndreambooth', 'infer', 'evaluate')):.0f} s |"
     published = sorted(p.name for p in (tmp_path / "docs").iterdir())  # --publish: the report alone
     assert published == sorted(["comparison.md", "comparison.json", "scatter.png", "grid.png", "protocol.json",
-                                "floor_captions.json", "vae_ceiling.json"])
+                                "floor_captions.json", "vae_ceiling.json", "sweep"])
     assert (tmp_path / "docs" / "comparison.md").read_text() == table
+    record = tmp_path / "docs" / "sweep"  # and what it was computed from, as OUT lays it out, without weights
+    assert not list(record.rglob("*.safetensors")) and sum(f.stat().st_size for f in record.rglob("*")) < 300_000
+
+    def at(out, *more):
+        return [a if a != str(tmp_path / "s") else str(out) for a in args[:args.index("--publish")]] + list(more)
+    assert sweep.main(at(record, "--report_only")) == results and (record / "comparison.md").read_text() == table
+    assert np.array_equal(np.asarray(Image.open(record / "grid.png")), np.asarray(Image.open(tmp_path / "s" / "grid.png")))
+    shutil.copytree(record, tmp_path / "elsewhere")  # into another machine's OUT: the same command finds it done
+    assert sweep.main(at(tmp_path / "elsewhere")) == results and not list((tmp_path / "elsewhere").rglob("run"))
     assert main.count("\n") == 5 and "± " in main  # header, rule, the base model's two rows and the two methods
     diff = next(r for r in paired.splitlines() if r.startswith("| textual_inversion | 1 |"))
     ours, ti = (metrics["overall"]["identity"],

@@ -220,7 +220,10 @@ def _attention_panel(folder, placeholder, image, side):
     return Image.blend(image.resize((side, side), Image.NEAREST), red, 0.6)
 
 
-def grid(samples, path, prompts=3, side=96):
+GRID_PROMPTS = 3  # the samples per concept in grid.png (the first prompts' first images, seed 0)
+
+
+def grid(samples, path, prompts=GRID_PROMPTS, side=96):
     """Rows: methods; per concept `prompts` samples (seed 0, first image of the first prompts) and [V]'s
     attention for the first prompt. `samples`: {(concept, method): samples folder}."""
     concepts = list(dict.fromkeys(c for c, _ in samples))

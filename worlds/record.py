@@ -1,0 +1,52 @@
+"""A world comparison's record, for a repository beside its report: the sweep's OUT without weights, logs
+or most images, laid out as OUT is. It holds what the report is computed from (each cell's eval/metrics.json
+and timings.json, the protocol, the prompts, the floor captions and VAE ceilings) and what grid.png draws
+(the first seed's first images of the first prompts, the first prompt's [V] map), so that
+`scripts/sweep.py --world W --out RECORD --report_only` recomputes the report, and an OUT holding a copy of it
+lets the same sweep command finish the remaining cells on another machine."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from worlds.comparison import GRID_PROMPTS
+
+SHARED = ("protocol.json", "floor_captions.json", "vae_ceiling.json")  # OUT's own files the report reads
+
+
+def write_record(out, cell_folders, samples, dest):
+    """Copy into `dest` what the report needs of OUT: `cell_folders`, the finished cells' folders, and
+    `samples`, the grid's samples folders ({(concept, method): folder}); returns the files written."""
+    out, dest, written = Path(out), Path(dest), []
+
+    def keep(path, data=None):
+        target = dest / Path(path).relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            shutil.copyfile(path, target)
+        else:  # the first image's maps of the caption's positions alone (the panel's): ~1/25 of the file
+            np.savez_compressed(target, **data)
+        written.append(target)
+
+    for name in SHARED:
+        if (out / name).is_file():
+            keep(out / name)
+    for prompts in sorted((out / "prompts").glob("*.txt")):
+        keep(prompts)
+    for cell in cell_folders:
+        for name in ("eval/metrics.json", "timings.json"):
+            if (Path(cell) / name).is_file():
+                keep(Path(cell) / name)
+    for folder in samples.values():
+        firsts = sorted(p for p in Path(folder).iterdir() if (p / "prompt.json").is_file())[:GRID_PROMPTS]
+        for k, prompt in enumerate(firsts):
+            keep(prompt / "prompt.json")
+            images = sorted(prompt.glob("[0-9][0-9][0-9].png"))
+            if images:
+                keep(images[0])
+            if k == 0 and (prompt / "attention_maps.npz").is_file():
+                with np.load(prompt / "attention_maps.npz") as data:
+                    found = {n: data[n] for n in data}
+                end = int(found["positions"].max()) + 2 if len(found["positions"]) else 1  # start .. end of text
+                keep(prompt / "attention_maps.npz", dict(found, maps=found["maps"][:1, :end]))
+    return written
