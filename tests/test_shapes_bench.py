@@ -295,7 +295,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
 
     def at(out, *more):
         return [a if a != str(tmp_path / "s") else str(out) for a in args[:args.index("--publish")]] + list(more)
-    assert sweep.main(at(record, "--report_only")) == results and (record / "comparison.md").read_text() == table
+    again = at(record, "--report_only", "--publish", str(tmp_path / "docs"))  # published where it was: kept as is
+    assert sweep.main(again) == results and (record / "comparison.md").read_text() == table
     assert np.array_equal(np.asarray(Image.open(record / "grid.png")), np.asarray(Image.open(tmp_path / "s" / "grid.png")))
     shutil.copytree(record, tmp_path / "elsewhere")  # into another machine's OUT: the same command finds it done
     assert sweep.main(at(tmp_path / "elsewhere")) == results and not list((tmp_path / "elsewhere").rglob("run"))

@@ -18,6 +18,8 @@ def write_record(out, cell_folders, samples, dest):
     """Copy into `dest` what the report needs of OUT: `cell_folders`, the finished cells' folders, and
     `samples`, the grid's samples folders ({(concept, method): folder}); returns the files written."""
     out, dest, written = Path(out), Path(dest), []
+    if dest.resolve() == out.resolve():  # a report recomputed from its record, published where it was: as it is
+        return written
 
     def keep(path, data=None):
         target = dest / Path(path).relative_to(out)
@@ -37,8 +39,8 @@ def write_record(out, cell_folders, samples, dest):
         for name in ("eval/metrics.json", "timings.json"):
             if (Path(cell) / name).is_file():
                 keep(Path(cell) / name)
-    for folder in samples.values():
-        firsts = sorted(p for p in Path(folder).iterdir() if (p / "prompt.json").is_file())[:GRID_PROMPTS]
+    for folder in filter(Path.is_dir, map(Path, samples.values())):
+        firsts = sorted(p for p in folder.iterdir() if (p / "prompt.json").is_file())[:GRID_PROMPTS]
         for k, prompt in enumerate(firsts):
             keep(prompt / "prompt.json")
             images = sorted(prompt.glob("[0-9][0-9][0-9].png"))
