@@ -306,6 +306,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
                 json.loads((cell.parent.parent / "shapes_textual_inversion" / "seed_0" / "eval" / "metrics.json")
                            .read_text())["overall"]["identity"])
     assert diff.split(" | ")[2] == f"{ours - ti:+.3f} ± n/a"  # the pair's difference, from the two cells
+    single = {"p": 1.0, "holm": False, "excludes_0": False}  # one pair: both signs as extreme, no interval
+    assert json.loads((tmp_path / "s" / "comparison.json").read_text())["tests"]["textual_inversion"]["identity"] == single
     assert concepts.splitlines()[2].startswith("| split_circle | ") and f"{ours:.3f} / " in concepts
     import torch
     from diffusers import AutoencoderKL  # the ceiling column: the photos through the base model's VAE, by hand

@@ -262,7 +262,7 @@ def write_report(cells, out, samples, timings=None, ceiling=None):
     out = Path(out)
     summary, paired = summarise(cells), paired_differences(cells)
     text = table(summary)
-    parts = [text]
+    parts, tests = [text], {}
     if paired:
         tests = paired_tests(pairs_of(cells), METRICS)
         survivors = {key for key, t in tests.items() if t["holm"]}
@@ -282,6 +282,7 @@ def write_report(cells, out, samples, timings=None, ceiling=None):
         return {m: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for m, row in rows.items()}
     (out / "comparison.json").write_text(json.dumps(dict(
         methods=as_lists(summary), attndreambooth_minus=as_lists(paired), cost=costs, vae_ceiling=ceiling or {},
+        tests={m: {k: t for (n, k), t in tests.items() if n == m} for m, _ in tests},  # each pair's p, Holm's verdict
         cells=[dict(concept=c, method=m, seed=seed, **o) for (c, m, seed), o in sorted(cells.items(), key=str)]),
         indent=1))
     scatter(scatter_points(summary), out / "scatter.png", size=720, x_label="text alignment", y_label="identity",
