@@ -292,6 +292,8 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert (tmp_path / "docs" / "comparison.md").read_text() == table
     record = tmp_path / "docs" / "sweep"  # and what it was computed from, as OUT lays it out, without weights
     assert not list(record.rglob("*.safetensors")) and sum(f.stat().st_size for f in record.rglob("*")) < 300_000
+    texts = [f.read_text() for f in record.rglob("*.json")] + [str(Image.open(f).text) for f in record.rglob("*.png")]
+    assert not any(str(sweep.ROOT) in t for t in texts) and any("<repository>/models/shapes_v1" in t for t in texts)
 
     def at(out, *more):
         return [a if a != str(tmp_path / "s") else str(out) for a in args[:args.index("--publish")]] + list(more)

@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from worlds.comparison import GRID_PROMPTS
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("protocol.json", "floor_captions.json", "vae_ceiling.json")  # OUT's own files the report reads
 
 
@@ -22,12 +25,21 @@ def write_record(out, cell_folders, samples, dest):
         return written
 
     def keep(path, data=None):
-        target = dest / Path(path).relative_to(out)
+        path = Path(path)
+        target = dest / path.relative_to(out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if data is None:
-            shutil.copyfile(path, target)
-        else:  # the first image's maps of the caption's positions alone (the panel's): ~1/25 of the file
+        if data is not None:  # the first image's maps of the caption's positions alone (the panel's): ~1/25 of the file
             np.savez_compressed(target, **data)
+        elif path.suffix == ".json":
+            target.write_text(anonymous(path.read_text()))
+        elif path.suffix == ".png":  # the same pixels; its parameters (infer.py's) without this checkout's path
+            with Image.open(path) as image:
+                info = PngInfo()
+                for key, value in image.text.items():
+                    info.add_text(key, anonymous(value))
+                image.save(target, pnginfo=info)
+        else:
+            shutil.copyfile(path, target)
         written.append(target)
 
     for name in SHARED:
@@ -52,3 +64,8 @@ def write_record(out, cell_folders, samples, dest):
                 end = int(found["positions"].max()) + 2 if len(found["positions"]) else 1  # start .. end of text
                 keep(prompt / "attention_maps.npz", dict(found, maps=found["maps"][:1, :end]))
     return written
+
+
+def anonymous(text):
+    """A record names the checkout as protocol.json does, "<repository>": it is read on other machines."""
+    return text.replace(str(ROOT), "<repository>")
