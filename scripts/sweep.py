@@ -23,7 +23,8 @@ so two 1-thread trainings did 1.7x the work of one 2-thread training). Cells go 
 interrupted sweep leaves whole seeds. The gathered table, sweep.json and the identity-vs-text scatter
 (one point per method) land in OUT; with --world: comparison.md/.json (mean and 95 % CI over
 concepts x seeds, AttnDreamBooth's paired differences to each method, per-concept means), scatter.png
-with the intervals, grid.png (samples and [V]'s attention), and the base model's reference row.
+with the intervals, grid.png (samples and [V]'s attention), and the base model's reference row; --publish
+copies the report and its record (worlds/record.py), from which it can be recomputed or the sweep finished.
 With --launcher slurm each unfinished cell is a task of one job array (submitit); OUT/jobs.json records
 them, and the same command run again waits for the running ones, resubmits those that failed, timed out or
 were preempted (their trainings resume), and never a finished one (attndreambooth/sweep/jobs.py).
