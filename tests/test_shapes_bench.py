@@ -78,8 +78,13 @@ def test_cost_by_hand_leaves_out_resumed_cells():
     costs = cost({("a", "m", 0): t(100, 20, 10), ("b", "m", 0): t(200, 30, 20), ("a", "m", 1): t(4, 25, 9, True),
                   ("c", "m", 0): t(1500, 40, 12), ("c", "m", 1): t(150, 10, 30),  # the first paused 20 min
                   ("a", "n", 0): t(3, 20, 10, True), ("a", "old", 0): {"train_attndreambooth": 7, "infer": 1}})
-    assert costs == {"m": dict(cells=4, train_attndreambooth=175, infer=25, evaluate=16, total=220),
-                     "old": dict(cells=1, train_attndreambooth=7, infer=1, evaluate=0.0, total=8)}
+    assert costs == {"not recorded": {"m": dict(cells=4, train_attndreambooth=175, infer=25, evaluate=16, total=220),
+                                      "old": dict(cells=1, train_attndreambooth=7, infer=1, evaluate=0.0, total=8)}}
+    on = lambda machine, *a: dict(t(*a), machine=machine)  # noqa: E731
+    costs = cost({("a", "m", 0): on("x", 100, 20, 10), ("b", "m", 0): on("y", 200, 30, 20),
+                  ("c", "m", 0): on("y", 300, 10, 10)})  # two machines: never one median over both
+    assert costs == {"x": {"m": dict(cells=1, train_attndreambooth=100, infer=20, evaluate=10, total=130)},
+                     "y": {"m": dict(cells=2, train_attndreambooth=250, infer=20, evaluate=15, total=285)}}
 
 
 def test_sampler_agreement_spreads_its_cells_over_concepts(tmp_path):
@@ -280,7 +285,9 @@ def test_world_sweep_end_to_end(tmp_path, capsys):
     assert metrics["prompts"][0]["identity"] == pytest.approx(identity(image, "split_circle"))
     assert 0 <= metrics["overall"]["attention_share"] <= 1 and "attention_iou" in metrics["overall"]
     table = (tmp_path / "s" / "comparison.md").read_text()
-    main, _, paired, note, _, concepts, _, costs = table.strip().split("\n\n")
+    main, _, paired, note, _, concepts, _, machine, costs = table.strip().split("\n\n")
+    from attndreambooth.machine import machine as this_machine
+    assert machine == f"On {this_machine()}:"  # every cell ran here, and its timings.json says so
     assert note.startswith("Multiple comparisons: this table holds 8 intervals; 0 exclude 0") and "keep 0." in note
     timing = json.loads((cell / "timings.json").read_text())  # the cell's own record of its parts
     row = next(r for r in costs.splitlines() if r.startswith("| attndreambooth | 1 |")).split(" | ")

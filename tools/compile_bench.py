@@ -9,14 +9,14 @@ kernel launches: torch.profiler's count), and the stage-3 step time against eage
 """
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from attndreambooth.machine import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"off": "fast+cl", "regional": "fast+regional", "regional+resnet": "fast+regional+resnet",
@@ -34,15 +34,6 @@ def run(mode, cache, args, tmp):
     if done.returncode != 0:
         sys.exit(f"error: {mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())["rows"][0]
-
-
-def cpu_name():
-    """The CPU's model name and core count (/proc/cpuinfo where there is one)."""
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "CPU"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def main(argv=None):
@@ -64,7 +55,7 @@ def main(argv=None):
                 rows.append(dict(mode=mode, kind=kind, **row))
                 print(json.dumps(rows[-1]), flush=True)
     eager = next((r for r in rows if r["mode"] == "off"), None)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu()
     lines = [f"# Compilation, measured: {device}, torch {torch.__version__}, layout {args.layout}, batch "
              f"{args.batch_size}, {args.precision}", "",
              "| mode | process | compile s (all stages) | compilations | FX cache hits / misses | ATen ops per stage-3 step "

@@ -10,12 +10,13 @@ date. A timing is only taken on a quiet machine: the script waits until the 1-mi
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from attndreambooth.machine import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "reports" / "readme_times.json"
@@ -28,16 +29,6 @@ COMMANDS = {  # name -> the README's command line (run from the checkout; {tmp} 
 }
 NEEDS = {"infer": "demo"}  # infer samples from the demo's run folder
 QUIET_LOAD = 0.5
-
-
-def machine():
-    """The CPU's name and core count (or the GPU's), in words."""
-    name = platform.processor() or "CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def wait_quiet(limit_s=600):
@@ -85,7 +76,7 @@ def main(argv=None):
                 sys.exit(f"error: the machine is busy (load average {os.getloadavg()[0]:.1f} >= {QUIET_LOAD}); "
                          f"stop other jobs and measure again: nothing was recorded for {name}")
             seconds = measure(name, tmp)
-            record[name] = dict(seconds=round(seconds, 1), text=format_seconds(seconds), machine=machine(),
+            record[name] = dict(seconds=round(seconds, 1), text=format_seconds(seconds), machine=cpu(),
                                 torch=__import__("torch").__version__, date=time.strftime("%Y-%m-%d"))
             RECORD.write_text(json.dumps(record, indent=1) + "\n")
             print(f"{name}: {format_seconds(seconds)}")

@@ -176,24 +176,33 @@ PARTS = {"train_attndreambooth": "training", "infer": "sampling", "evaluate": "s
 
 
 def cost(timings):
-    """{method: {"cells": n, part: median seconds, ..., "total": median seconds}} from {(concept, method,
-    seed): a cell's timings.json}. Medians, since a cell paused or slowed by other work on the machine times
-    that too; a cell whose training resumed after a stop timed only what its last attempt redid, so it is
-    left out (`resumed`; a method with only such cells has no row)."""
-    by_method = {}
+    """{machine: {method: {"cells": n, part: median seconds, ..., "total": median seconds}}} from {(concept,
+    method, seed): a cell's timings.json}, by the machine each cell ran on (its timings.json says; "not
+    recorded" before they did): one cell took twice as long on one kind of CPU as on another. Medians, since
+    a cell paused or slowed by other work on the machine times that too; a cell whose training resumed after
+    a stop timed only what its last attempt redid, so it is left out (`resumed`; a method with only such
+    cells has no row)."""
+    by_machine = {}
     for (_, method, _), t in timings.items():
         if not t.get("resumed"):
-            by_method.setdefault(method, []).append(t)
-    return {m: dict(cells=len(rows), **{part: statistics.median(r.get(part, 0.0) for r in rows) for part in PARTS},
-                    total=statistics.median(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
-            for m, rows in by_method.items()}
+            by_machine.setdefault(t.get("machine", "not recorded"), {}).setdefault(method, []).append(t)
+    return {machine: {m: dict(cells=len(rows), **{part: statistics.median(r.get(part, 0.0) for r in rows)
+                                                  for part in PARTS},
+                             total=statistics.median(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
+                      for m, rows in methods.items()}
+            for machine, methods in sorted(by_machine.items())}
 
 
 def cost_table(costs):
-    lines = ["| method | cells | " + " | ".join(PARTS.values()) + " | cell |", "|---|---|" + "---|" * (len(PARTS) + 1)]
-    lines += [f"| {m} | {c['cells']} | " + " | ".join(f"{c[part]:.0f} s" for part in PARTS) + f" | {c['total']:.0f} s |"
-              for m, c in costs.items()]
-    return "\n".join(lines)
+    """One table per machine, each headed by the machine."""
+    blocks = []
+    for machine, rows in costs.items():
+        lines = [f"On {machine}:", "", "| method | cells | " + " | ".join(PARTS.values()) + " | cell |",
+                 "|---|---|" + "---|" * (len(PARTS) + 1)]
+        lines += [f"| {m} | {c['cells']} | " + " | ".join(f"{c[part]:.0f} s" for part in PARTS)
+                  + f" | {c['total']:.0f} s |" for m, c in rows.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def scatter_points(summary):
@@ -274,8 +283,9 @@ def write_report(cells, out, samples, timings=None, ceiling=None):
         "a method can show:" if ceiling else ":"), per_concept(cells, ceiling)]
     costs = cost(timings) if timings else {}
     if costs:
-        parts += ["What a cell cost, median seconds by part (each cell's timings.json, those resumed after a "
-                  "stop left out; the processes that ran them shared the machine's cores):", cost_table(costs)]
+        parts += ["What a cell cost, median seconds by part, by the machine it ran on (each cell's timings.json, "
+                  "those resumed after a stop left out; the processes that ran them shared the machine's cores):",
+                  cost_table(costs)]
     (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
 
     def as_lists(rows):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from attndreambooth.machine import machine
 from attndreambooth.sweep import dreambench
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the scripts a cell runs and the configs it names
@@ -184,7 +185,8 @@ def run_cell(concept, folder, category, method, seed, args, slot, processes=1):
                 raise RuntimeError(f"{name}: {Path(script).name} failed ({e}); see {cell / 'sweep.log'}") from None
             seconds[Path(script).stem] = round(time.perf_counter() - start, 2)
     (cell / "timings.json").write_text(json.dumps(dict(seconds, processes="this one" if slot is None else
-                                                       "one per script", resumed=resumed), indent=1) + "\n")
+                                                       "one per script", resumed=resumed, machine=machine()),
+                                                  indent=1) + "\n")
     return json.loads(metrics.read_text())
 
 
