@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import fake_slurm
 from attndreambooth.sweep import jobs
@@ -61,7 +62,8 @@ def test_submitit_local_runs_the_grid_and_a_rerun_submits_nothing(tmp_path, monk
         metrics = json.loads((cell(out, m) / "eval" / "metrics.json").read_text())
         assert results[("toy", m, None)] == metrics and (cell(out, m) / "run" / "finished.json").is_file()
         timings = json.loads((cell(out, m) / "timings.json").read_text())  # the cell's cost, by part
-        assert set(timings) == {"train_attndreambooth", "infer", "evaluate", "processes", "resumed"}
+        assert set(timings) == {"train_attndreambooth", "infer", "evaluate", "processes", "resumed", "machine"}
+        assert timings["machine"].endswith(f"torch {torch.backends.cpu.get_cpu_capability()} kernels")  # a CPU job
         parts = [timings[k] for k in ("train_attndreambooth", "infer", "evaluate")]
         assert all(t > 0 for t in parts) and sum(parts) < wall  # the parts of a cell that ran within the sweep
     record = json.loads((out / "jobs.json").read_text())
