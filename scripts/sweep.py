@@ -153,7 +153,7 @@ def main(argv=None):
         p.error(f"--step_scale {args.step_scale}: give a finite number above 0 (0.25: a quarter of every stage's steps)")
     if args.publish and not args.world:
         p.error("--publish copies a world's report; give it with --world (e.g. --world shapes)")
-    if args.publish and (problem := folder_problem(args.publish)):
+    if args.publish and (problem := folder_problem(Path(args.publish) / "sweep")):  # the report's folder and its record's
         raise SystemExit(f"error: --publish: {problem}")
     out = Path(args.out)
     world = load_world(args.world) if args.world else None

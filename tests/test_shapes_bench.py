@@ -1,6 +1,7 @@
 """The comparison's parts in the shapes world: short captions, the held-out prompts, the statistics, the
 base model's reference through infer.py, and the patterned scenes the VAE learns from."""
 import random
+import re
 import shutil
 import statistics
 
@@ -244,6 +245,18 @@ def test_sweep_slots(monkeypatch):
     assert gpus == [{"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "3"}]
     with pytest.raises(SystemExit):
         sweep.main(["--world", "shapes", "--out", "unused", "--jobs", "0"])
+
+
+def test_publish_refuses_a_folder_or_record_that_is_a_file_before_anything_runs(tmp_path):
+    sweep = script("sweep")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "sweep").write_text("")  # where the record would go
+    (tmp_path / "file").write_text("")
+    for publish, said in ((tmp_path / "report", f"{tmp_path / 'report' / 'sweep'} is a file; give a folder"),
+                          (tmp_path / "file", f"would be inside {tmp_path / 'file'}, which is a file")):
+        with pytest.raises(SystemExit, match=re.escape(said)):
+            sweep.main(["--world", "shapes", "--out", str(tmp_path / "out"), "--publish", str(publish)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "report"]  # no --out made
 
 
 @pytest.mark.slow
