@@ -7,8 +7,9 @@ import re
 from conftest import ROOT
 
 # bottom to top; a module may import its own layer and the ones below (attention_reg.py is a library file
-# of its own, below everything; cli is the commands' argument parser; the command-line faces, infer.py and train_attndreambooth.py, are on top)
-LAYERS = ("attention_reg", "attndreambooth.cli", "attndreambooth.config", "attndreambooth.families", "attndreambooth.inference",
+# of its own, below everything; cli is the commands' argument parser, machine the words for where a measurement
+# ran; the command-line faces, infer.py and train_attndreambooth.py, are on top)
+LAYERS = ("attention_reg", "attndreambooth.cli", "attndreambooth.machine", "attndreambooth.config", "attndreambooth.families", "attndreambooth.inference",
           "attndreambooth.trainer", "attndreambooth.sweep", "infer", "train_attndreambooth")
 
 
