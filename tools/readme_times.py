@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from attndreambooth.machine import cpu
+from attndreambooth.machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "reports" / "readme_times.json"
@@ -76,7 +76,7 @@ def main(argv=None):
                 sys.exit(f"error: the machine is busy (load average {os.getloadavg()[0]:.1f} >= {QUIET_LOAD}); "
                          f"stop other jobs and measure again: nothing was recorded for {name}")
             seconds = measure(name, tmp)
-            record[name] = dict(seconds=round(seconds, 1), text=format_seconds(seconds), machine=cpu(),
+            record[name] = dict(seconds=round(seconds, 1), text=format_seconds(seconds), machine=machine(),
                                 torch=__import__("torch").__version__, date=time.strftime("%Y-%m-%d"))
             RECORD.write_text(json.dumps(record, indent=1) + "\n")
             print(f"{name}: {format_seconds(seconds)}")
