@@ -20,5 +20,5 @@ def machine():
     import torch
     words = f"{cpu()}, torch {torch.backends.cpu.get_cpu_capability()} kernels"
     if torch.cuda.is_available():
-        words += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        words += f", {torch.cuda.get_device_name(0)}"  # the model, not a count: a cell may use one of them
     return words

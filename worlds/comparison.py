@@ -214,9 +214,19 @@ def scatter_points(summary):
     return out
 
 
+def first_image_path(folder):
+    """A prompt folder's first image (infer.py's 000.png, ...), None if it has none."""
+    return next(iter(sorted(Path(folder).glob("[0-9][0-9][0-9].png"))), None)
+
+
 def _first_image(folder):
-    paths = sorted(Path(folder).glob("[0-9][0-9][0-9].png"))
-    return Image.open(paths[0]).convert("RGB") if paths else Image.new("RGB", (64, 64), "white")
+    path = first_image_path(folder)
+    return Image.open(path).convert("RGB") if path else Image.new("RGB", (64, 64), "white")
+
+
+def grid_prompt_folders(samples, prompts=None):
+    """The prompt folders of a samples folder that grid.png draws: the first `prompts` (GRID_PROMPTS) by name."""
+    return sorted(p for p in Path(samples).iterdir() if (p / "prompt.json").is_file())[:prompts or GRID_PROMPTS]
 
 
 def _attention_panel(folder, placeholder, image, side):
@@ -249,8 +259,8 @@ def grid(samples, path, prompts=GRID_PROMPTS, side=96):
             folder = samples.get((concept, method))
             if folder is None:
                 continue
-            prompt_folders = sorted(p for p in Path(folder).iterdir() if (p / "prompt.json").is_file())
-            for k, pf in enumerate(prompt_folders[:prompts]):
+            prompt_folders = grid_prompt_folders(folder, prompts)
+            for k, pf in enumerate(prompt_folders):
                 sheet.paste(_first_image(pf).resize((side, side), Image.NEAREST),
                             (label_w + (j * cols + k) * side, y))
             first = prompt_folders[0] if prompt_folders else None

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from worlds.comparison import GRID_PROMPTS
+from worlds.comparison import first_image_path, grid_prompt_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("protocol.json", "floor_captions.json", "vae_ceiling.json")  # OUT's own files the report reads
@@ -19,10 +19,10 @@ SHARED = ("protocol.json", "floor_captions.json", "vae_ceiling.json")  # OUT's o
 
 def write_record(out, cell_folders, samples, dest):
     """Copy into `dest` what the report needs of OUT: `cell_folders`, the finished cells' folders, and
-    `samples`, the grid's samples folders ({(concept, method): folder}); returns the files written."""
-    out, dest, written = Path(out), Path(dest), []
+    `samples`, the grid's samples folders ({(concept, method): folder})."""
+    out, dest = Path(out), Path(dest)
     if dest.resolve() == out.resolve():  # a report recomputed from its record, published where it was: as it is
-        return written
+        return
 
     def keep(path, data=None):
         path = Path(path)
@@ -40,7 +40,6 @@ def write_record(out, cell_folders, samples, dest):
                 image.save(target, pnginfo=info)
         else:
             shutil.copyfile(path, target)
-        written.append(target)
 
     for name in SHARED:
         if (out / name).is_file():
@@ -52,18 +51,15 @@ def write_record(out, cell_folders, samples, dest):
             if (Path(cell) / name).is_file():
                 keep(Path(cell) / name)
     for folder in filter(Path.is_dir, map(Path, samples.values())):
-        firsts = sorted(p for p in folder.iterdir() if (p / "prompt.json").is_file())[:GRID_PROMPTS]
-        for k, prompt in enumerate(firsts):
+        for k, prompt in enumerate(grid_prompt_folders(folder)):
             keep(prompt / "prompt.json")
-            images = sorted(prompt.glob("[0-9][0-9][0-9].png"))
-            if images:
-                keep(images[0])
+            if first_image_path(prompt):
+                keep(first_image_path(prompt))
             if k == 0 and (prompt / "attention_maps.npz").is_file():
                 with np.load(prompt / "attention_maps.npz") as data:
                     found = {n: data[n] for n in data}
                 end = int(found["positions"].max()) + 2 if len(found["positions"]) else 1  # start .. end of text
                 keep(prompt / "attention_maps.npz", dict(found, maps=found["maps"][:1, :end]))
-    return written
 
 
 def anonymous(text):
