@@ -294,7 +294,9 @@ def write_report(cells, out, samples, timings=None, ceiling=None):
     costs = cost(timings) if timings else {}
     if costs:
         parts += ["What a cell cost, median seconds by part, by the machine it ran on (each cell's timings.json, "
-                  "those resumed after a stop left out; the processes that ran them shared the machine's cores):",
+                  "those resumed after a stop left out; the processes that ran them shared the machine's cores; "
+                  "wall-clock time, so a cell that ran while the sweep was paused or the machine busy with other "
+                  "work counts that too, which the median keeps out of a row of several cells):",
                   cost_table(costs)]
     (out / "comparison.md").write_text("\n\n".join(parts) + "\n")
 
