@@ -53,8 +53,8 @@ def write_record(out, cell_folders, samples, dest):
     for folder in filter(Path.is_dir, map(Path, samples.values())):
         for k, prompt in enumerate(grid_prompt_folders(folder)):
             keep(prompt / "prompt.json")
-            if first_image_path(prompt):
-                keep(first_image_path(prompt))
+            if image := first_image_path(prompt):
+                keep(image)
             if k == 0 and (prompt / "attention_maps.npz").is_file():
                 with np.load(prompt / "attention_maps.npz") as data:
                     found = {n: data[n] for n in data}
