@@ -73,14 +73,14 @@ def test_sign_flip_p_and_holm_by_hand():
 def test_cost_by_hand_leaves_out_resumed_cells():
     """Median seconds per part and per cell over a method's cells (a paused cell does not move it); a resumed
     cell (it timed only what it redid) is left out, and a method with nothing else has no row."""
-    from worlds.comparison import cost
+    from worlds.comparison import UNRECORDED, cost
     t = lambda train, infer, ev, resumed=False: dict(train_attndreambooth=train, infer=infer, evaluate=ev,  # noqa
                                                      processes="this one", resumed=resumed)
     costs = cost({("a", "m", 0): t(100, 20, 10), ("b", "m", 0): t(200, 30, 20), ("a", "m", 1): t(4, 25, 9, True),
                   ("c", "m", 0): t(1500, 40, 12), ("c", "m", 1): t(150, 10, 30),  # the first paused 20 min
                   ("a", "n", 0): t(3, 20, 10, True), ("a", "old", 0): {"train_attndreambooth": 7, "infer": 1}})
-    assert costs == {"not recorded": {"m": dict(cells=4, train_attndreambooth=175, infer=25, evaluate=16, total=220),
-                                      "old": dict(cells=1, train_attndreambooth=7, infer=1, evaluate=0.0, total=8)}}
+    assert costs == {UNRECORDED: {"m": dict(cells=4, train_attndreambooth=175, infer=25, evaluate=16, total=220),
+                                  "old": dict(cells=1, train_attndreambooth=7, infer=1, evaluate=0.0, total=8)}}
     on = lambda machine, *a: dict(t(*a), machine=machine)  # noqa: E731
     costs = cost({("a", "m", 0): on("x", 100, 20, 10), ("b", "m", 0): on("y", 200, 30, 20),
                   ("c", "m", 0): on("y", 300, 10, 10)})  # two machines: never one median over both

@@ -172,20 +172,21 @@ def per_concept(cells, ceiling=None):
     return "\n".join(lines)
 
 
+UNRECORDED = "a machine not recorded (cells timed before timings.json named it)"  # the cost tables' heading
 PARTS = {"train_attndreambooth": "training", "infer": "sampling", "evaluate": "scoring"}  # a cell's timings.json
 
 
 def cost(timings):
     """{machine: {method: {"cells": n, part: median seconds, ..., "total": median seconds}}} from {(concept,
-    method, seed): a cell's timings.json}, by the machine each cell ran on (its timings.json says; "not
-    recorded" before they did): one cell took twice as long on one kind of CPU as on another. Medians, since
+    method, seed): a cell's timings.json}, by the machine each cell ran on (its timings.json says;
+    UNRECORDED before they did): one cell took twice as long on one kind of CPU as on another. Medians, since
     a cell paused or slowed by other work on the machine times that too; a cell whose training resumed after
     a stop timed only what its last attempt redid, so it is left out (`resumed`; a method with only such
     cells has no row)."""
     by_machine = {}
     for (_, method, _), t in timings.items():
         if not t.get("resumed"):
-            by_machine.setdefault(t.get("machine", "not recorded"), {}).setdefault(method, []).append(t)
+            by_machine.setdefault(t.get("machine", UNRECORDED), {}).setdefault(method, []).append(t)
     return {machine: {m: dict(cells=len(rows), **{part: statistics.median(r.get(part, 0.0) for r in rows)
                                                   for part in PARTS},
                              total=statistics.median(sum(r.get(part, 0.0) for part in PARTS) for r in rows))
