@@ -10,6 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ATTNDB_CACHE", tempfile.mkdtemp(prefix="attndb-test-cache-"))
 SAMPLE = ROOT / "data" / "sample_toy"
 SHARED = ROOT.parent / "shared"
+# Under pytest-xdist (`-n N`) each worker takes its share of the cores, it and the processes it spawns:
+# N workers at torch's default thread count would oversubscribe the machine and slow every test.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def script(name):

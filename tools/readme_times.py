@@ -24,8 +24,8 @@ COMMANDS = {  # name -> the README's command line (run from the checkout; {tmp} 
     "demo": [sys.executable, "train_attndreambooth.py", "--config", "configs/tiny.yaml", "output_dir={tmp}/tiny"],
     "infer": [sys.executable, "infer.py", "{tmp}/tiny", "--prompt", "a photo of {}", "--num_images", "4"],
     "quick_sweep": [sys.executable, "scripts/sweep.py", "--world", "shapes", "--out", "{tmp}/shapes_quick", "--quick"],
-    "tests": [sys.executable, "-m", "pytest", "-q", "tests"],
-    "quick_tests": [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "tests"],
+    "tests": [sys.executable, "-m", "pytest", "-q", "-n", "2", "tests"],
+    "quick_tests": [sys.executable, "-m", "pytest", "-q", "-n", "2", "-m", "not slow", "tests"],
 }
 NEEDS = {"infer": "demo"}  # infer samples from the demo's run folder
 QUIET_LOAD = 0.5
