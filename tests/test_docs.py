@@ -40,6 +40,13 @@ def test_every_path_the_docs_and_configs_name_exists():
     assert not missing, "\n".join(missing)
 
 
+def test_links_resolve_from_their_page():
+    """A Markdown link or image is followed from the page's folder (GitHub and every viewer do), so a
+    repository-root path in docs/reports/ names a file that exists and still renders as a broken image."""
+    broken = [f"{page.relative_to(ROOT)}: {m.group(1)}" for page in PAGES for m in LINK.finditer(page.read_text())
+              if "://" not in m.group(1) and not (page.parent / m.group(1)).exists()]
+    assert not broken, "\n".join(broken)
+
 def test_the_path_finder_finds_and_skips():
     found = list(named_paths("see `docs/method.md`, configs/tiny.yaml and [x](models.md); runs/my_dog/ and "
                              "https://github.com/a/b.py, [p](https://x.org/y.md), `configs/ablations/*.yaml`, "
