@@ -47,6 +47,7 @@ def test_links_resolve_from_their_page():
               if "://" not in m.group(1) and not (page.parent / m.group(1)).exists()]
     assert not broken, "\n".join(broken)
 
+
 def test_the_path_finder_finds_and_skips():
     found = list(named_paths("see `docs/method.md`, configs/tiny.yaml and [x](models.md); runs/my_dog/ and "
                              "https://github.com/a/b.py, [p](https://x.org/y.md), `configs/ablations/*.yaml`, "
